@@ -1,0 +1,15 @@
+"""fastlora: a fused LoRA linear layer for PyTorch.
+
+    y = x W^T + b + s * (dropout(x) A^T) B^T
+
+Triton kernels on CUDA (one pass over x and W forward, a hand-written backward), plain PyTorch
+elsewhere. ``import fastlora`` does not need triton.
+"""
+from .modules import LoRALinear, ParameterCount, count_parameters
+from .ops import lora_linear
+from . import reference
+
+__version__ = "0.1.0"
+
+__all__ = ["lora_linear", "LoRALinear", "count_parameters", "ParameterCount", "reference",
+           "__version__"]

@@ -1,0 +1,114 @@
+"""The two implementations behind fastlora's autograd Function: Triton kernels and plain PyTorch.
+
+Both take 2-D ``x`` [M, K], ``weight`` [N, K], ``lora_A`` [R, K], ``lora_B`` [N, R] and the same
+dropout description (a seed tensor and p), and compute the same quantities:
+
+    forward:     y = x W^T + b + s xa B^T,   xa = drop(x) A^T            -> (y, xa)
+    grad_input:  dx = dy W + s drop'((dy B) A),  dyb = dy B               -> (dx, dyb)
+    grad_A:      dA = s dyb^T drop(x)                                     -> float32/64 [R, K]
+    grad_B:      dB = s dy^T xa                                           -> float32/64 [N, R]
+
+where drop'(.) multiplies by the same mask and 1/(1-p). The low-rank products run in x's dtype
+(adapters cast to it, as torch.autocast does) with float32 accumulation.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """A dropout mask that is never stored: regenerated from ``seed`` (int64 tensor [1])."""
+    seed: torch.Tensor
+    p: float
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class TorchBackend:
+    """Plain PyTorch: a few fused BLAS calls (addmm) and no [M, N] temporaries beyond y itself."""
+
+    name = "torch"
+
+    @staticmethod
+    def _mask(dropout: Dropout, like: torch.Tensor) -> torch.Tensor:
+        gen = torch.Generator(device=like.device)
+        gen.manual_seed(int(dropout.seed.item()))
+        keep = torch.empty(like.shape, device=like.device, dtype=like.dtype)
+        return keep.bernoulli_(1.0 - dropout.p, generator=gen).div_(1.0 - dropout.p)
+
+    def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout):
+        y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
+        x_d = x * self._mask(dropout, x) if dropout is not None else x
+        xa = x_d @ lora_A.to(x.dtype).T
+        y.addmm_(xa, lora_B.to(x.dtype).T, alpha=scaling)
+        return y, xa
+
+    def grad_input(self, dy, weight, lora_A, lora_B, scaling, dropout):
+        dyb = dy @ lora_B.to(dy.dtype)
+        if dropout is None:
+            dx = torch.addmm(dy @ weight, dyb, lora_A.to(dy.dtype), alpha=scaling)
+        else:
+            dx = dy @ weight
+            dx.addcmul_(dyb @ lora_A.to(dy.dtype), self._mask(dropout, dx), value=scaling)
+        return dx, dyb
+
+    def grad_rank(self, dy, lora_B):
+        return dy @ lora_B.to(dy.dtype)
+
+    def grad_A(self, x, dyb, scaling, dropout):
+        x_d = x * self._mask(dropout, x) if dropout is not None else x
+        return (dyb.T.to(x.dtype) @ x_d).to(_acc_dtype(x.dtype)).mul_(scaling)
+
+    def grad_B(self, dy, xa, scaling):
+        return (dy.T @ xa.to(dy.dtype)).to(_acc_dtype(dy.dtype)).mul_(scaling)
+
+
+class TritonBackend:
+    """fastlora's fused kernels (kernels/lora_linear.py)."""
+
+    name = "triton"
+
+    def __init__(self, kernels):
+        self.k = kernels
+
+    def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout):
+        if dropout is None:
+            return self.k.lora_gemm(x, weight, lora_A, lora_B, bias, scaling)
+        # Regenerating the mask in every output tile would cost one Philox draw per x element per
+        # tile, so with dropout xa = drop(x) A^T is one pass over x, and the GEMM reads it.
+        xa = self.k.lora_skinny(x.T, lora_A.T, 1.0, dropout=(dropout.seed, dropout.p, True))
+        return self.k.lora_gemm(x, weight, lora_A, lora_B, bias, scaling, xa=xa, xa_in_loop=False)
+
+    def grad_input(self, dy, weight, lora_A, lora_B, scaling, dropout):
+        # dX = dY W + s (dY B) A is the forward's problem with W^T, B^T, A^T in the roles of W, A, B
+        drop = (dropout.seed, dropout.p) if dropout is not None else None
+        return self.k.lora_gemm(dy, weight.T, lora_B.T, lora_A.T, None, scaling, dropout_out=drop)
+
+    def grad_rank(self, dy, lora_B):
+        return dy @ lora_B.to(dy.dtype)
+
+    def grad_A(self, x, dyb, scaling, dropout):
+        drop = (dropout.seed, dropout.p, False) if dropout is not None else None
+        return self.k.lora_skinny(x, dyb, scaling, dropout=drop).T
+
+    def grad_B(self, dy, xa, scaling):
+        return self.k.lora_skinny(dy, xa, scaling)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_backend() -> TritonBackend | None:
+    """The Triton backend, or None when triton cannot be imported."""
+    try:
+        from . import kernels
+    except ImportError:
+        return None
+    return TritonBackend(kernels)
+
+
+TORCH = TorchBackend()

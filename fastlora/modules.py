@@ -1,0 +1,107 @@
+"""LoRALinear: a frozen linear layer plus a trainable low-rank update, computed by lora_linear."""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .ops import BACKENDS, lora_linear
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T + b + s * (dropout(x) A^T) B^T, with W and b frozen and A, B trainable.
+
+    Parameters are named as nn.Linear's (``weight``, ``bias``), so a base checkpoint loads
+    unchanged, plus ``lora_A`` [r, in_features] and ``lora_B`` [out_features, r] as in PEFT.
+    ``init_lora_weights``: True (PEFT's default: A Kaiming-uniform, B zero, so a fresh layer equals
+    its base), "gaussian" (A ~ N(0, (1/r)^2), B zero, as PEFT) or False (both random, for tests).
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 8,
+                 dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
+                 init_lora_weights: bool | str = True, backend: str = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._setup(base.weight, base.bias, r, alpha, dropout, use_rslora, init_lora_weights, backend)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
+                    use_rslora: bool = False, init_lora_weights: bool | str = True,
+                    backend: str = "auto") -> "LoRALinear":
+        """Wrap ``linear``: its weight and bias Parameters are shared (not copied) and frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"LoRALinear.from_linear: linear must be an nn.Linear, got "
+                            f"{type(linear).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._setup(linear.weight, linear.bias, r, alpha, dropout, use_rslora, init_lora_weights,
+                     backend)
+        return layer
+
+    def _setup(self, weight, bias, r, alpha, dropout, use_rslora, init_lora_weights, backend):
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"LoRALinear: r must be a positive int, got {r!r}")
+        if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ValueError(f"LoRALinear: alpha must be a finite number, got {alpha!r}")
+        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRALinear: dropout must be in [0, 1), got {dropout!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"LoRALinear: backend must be one of {BACKENDS}, got {backend!r}")
+        if init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"LoRALinear: init_lora_weights must be True, False or 'gaussian', "
+                             f"got {init_lora_weights!r}")
+        self.out_features, self.in_features = weight.shape
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.dropout = float(dropout)
+        self.backend = backend
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+        self.weight.requires_grad_(False)
+        if bias is not None:
+            self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
+            self.bias.requires_grad_(False)
+        else:
+            self.register_parameter("bias", None)
+        kw = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **kw))
+        self.reset_lora_parameters(init_lora_weights)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init_lora_weights is False:
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+                           dropout_p=self.dropout, training=self.training, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}, "
+                f"bias={self.bias is not None}, use_rslora={self.use_rslora}, backend={self.backend!r}")
+
+
+class ParameterCount(NamedTuple):
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        pct = 100.0 * self.trainable / self.total if self.total else 0.0
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {pct:.4f}"
+
+
+def count_parameters(module: nn.Module) -> ParameterCount:
+    """Trainable and total parameter counts of a module (shared parameters counted once)."""
+    params = list(module.parameters())
+    return ParameterCount(sum(p.numel() for p in params if p.requires_grad),
+                          sum(p.numel() for p in params))
