@@ -6,6 +6,7 @@ The GPU tables come from measurements recorded in benchmarks/NOTES.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -58,7 +59,8 @@ def gemm_smem_bytes(cfg: GemmConfig, block_r: int, elt: int) -> int:
     return cfg.num_stages * (cfg.block_m + cfg.block_n + block_r) * cfg.block_k * elt
 
 
-def gemm_config(M: int, N: int, K: int, R: int, dtype: torch.dtype, device: torch.device) -> GemmConfig:
+def gemm_config(M: int, N: int, K: int, R: int, dtype: torch.dtype, device: torch.device,
+                dropout_epilogue: bool = False) -> GemmConfig:
     block_r = max(16, triton.next_power_of_2(R))
     if device.type != "cuda":
         # Interpreter: each (program x K step) costs milliseconds whatever its size, so blocks
@@ -66,37 +68,37 @@ def gemm_config(M: int, N: int, K: int, R: int, dtype: torch.dtype, device: torc
         return GemmConfig(_pow2_clamp(M, 16, 64), _pow2_clamp(N, 16, 64), _pow2_clamp(K, 16, 128),
                           group_m=4)
     cap, n_sm = _device_info(device.index if device.index is not None else torch.cuda.current_device())
-    return _gpu_gemm_config(M, N, K, block_r, dtype, cap, n_sm)
+    return _gpu_gemm_config(_bucket(M), N, K, block_r, dtype, cap, n_sm, dropout_epilogue)
 
 
 @functools.lru_cache(maxsize=1024)
 def _gpu_gemm_config(M: int, N: int, K: int, block_r: int, dtype: torch.dtype,
-                     cap: tuple[int, int], n_sm: int) -> GemmConfig:
-    M = _bucket(M)
-    elt = dtype.itemsize
+                     cap: tuple[int, int], n_sm: int, dropout_epilogue: bool = False) -> GemmConfig:
     if dtype == torch.float64:
-        cfg = GemmConfig(64, 64, 16, num_warps=4, num_stages=2)
+        bm, bn, bk, warps, stages = 32, 64, 16, (4 if block_r <= 64 else 8), 2
     elif dtype == torch.float32:
-        cfg = GemmConfig(128, 64, 32, num_warps=4, num_stages=3)
+        bm, bn, bk, warps, stages = 64, 64, 32, 4, 3
     elif M <= 64:
-        # decode: bound by reading W once; narrow output tiles so every SM streams a slice of it
-        cfg = GemmConfig(max(16, _pow2_clamp(M, 16, 64)), 64, 128, num_warps=4, num_stages=4)
-        if triton.cdiv(N, cfg.block_n) < n_sm:
-            cfg = GemmConfig(cfg.block_m, 32, 128, num_warps=4, num_stages=5)
+        # decode: bound by reading W once; narrow output tiles so that every SM streams a slice
+        bm, bn, bk, warps, stages = (16 if M <= 16 else 64), 32, 128, 4, 5
     elif cap[0] >= 9:
-        cfg = GemmConfig(128, 128, 64, num_warps=8, num_stages=4)
+        bm, bn, bk, warps, stages = 128, 128, 64, 8, 4
     else:
-        cfg = GemmConfig(128, 128, 32, num_warps=4, num_stages=4)
-    if block_r > 64:
-        # the XA block [BLOCK_M, BLOCK_R] and the A tiles compete with the accumulator
-        cfg = GemmConfig(min(cfg.block_m, 64), cfg.block_n, cfg.block_k, cfg.group_m, cfg.tiles_n,
-                         cfg.num_warps, cfg.num_stages)
+        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+    # Registers: the XA block [bm, block_r] lives beside the accumulator; keep it to <= 32
+    # registers a thread (64 for float64's two-register elements counts double).
+    regs_per_elt = 2 if dtype == torch.float64 else 1
+    while bm > 16 and bm * block_r * regs_per_elt > 32 * 32 * warps:
+        bm //= 2
+    # The dropout epilogue (dX) holds Philox state for every output element: <= 32 a thread.
+    while dropout_epilogue and bn > 32 and bm * bn > 32 * 32 * warps:
+        bn //= 2
+    cfg = GemmConfig(bm, bn, bk, num_warps=warps, num_stages=stages)
+    elt = dtype.itemsize
     while gemm_smem_bytes(cfg, block_r, elt) > _smem_bytes(cap) and cfg.num_stages > 2:
-        cfg = GemmConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m, cfg.tiles_n,
-                         cfg.num_warps, cfg.num_stages - 1)
+        cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
     while gemm_smem_bytes(cfg, block_r, elt) > _smem_bytes(cap):
-        cfg = GemmConfig(cfg.block_m, cfg.block_n, cfg.block_k // 2, cfg.group_m, cfg.tiles_n,
-                         cfg.num_warps, cfg.num_stages)
+        cfg = dataclasses.replace(cfg, block_k=cfg.block_k // 2)
     return cfg
 
 
@@ -110,10 +112,14 @@ def skinny_config(T: int, P: int, R: int, dtype: torch.dtype, device: torch.devi
 @functools.lru_cache(maxsize=1024)
 def _gpu_skinny_config(T: int, P: int, block_r: int, dtype: torch.dtype,
                        cap: tuple[int, int], n_sm: int) -> SkinnyConfig:
-    if dtype == torch.float64:
-        block_t, block_p, warps = 32, 32, 4
-    else:
-        block_t, block_p, warps = (64, 128, 4) if block_r <= 64 else (32, 64, 4)
+    # accumulator [block_p, block_r] and the L tile [block_t, block_p] (with Philox state under
+    # dropout) each kept to ~32 registers a thread
+    warps = 4 if block_r <= 32 else 8
+    regs_per_elt = 2 if dtype == torch.float64 else 1
+    block_t = 16 if dtype == torch.float64 else 32
+    block_p = 128
+    while block_p > 32 and block_p * block_r * regs_per_elt > 32 * 32 * warps:
+        block_p //= 2
     p_blocks = triton.cdiv(P, block_p)
     # enough programs to cover the SMs twice, each reducing at least a few T blocks
     splits = max(1, min(triton.cdiv(2 * n_sm, p_blocks), triton.cdiv(T, 4 * block_t)))

@@ -213,6 +213,11 @@ def _dropout_mask_kernel(OUT, SEED, M, K, stride_om, dropout_p: "fp64",
 # launchers
 
 
+def _alloc(shape, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Every buffer the launchers allocate (tests swap in a NaN-filled one to catch unwritten tiles)."""
+    return torch.empty(shape, device=like.device, dtype=dtype)
+
+
 def _precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32:
         return _FP32_PRECISION[torch.get_float32_matmul_precision()]
@@ -252,14 +257,14 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     N, R = b.shape
     acc_torch = torch.float64 if x.dtype == torch.float64 else torch.float32
     if out is None:
-        out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+        out = _alloc((M, N), x, x.dtype)
     if xa is None:
         if not xa_in_loop:
             raise ValueError("lora_gemm: xa_in_loop=False needs a precomputed xa")
-        xa = torch.empty((M, R), device=x.device, dtype=acc_torch)
+        xa = _alloc((M, R), x, acc_torch)
     if M == 0:
         return out, xa
-    cfg = config or gemm_config(M, N, K, R, x.dtype, x.device)
+    cfg = config or gemm_config(M, N, K, R, x.dtype, x.device, dropout_epilogue=dropout_out is not None)
     seed, p = dropout_out if dropout_out is not None else (x, 0.0)  # SEED unused without dropout
     int64 = _needs_int64((x.shape, x.stride()), (w.shape, w.stride()), (out.shape, out.stride()),
                          (xa.shape, xa.stride()), (a.shape, a.stride()), (b.shape, b.stride()))
@@ -296,7 +301,7 @@ def lora_skinny(l: torch.Tensor, s: torch.Tensor, scaling: float, *,
     if T == 0:
         return torch.zeros((P, R), device=l.device, dtype=acc_torch)
     cfg = config or skinny_config(T, P, R, l.dtype, l.device)
-    ws = torch.empty((cfg.splits, P, R), device=l.device, dtype=acc_torch)
+    ws = _alloc((cfg.splits, P, R), l, acc_torch)
     seed, p, l_is_xt = dropout if dropout is not None else (l, 0.0, False)
     int64 = _needs_int64((l.shape, l.stride()), (s.shape, s.stride()), (ws.shape, ws.stride()))
     grid = (triton.cdiv(P, cfg.block_p), cfg.splits)

@@ -1,0 +1,176 @@
+"""Correctness checks shared by the test suite and ``fastlora check``.
+
+The three-way bound (as flash-attention tests): for every output and gradient,
+
+    |fastlora - ref64|_max  <=  2 * |torch_d - ref64|_max  +  atol[d] * max(1, |ref64|_max)
+
+where ref64 is the float64 reference on the same (dtype-d rounded) inputs and torch_d is the same
+plain-PyTorch reference computed in dtype d: fastlora may be at most about twice as wrong as
+PyTorch itself in that dtype. It adapts to the shape and cannot be loosened into meaninglessness.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .backends import TORCH, Dropout
+from .ops import _choose_backend, _draw_seed, lora_linear
+from .reference import lora_linear_reference
+
+# Absolute slack, relative to the output's scale, for when PyTorch's own error happens to be ~0.
+ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
+
+@dataclass(frozen=True)
+class Case:
+    M: int
+    K: int
+    N: int
+    R: int
+    dtype: torch.dtype
+    adapter_dtype: torch.dtype | None = None   # None: the adapters share x's dtype
+    bias: bool = True
+    bias_grad: bool = False                    # make the (normally frozen) bias trainable
+    layout: str = "contiguous"                 # "contiguous" | "3d" | "transposed" | "sliced"
+    scaling: float = 0.5
+    dropout_p: float = 0.0
+
+    @property
+    def id(self) -> str:
+        name = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16",
+                torch.bfloat16: "bf16"}
+        s = f"M{self.M}-K{self.K}-N{self.N}-r{self.R}-{name[self.dtype]}"
+        if self.adapter_dtype is not None:
+            s += f"-adapters_{name[self.adapter_dtype]}"
+        s += "" if self.bias else "-nobias"
+        s += "-biasgrad" if self.bias_grad else ""
+        s += "" if self.layout == "contiguous" else f"-{self.layout}"
+        s += f"-s{self.scaling:g}" if self.scaling != 0.5 else ""
+        s += f"-p{self.dropout_p:g}" if self.dropout_p else ""
+        return s
+
+
+@dataclass
+class Result:
+    case: str
+    backend: str
+    tensor: str
+    err: float
+    bound: float
+    torch_err: float = field(default=0.0)
+
+    @property
+    def ok(self) -> bool:
+        return math.isfinite(self.err) and self.err <= self.bound
+
+
+def make_inputs(case: Case, device, seed: int = 0) -> dict:
+    """Random inputs for ``case`` (B non-zero so every gradient path is exercised)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    M, K, N, R = case.M, case.K, case.N, case.R
+    adt = case.adapter_dtype or case.dtype
+
+    def rnd(*shape, scale=1.0, dtype=case.dtype):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+    if case.layout == "transposed":
+        x = rnd(K, M).T                      # last dim not unit-stride: the op copies it
+    elif case.layout == "sliced":
+        x = rnd(M, K + 5)[:, 2:K + 2]         # row stride K + 5, offset start
+    elif case.layout == "3d":
+        assert M % 3 == 0, "3d layout splits M into 3 x M/3"
+        x = rnd(3, M // 3, K)
+    else:
+        x = rnd(M, K)
+    return dict(
+        x=x, weight=rnd(N, K, scale=K ** -0.5), bias=rnd(N) if case.bias else None,
+        lora_A=rnd(R, K, scale=K ** -0.5, dtype=adt), lora_B=rnd(N, R, scale=R ** -0.5, dtype=adt),
+        dy=rnd(*x.shape[:-1], N),
+    )
+
+
+def dropout_keep_mask(backend_name: str, seed: torch.Tensor, x2d: torch.Tensor, p: float) -> torch.Tensor:
+    """The boolean keep-mask a backend derives from ``seed`` for a 2-D x."""
+    if backend_name == "torch":
+        return TORCH._mask(Dropout(seed, p), x2d) > 0
+    from . import kernels
+    return kernels.dropout_mask(seed, tuple(x2d.shape), p)
+
+
+def three_way(case: Case, backend: str, device="cpu", seed: int = 0) -> list[Result]:
+    """Run ``case`` through fastlora (``backend``), the reference in the case's dtype and the
+    float64 reference; return one Result per output/gradient."""
+    inp = make_inputs(case, device, seed)
+    x, dy = inp["x"], inp["dy"]
+    params = {k: inp[k] for k in ("weight", "bias", "lora_A", "lora_B")}
+    grads_of = ["x", "lora_A", "lora_B"] + (["bias"] if case.bias and case.bias_grad else [])
+
+    def leaves(dtype=None):
+        out = {"x": x.detach().clone().requires_grad_(True)}
+        for k, v in params.items():
+            out[k] = None if v is None else v.detach().clone().requires_grad_(k in grads_of)
+        if dtype is not None:  # float64 leaves from the same rounded values
+            out = {k: None if v is None else v.detach().to(dtype).requires_grad_(v.requires_grad)
+                   for k, v in out.items()}
+        return out
+
+    mask = None
+    if case.dropout_p > 0:
+        impl_name = _choose_backend(backend, x, case.R).name
+        torch.manual_seed(seed)
+        drawn = _draw_seed(x.device)
+        mask = dropout_keep_mask(impl_name, drawn, x.reshape(-1, case.K), case.dropout_p).reshape(x.shape)
+
+    fl = leaves()
+    torch.manual_seed(seed)  # the op draws the same dropout seed as above
+    y = lora_linear(fl["x"], fl["weight"], fl["bias"], fl["lora_A"], fl["lora_B"], case.scaling,
+                    dropout_p=case.dropout_p, training=True, backend=backend)
+    y.backward(dy)
+
+    outs = {}
+    for tag, dtype, upcast in (("torch", None, False), ("ref64", torch.float64, True)):
+        lv = leaves(dtype)
+        yr = lora_linear_reference(lv["x"], lv["weight"], lv["bias"], lv["lora_A"], lv["lora_B"],
+                                   case.scaling, dropout_mask=mask, dropout_p=case.dropout_p,
+                                   upcast=upcast)
+        yr.backward(dy.to(yr.dtype))
+        outs[tag] = {"y": yr, **{k: lv[k].grad for k in grads_of}}
+    got = {"y": y, **{k: fl[k].grad for k in grads_of}}
+
+    results = []
+    for name, value in got.items():
+        ref = outs["ref64"][name].double()
+        torch_err = (outs["torch"][name].double() - ref).abs().max().item()
+        err = (value.double() - ref).abs().max().item() if value is not None else math.inf
+        if value is not None and value.dtype != _expected_dtype(name, case):
+            err = math.inf  # a gradient in the wrong dtype is a failure, whatever its values
+        bound = 2 * torch_err + ATOL[case.dtype] * max(1.0, ref.abs().max().item())
+        results.append(Result(case.id, backend, name, err, bound, torch_err))
+    return results
+
+
+def _expected_dtype(name: str, case: Case) -> torch.dtype:
+    if name in ("lora_A", "lora_B"):
+        return case.adapter_dtype or case.dtype
+    return case.dtype
+
+
+def gradcheck(backend: str, device="cpu", dropout_p: float = 0.0, fast_mode: bool = False) -> bool:
+    """torch.autograd.gradcheck of lora_linear in float64 on a tiny problem (all inputs but the
+    frozen weight, including a trainable bias)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*shape, grad=True):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device).requires_grad_(grad)
+
+    x, w, b, a, bb = rnd(5, 7), rnd(6, 7, grad=False), rnd(6), rnd(3, 7), rnd(6, 3)
+
+    def f(x, b, a, bb):
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+            torch.manual_seed(1)  # the same dropout mask in every evaluation
+            return lora_linear(x, w, b, a, bb, 0.3, dropout_p=dropout_p, backend=backend)
+
+    return torch.autograd.gradcheck(f, (x, b, a, bb), fast_mode=fast_mode)
+

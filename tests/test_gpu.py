@@ -1,0 +1,78 @@
+"""GPU-only checks: bf16 numerics (the interpreter's bf16 arithmetic is wrong), production configs
+at real sizes, determinism, float64 gradcheck of the compiled kernels, 64-bit offsets."""
+import pytest
+import torch
+
+import fastlora
+from conftest import HAS_CUDA, HAS_TRITON
+from fastlora.checks import Case, gradcheck, three_way
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")]
+
+BF16, F16, F32, F64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
+
+GPU_CASES = [
+    Case(M, K, N, r, dt) for M, K, N, r in ((1, 4096, 4096, 16), (63, 1000, 600, 3), (2048, 4096, 4096, 16),
+                                            (1000, 4096, 11008, 64), (777, 1024, 1536, 128),
+                                            (300, 512, 700, 256))
+    for dt in (BF16, F16)
+] + [
+    Case(512, 1024, 768, 16, F32), Case(257, 300, 200, 16, F64),
+    Case(1024, 2048, 2048, 16, BF16, adapter_dtype=F32, bias_grad=True),
+    Case(999, 1024, 1024, 16, BF16, dropout_p=0.1),
+    Case(1026, 1024, 1024, 64, BF16, dropout_p=0.3, layout="3d"),
+    Case(512, 1000, 1000, 16, BF16, layout="transposed"),
+    Case(512, 1000, 1000, 16, BF16, layout="sliced"),
+]
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
+def test_three_way_bound_on_gpu(case):
+    results = three_way(case, "triton", device="cuda")
+    failed = [f"{r.tensor}: err {r.err:.3g} > bound {r.bound:.3g} (torch's own {r.torch_err:.3g})"
+              for r in results if not r.ok]
+    assert not failed, "; ".join(failed)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.4])
+def test_gradcheck_float64_compiled_kernels(dropout_p):
+    assert gradcheck("triton", device="cuda", dropout_p=dropout_p)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_bitwise_deterministic(dropout_p):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4096, 4096, device="cuda", dtype=BF16, generator=g)
+    layer = fastlora.LoRALinear(4096, 4096, r=16, alpha=32, dropout=dropout_p, device="cuda", dtype=BF16,
+                                init_lora_weights=False)
+    runs = []
+    for _ in range(3):
+        xi = x.clone().requires_grad_(True)
+        layer.zero_grad()
+        torch.manual_seed(5)
+        y = layer(xi)
+        y.backward(torch.ones_like(y))
+        runs.append((y, xi.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+def test_offsets_past_int32():
+    """x with M * in >= 2**31 elements (4.3 GB of bf16)."""
+    M, K, N, r = 2**31 // 16384 + 64, 16384, 64, 16
+    free, _ = torch.cuda.mem_get_info()
+    if free < 3 * M * K * 2:
+        pytest.skip("not enough GPU memory")
+    x = torch.randn(M, K, device="cuda", dtype=BF16)
+    w = torch.randn(N, K, device="cuda", dtype=BF16) * K ** -0.5
+    a = torch.randn(r, K, device="cuda", dtype=BF16) * K ** -0.5
+    b = torch.randn(N, r, device="cuda", dtype=BF16)
+    a.requires_grad_(True)
+    y = fastlora.lora_linear(x, w, None, a, b, 0.5)
+    tail = slice(M - 300, M)  # rows whose offsets pass 2**31
+    xt = x[tail].float()
+    ref = xt @ w.float().T + 0.5 * (xt @ a.detach().float().T) @ b.float().T
+    torch.testing.assert_close(y[tail].float(), ref, rtol=2e-2, atol=5e-2)
+    y.backward(torch.ones_like(y))
+    assert torch.isfinite(a.grad).all()
