@@ -1,5 +1,184 @@
-"""The fastlora command line (placeholder until the demo lands)."""
+"""The ``fastlora`` command: ``demo`` (default), ``bench`` and ``check``."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
 
 
-def main(argv=None) -> int:
+def _device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ------------------------------------------------------------------------------------------------
+# demo
+
+
+def demo(args) -> int:
+    """Wrap an nn.Linear, print what trains, and fit a low-rank change of its output."""
+    import fastlora
+
+    device = _device(args.device)
+    torch.manual_seed(0)
+    d_in, d_out, r = 512, 512, 8
+    base = torch.nn.Linear(d_in, d_out, device=device)
+    layer = fastlora.LoRALinear.from_linear(base, r=r, alpha=16)
+    print(layer)
+    print(fastlora.count_parameters(layer))
+    from .ops import _choose_backend
+    print(f"device: {device}, backend: {_choose_backend(layer.backend, base.weight, r).name}")
+
+    # the task: the base layer plus an unknown rank-4 update; only the adapters may learn it
+    target_delta = (torch.randn(d_out, 4, device=device) @ torch.randn(4, d_in, device=device)) * 0.05
+    opt = torch.optim.AdamW([layer.lora_A, layer.lora_B], lr=1e-2)
+    start = time.perf_counter()
+    for step in range(args.steps):
+        x = torch.randn(256, d_in, device=device)
+        with torch.no_grad():
+            target = base(x) + x @ target_delta.T
+        loss = torch.nn.functional.mse_loss(layer(x), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step == 0 or (step + 1) % max(1, args.steps // 5) == 0:
+            print(f"step {step + 1:4d}  loss {loss.item():.5f}")
+    print(f"{args.steps} steps in {time.perf_counter() - start:.2f} s; the frozen weight has no "
+          f"gradient: {base.weight.grad is None}")
     return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# bench
+
+
+def bench(args) -> int:
+    from . import bench as B
+
+    device = _device(args.device)
+    cuda = device.type == "cuda"
+    dtype = B.DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
+    if args.shape:
+        shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape]
+        bad = [s for s in shapes if len(s) != 3 or min(s) < 1]
+        if bad:
+            raise SystemExit(f"fastlora bench: --shape takes M,IN,OUT with positive ints, got {bad}")
+    else:
+        preset = args.preset or ("llama" if cuda else "small")
+        ms = args.M or ([1, 16, 256, 2048, 8192] if cuda else [256, 2048])
+        shapes = [(m, k, n) for k, n in B.PRESETS[preset] for m in ms]
+    ranks = args.rank or [16]
+    modes = args.mode or (["fwd", "full"])
+    providers = args.providers or ["base", "reference", "peft", "fastlora"]
+    progress = B.progress_printer() if not args.quiet else None
+    rows = B.run(shapes, ranks, dtype, modes, providers, device, dropout=args.dropout,
+                 cpu_rounds=args.rounds, progress=progress)
+    if progress:
+        progress("done")
+        sys.stderr.write("\n")
+    env = B.environment(device)
+    print(B.format_table(rows, env))
+    if args.json:
+        B.write_json(args.json, rows, env)
+    if args.csv:
+        B.write_csv(args.csv, rows, env)
+    if args.plot:
+        B.plot(args.plot, rows)
+    return 1 if any(r.status in ("wrong", "error") for r in rows) else 0
+
+
+# ------------------------------------------------------------------------------------------------
+# check
+
+
+CHECK_SHAPES = [(1, 97, 40, 1), (63, 97, 40, 3), (97, 45, 70, 16), (63, 33, 40, 64)]
+CHECK_SHAPES_GPU = [(1, 4096, 4096, 16), (97, 1000, 600, 16), (2048, 4096, 11008, 16), (300, 512, 700, 128)]
+
+
+def check(args) -> int:
+    from .checks import Case, gradcheck, three_way
+
+    device = _device(args.device)
+    cuda = device.type == "cuda"
+    backend = args.backend or ("triton" if cuda else "torch")
+    dtypes = [torch.float64, torch.float32, torch.float16] + ([torch.bfloat16] if cuda else [])
+    shapes = CHECK_SHAPES + (CHECK_SHAPES_GPU if cuda else [])
+    cases = [Case(M, K, N, r, dt) for M, K, N, r in shapes for dt in dtypes]
+    mixed = torch.bfloat16 if cuda else torch.float16
+    cases += [Case(63, 97, 40, 16, mixed, adapter_dtype=torch.float32, bias_grad=True),
+              Case(63, 33, 40, 3, torch.float32, layout="transposed"),
+              Case(63, 33, 40, 3, torch.float64, dropout_p=0.3, layout="3d")]
+    print(f"fastlora check on {device} ({torch.cuda.get_device_name(device) if cuda else 'cpu'}), "
+          f"backend {backend}, torch {torch.__version__}")
+    print(f"{'case':48s} {'tensor':7s} {'error':>10s} {'bound':>10s}  result")
+    failures = 0
+    for dropout_p in (0.0, 0.4):
+        t0 = time.perf_counter()
+        try:
+            ok = gradcheck(backend, device=device, dropout_p=dropout_p)
+        except Exception as e:  # gradcheck raises on mismatch
+            ok, why = False, str(e).splitlines()[0][:60]
+        else:
+            why = ""
+        failures += not ok
+        name = f"gradcheck float64 dropout={dropout_p}"
+        print(f"{name:48s} {'all':7s} {'':>10s} {'':>10s}  {'PASS' if ok else 'FAIL ' + why}"
+              f"  ({time.perf_counter() - t0:.1f} s)")
+    for case in cases:
+        for r in three_way(case, backend, device=device):
+            failures += not r.ok
+            print(f"{r.case:48s} {r.tensor:7s} {r.err:10.3g} {r.bound:10.3g}  {'PASS' if r.ok else 'FAIL'}")
+    print(f"{failures} failure(s)")
+    return 1 if failures else 0
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastlora", description="Fused LoRA linear layers: demo, benchmark, check.")
+    sub = p.add_subparsers(dest="command")
+
+    d = sub.add_parser("demo", help="wrap a linear layer and train its adapters for a few steps (default)")
+    d.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    d.add_argument("--steps", type=int, default=60)
+
+    b = sub.add_parser("bench", help="time LoRA layers against the frozen base F.linear and peers")
+    b.add_argument("--preset", choices=["llama-7b", "llama3-8b", "llama", "small"],
+                   help="projection shapes of a model (default: llama on GPU, small on CPU)")
+    b.add_argument("--M", type=int, nargs="+", help="rows (batch x sequence) for the preset shapes")
+    b.add_argument("--shape", action="append", help="M,IN,OUT (repeatable); overrides --preset")
+    b.add_argument("--rank", type=int, nargs="+", help="LoRA ranks (default 16)")
+    b.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "fp64"], help="default: bf16 on GPU, fp32 on CPU")
+    b.add_argument("--mode", choices=["fwd", "bwd", "full"], nargs="+", help="default: fwd full")
+    b.add_argument("--dropout", type=float, default=0.0)
+    b.add_argument("--providers", nargs="+", choices=["base", "reference", "peft", "compiled", "fastlora"],
+                   help="default: base reference peft fastlora ('compiled' compiles per shape: slow)")
+    b.add_argument("--device")
+    b.add_argument("--rounds", type=int, default=15, help="CPU: interleaved timing rounds")
+    b.add_argument("--json", help="write the rows as JSON")
+    b.add_argument("--csv", help="write the rows as CSV")
+    b.add_argument("--plot", help="draw ratio-to-base against M (needs matplotlib)")
+    b.add_argument("--quiet", action="store_true", help="no progress line")
+
+    c = sub.add_parser("check", help="correctness checks on this device; exits non-zero on any failure")
+    c.add_argument("--device")
+    c.add_argument("--backend", choices=["triton", "torch"],
+                   help="default: triton on CUDA, torch on CPU (triton on CPU needs TRITON_INTERPRET=1)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        args = build_parser().parse_args(["demo", *(argv or [])])
+    if args.command == "bench" and not 0.0 <= args.dropout < 1.0:
+        raise SystemExit(f"fastlora bench: --dropout must be in [0, 1), got {args.dropout}")
+    return {"demo": demo, "bench": bench, "check": check}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

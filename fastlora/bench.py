@@ -1,0 +1,481 @@
+"""Benchmark LoRA linear layers against the floor (the frozen base F.linear alone) and peers.
+
+Used by ``fastlora bench`` and the scripts in benchmarks/. Every provider gets the same inputs and
+weights; each is checked against the float64 reference before it is timed, and a provider that
+disagrees is reported as wrong instead of timed.
+
+Timing: on CUDA ``triton.testing.do_bench`` (median, p20, p80 over ~100 ms of repeats after a
+warm-up). With ``--mode fwd`` and M <= 64 the forward is timed as inference (no_grad) replayed from
+a CUDA graph, where launch overhead would otherwise dominate. Weights are rotated among several
+copies when one set would fit in L2, so that the floor is not measured from cache. On the CPU the
+providers are timed round-robin (interleaved) with perf_counter, and the medians are reported.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .modules import LoRALinear
+from .reference import LoRALinearReference, lora_linear_reference
+
+PRESETS = {
+    "llama-7b": [(4096, 4096), (4096, 11008)],
+    "llama3-8b": [(4096, 4096), (4096, 14336), (14336, 4096)],
+    "llama": [(4096, 4096), (4096, 11008), (4096, 14336)],
+    "small": [(1024, 1024)],
+}
+PROVIDERS = ("base", "reference", "peft", "compiled", "fastlora")
+MODES = ("fwd", "bwd", "full")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+# Agreement with the float64 reference required before timing, relative to max |ref|.
+CHECK_RTOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-4, torch.float64: 1e-10}
+
+
+@dataclass
+class Row:
+    shape: str          # "M,IN,OUT"
+    M: int
+    in_features: int
+    out_features: int
+    rank: int
+    dtype: str
+    mode: str
+    dropout: float
+    provider: str
+    status: str         # "ok" | "wrong" | "unavailable" | "error"
+    ms: float = math.nan
+    ms_p20: float = math.nan
+    ms_p80: float = math.nan
+    ratio_to_base: float = math.nan
+    speedup_over_peft: float = math.nan
+    tflops: float = math.nan
+    mem_over_base_mb: float = math.nan   # NaN on CPU: unmeasured
+    max_rel_err: float = math.nan
+    note: str = ""
+
+
+def flops(M: int, K: int, N: int, r: int, mode: str, lora: bool) -> float:
+    """Multiply-adds x2 of the base GEMM(s) and, for LoRA providers, the low-rank terms."""
+    fwd = 2 * M * K * N + (2 * M * K * r + 2 * M * r * N if lora else 0)
+    # backward with W frozen: dX = dY W (+ (dY B) A), dA = (dY B)^T x, dB = dY^T xa
+    bwd = 2 * M * N * K + (2 * M * N * r + 2 * M * r * K + 2 * M * r * K + 2 * M * N * r if lora else 0)
+    return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
+
+
+# ------------------------------------------------------------------------------------------------
+# providers: each builds a module computing y = f(x) from the same weights
+
+
+@dataclass
+class Weights:
+    weight: torch.Tensor
+    bias: torch.Tensor
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+    dropout: float
+
+
+def make_weights(K: int, N: int, r: int, dtype, device, dropout: float, seed: int = 0) -> Weights:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape, scale):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    return Weights(rnd(N, K, scale=K ** -0.5), rnd(N, scale=1.0), rnd(r, K, scale=K ** -0.5),
+                   rnd(N, r, scale=r ** -0.5), scaling=2.0, dropout=dropout)
+
+
+def build(provider: str, w: Weights) -> tuple[Callable, list[torch.Tensor]]:
+    """(module, its trainable tensors) for ``provider``, sharing w's tensors where it can."""
+    N, K = w.weight.shape
+    r = w.lora_A.shape[0]
+    if provider == "base":
+        return (lambda x: nn.functional.linear(x, w.weight, w.bias)), []
+    if provider in ("reference", "compiled"):
+        m = LoRALinearReference(K, N, r=r, alpha=w.scaling * r, dropout=w.dropout,
+                                device=w.weight.device, dtype=w.weight.dtype)
+        _share(m, w)
+        params = [m.lora_A, m.lora_B]
+        return (torch.compile(m) if provider == "compiled" else m), params
+    if provider == "fastlora":
+        m = LoRALinear(K, N, r=r, alpha=w.scaling * r, dropout=w.dropout,
+                       device=w.weight.device, dtype=w.weight.dtype)
+        _share(m, w)
+        return m, [m.lora_A, m.lora_B]
+    if provider == "peft":
+        import peft  # optional extra "bench"
+
+        holder = nn.Module()
+        holder.proj = nn.Linear(K, N, device=w.weight.device, dtype=w.weight.dtype)
+        cfg = peft.LoraConfig(r=r, lora_alpha=w.scaling * r, lora_dropout=w.dropout, target_modules=["proj"])
+        model = peft.get_peft_model(holder, cfg)
+        layer = model.base_model.model.proj
+        with torch.no_grad():
+            layer.base_layer.weight = nn.Parameter(w.weight, requires_grad=False)
+            layer.base_layer.bias = nn.Parameter(w.bias, requires_grad=False)
+            layer.lora_A["default"].weight = nn.Parameter(w.lora_A.clone())
+            layer.lora_B["default"].weight = nn.Parameter(w.lora_B.clone())
+        return layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+
+
+def _share(m: nn.Module, w: Weights) -> None:
+    with torch.no_grad():
+        m.weight = nn.Parameter(w.weight, requires_grad=False)
+        m.bias = nn.Parameter(w.bias, requires_grad=False)
+        m.lora_A = nn.Parameter(w.lora_A.clone())
+        m.lora_B = nn.Parameter(w.lora_B.clone())
+
+
+def provider_available(provider: str, device: torch.device) -> str | None:
+    """None if the provider can run here, else why not."""
+    if provider == "peft":
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            return "peft not installed (pip install fastlora[bench])"
+    if provider == "compiled" and device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "torch.compile needs triton on CUDA"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# timing
+
+
+def _stats(samples_ms: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(samples_ms, n=10) if len(samples_ms) >= 2 else [samples_ms[0]] * 9
+    return statistics.median(samples_ms), q[1], q[7]
+
+
+def _time_cuda(fn: Callable, graph: bool) -> tuple[float, float, float]:
+    import triton.testing
+
+    if graph:
+        fn()
+        torch.cuda.synchronize()
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            ms = triton.testing.do_bench_cudagraph(fn, rep=100, quantiles=[0.5, 0.2, 0.8])
+        return tuple(ms)
+    return tuple(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8]))
+
+
+def _peak_mb(fn: Callable) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+@dataclass
+class Spec:
+    M: int
+    K: int
+    N: int
+    r: int
+    dtype: torch.dtype
+    mode: str
+    dropout: float
+
+
+def _callables(provider: str, spec: Spec, device, n_sets: int):
+    """Timed closure(s) for one provider, plus its output/grad check closure."""
+    sets = []
+    for i in range(n_sets):
+        w = make_weights(spec.K, spec.N, spec.r, spec.dtype, device, spec.dropout, seed=i)
+        module, params = build(provider, w)
+        sets.append((w, module, params))
+    g = torch.Generator(device="cpu").manual_seed(123)
+    x = torch.randn(spec.M, spec.K, generator=g).to(device=device, dtype=spec.dtype).requires_grad_(True)
+    dy = torch.randn(spec.M, spec.N, generator=g).to(device=device, dtype=spec.dtype)
+    inference = spec.mode == "fwd" and device.type == "cuda" and spec.M <= 64
+    counter = [0]
+
+    def next_set():
+        counter[0] = (counter[0] + 1) % n_sets
+        return sets[counter[0]]
+
+    if spec.mode == "fwd":
+        if inference:
+            def fn():
+                with torch.no_grad():
+                    for _, module, _ in sets:  # a CUDA graph replays all sets; time is per set
+                        module(x)
+        else:
+            def fn():
+                return next_set()[1](x)
+    elif spec.mode == "bwd":
+        outs = [(module(x), [x, *params]) for _, module, params in sets]
+
+        def fn():
+            y, inputs = outs[counter[0]]
+            counter[0] = (counter[0] + 1) % n_sets
+            return torch.autograd.grad(y, inputs, dy, retain_graph=True)
+    else:
+        def fn():
+            _, module, params = next_set()
+            return torch.autograd.grad(module(x), [x, *params], dy)
+
+    def check() -> float:
+        """max |provider - ref64| / max |ref64| over y and, with backward, dx, dA, dB
+        (dropout disabled: the masks of different providers differ by design)."""
+        w, module, params = sets[0]
+        if provider == "base":
+            return 0.0
+        was_training = getattr(module, "training", True)
+        _set_dropout(module, 0.0)
+        try:
+            y = module(x)
+            xd = x.detach().double().requires_grad_(True)
+            a64 = w.lora_A.double().requires_grad_(True)
+            b64 = w.lora_B.double().requires_grad_(True)
+            y64 = lora_linear_reference(xd, w.weight, w.bias, a64, b64, w.scaling, upcast=True)
+            errs = [_rel(y, y64)]
+            if spec.mode != "fwd":
+                got = torch.autograd.grad(y, [x, *params], dy)
+                want = torch.autograd.grad(y64, [xd, a64, b64], dy.double())
+                errs += [_rel(a, b) for a, b in zip(got, want)]
+            return max(errs)
+        finally:
+            _set_dropout(module, spec.dropout)
+            if hasattr(module, "train"):
+                module.train(was_training)
+
+    return fn, check, inference
+
+
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    scale = ref.detach().abs().max().item() or 1.0
+    err = (got.detach().double() - ref.detach().double()).abs().max().item()
+    return err / scale if math.isfinite(err) else math.inf
+
+
+def _set_dropout(module, p: float) -> None:
+    """Dropout of a provider module, whatever its kind (ours, the reference, PEFT's, compiled)."""
+    target = getattr(module, "_orig_mod", module)
+    if isinstance(target, LoRALinear):
+        target.dropout = p
+    elif isinstance(target, LoRALinearReference):
+        target.dropout.p = p
+    elif hasattr(target, "lora_dropout"):
+        for d in target.lora_dropout.values():
+            if isinstance(d, nn.Dropout):
+                d.p = p
+
+
+def _n_weight_sets(spec: Spec, device) -> int:
+    if device.type != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
+    set_bytes = (spec.N * spec.K + spec.r * (spec.N + spec.K)) * spec.dtype.itemsize
+    return max(1, min(8, math.ceil(2 * l2 / set_bytes)))
+
+
+def run(shapes: list[tuple[int, int, int]], ranks: list[int], dtype: torch.dtype, modes: list[str],
+        providers: list[str], device: torch.device, dropout: float = 0.0, cpu_rounds: int = 15,
+        progress: Callable[[str], None] | None = None) -> list[Row]:
+    rows: list[Row] = []
+    jobs = [(s, r, m) for s in shapes for r in ranks for m in modes]
+    for i, ((M, K, N), r, mode) in enumerate(jobs):
+        spec = Spec(M, K, N, r, dtype, mode, dropout)
+        if progress:
+            progress(f"[{i + 1}/{len(jobs)}] M={M} {K}->{N} r={r} {mode}")
+        rows += _run_one(spec, providers, device, cpu_rounds)
+    return rows
+
+
+def _run_one(spec: Spec, providers: list[str], device, cpu_rounds: int) -> list[Row]:
+    dname = next(k for k, v in DTYPES.items() if v == spec.dtype)
+    base = dict(shape=f"{spec.M},{spec.K},{spec.N}", M=spec.M, in_features=spec.K, out_features=spec.N,
+                rank=spec.r, dtype=dname, mode=spec.mode, dropout=spec.dropout)
+    n_sets = _n_weight_sets(spec, device)
+    rows, timed = {}, {}
+    for p in providers:
+        why = provider_available(p, device)
+        if why:
+            rows[p] = Row(**base, provider=p, status="unavailable", note=why)
+            continue
+        try:
+            fn, check, inference = _callables(p, spec, device, n_sets)
+            err = check()
+        except Exception as e:  # a provider that cannot run this case is reported, not fatal
+            rows[p] = Row(**base, provider=p, status="error", note=f"{type(e).__name__}: {e}"[:200])
+            continue
+        tol = CHECK_RTOL[spec.dtype]
+        if not err <= tol:
+            rows[p] = Row(**base, provider=p, status="wrong", max_rel_err=err,
+                          note=f"max rel err {err:.3g} > {tol:g} vs float64 reference")
+            continue
+        rows[p] = Row(**base, provider=p, status="ok", max_rel_err=err,
+                      note="inference, CUDA graph" if inference else "")
+        timed[p] = (fn, inference)
+
+    if device.type == "cuda":
+        for p, (fn, inference) in timed.items():
+            med, p20, p80 = (t / (n_sets if inference else 1) for t in _time_cuda(fn, inference))
+            rows[p].ms, rows[p].ms_p20, rows[p].ms_p80 = med, p20, p80
+            rows[p].mem_over_base_mb = _peak_mb(fn)
+        if "base" in timed:
+            for p in timed:
+                rows[p].mem_over_base_mb -= rows["base"].mem_over_base_mb if p != "base" else 0.0
+            rows["base"].mem_over_base_mb = 0.0
+    else:
+        samples = {p: [] for p in timed}
+        for p, (fn, _) in timed.items():  # warm-up (and torch.compile) outside the timing
+            fn()
+            fn()
+        for _ in range(cpu_rounds):       # interleaved: one sample of each provider per round
+            for p, (fn, _) in timed.items():
+                t0 = time.perf_counter()
+                fn()
+                samples[p].append((time.perf_counter() - t0) * 1e3)
+        for p in timed:
+            rows[p].ms, rows[p].ms_p20, rows[p].ms_p80 = _stats(samples[p])
+
+    for p, row in rows.items():
+        if row.status != "ok":
+            continue
+        row.tflops = flops(spec.M, spec.K, spec.N, spec.r, spec.mode, p != "base") / (row.ms * 1e-3) / 1e12
+        if "base" in timed:
+            row.ratio_to_base = row.ms / rows["base"].ms
+        if "peft" in timed:
+            row.speedup_over_peft = rows["peft"].ms / row.ms
+    return [rows[p] for p in providers if p in rows]
+
+
+# ------------------------------------------------------------------------------------------------
+# reporting
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    if device.type == "cuda":
+        machine = torch.cuda.get_device_name(device)
+    else:
+        machine = _cpu_name()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__), timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": str(device), "machine": machine, "cpus": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
+            "commit": commit}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def format_table(rows: list[Row], env: dict) -> str:
+    head = (f"fastlora bench | {env['machine']} ({env['device']}) | torch {env['torch']} | "
+            f"triton {env['triton']} | commit {env['commit']} | {env['date']}")
+    cols = ["shape", "r", "dtype", "mode", "provider", "ms", "p20-p80", "x base", "x peft", "TFLOP/s",
+            "+MB", "status"]
+    lines = []
+    for r in rows:
+        lines.append([r.shape, str(r.rank), r.dtype, r.mode, r.provider, _f(r.ms, ".4g"),
+                      f"{_f(r.ms_p20, '.4g')}-{_f(r.ms_p80, '.4g')}", _f(r.ratio_to_base, ".3f"),
+                      _f(r.speedup_over_peft, ".2f"), _f(r.tflops, ".3g"), _f(r.mem_over_base_mb, ".1f"),
+                      r.status + (f" ({r.note})" if r.note and r.status != "ok" else "")])
+    widths = [max(len(c), *(len(l[i]) for l in lines)) if lines else len(c) for i, c in enumerate(cols)]
+    fmt = lambda vals: "  ".join(v.rjust(w) if i < len(vals) - 1 else v for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
+    return "\n".join([head, fmt(cols), fmt(["-" * w for w in widths]), *(fmt(l) for l in lines)])
+
+
+def _f(v: float, spec: str) -> str:
+    return "-" if v is None or math.isnan(v) else format(v, spec)
+
+
+def write_json(path: str, rows: list[Row], env: dict) -> None:
+    with open(path, "w") as f:
+        json.dump({"environment": env, "rows": [_jsonable(dataclasses.asdict(r)) for r in rows]}, f, indent=1)
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def write_csv(path: str, rows: list[Row], env: dict) -> None:
+    import csv
+
+    fields = [f.name for f in dataclasses.fields(Row)] + list(env)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**dataclasses.asdict(r), **env})
+
+
+def plot(path: str, rows: list[Row]) -> None:
+    """Ratio to base against M, one panel per (shape, rank, dtype, mode), a line per provider."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise RuntimeError("--plot needs matplotlib (pip install fastlora[bench])") from e
+    panels = sorted({(r.in_features, r.out_features, r.rank, r.dtype, r.mode) for r in rows})
+    cols = min(3, len(panels)) or 1
+    nrows = math.ceil(len(panels) / cols) or 1
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, panels):
+        sel = [r for r in rows if (r.in_features, r.out_features, r.rank, r.dtype, r.mode) == key
+               and r.status == "ok" and not math.isnan(r.ratio_to_base)]
+        for prov in PROVIDERS:
+            pts = sorted((r.M, r.ratio_to_base) for r in sel if r.provider == prov)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=prov)
+        ax.set_xscale("log", base=2)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_title(f"{key[0]}->{key[1]} r={key[2]} {key[3]} {key[4]}", fontsize=9)
+        ax.set_xlabel("M (rows)")
+        ax.set_ylabel("time / base F.linear")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def progress_printer(stream=sys.stderr) -> Callable[[str], None]:
+    """A one-line progress display (rewritten in place on a terminal)."""
+    tty = stream.isatty()
+
+    def show(msg: str) -> None:
+        stream.write(("\r\033[K" if tty else "") + msg + ("" if tty else "\n"))
+        stream.flush()
+
+    return show
