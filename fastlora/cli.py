@@ -128,7 +128,13 @@ def check(args) -> int:
         print(f"{name:48s} {'all':7s} {'':>10s} {'':>10s}  {'PASS' if ok else 'FAIL ' + why}"
               f"  ({time.perf_counter() - t0:.1f} s)")
     for case in cases:
-        for r in three_way(case, backend, device=device):
+        try:
+            results = three_way(case, backend, device=device)
+        except Exception as e:  # a case that cannot run is a failure, reported with the rest
+            failures += 1
+            print(f"{case.id:48s} {'-':7s} {'':>10s} {'':>10s}  FAIL {type(e).__name__}: {str(e)[:80]}")
+            continue
+        for r in results:
             failures += not r.ok
             print(f"{r.case:48s} {r.tensor:7s} {r.err:10.3g} {r.bound:10.3g}  {'PASS' if r.ok else 'FAIL'}")
     print(f"{failures} failure(s)")

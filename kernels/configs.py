@@ -82,7 +82,8 @@ def _gpu_gemm_config(M: int, N: int, K: int, block_r: int, dtype: torch.dtype,
         # decode: bound by reading W once; narrow output tiles so that every SM streams a slice
         bm, bn, bk, warps, stages = (16 if M <= 16 else 64), 32, 128, 4, 5
     elif cap[0] >= 9:
-        bm, bn, bk, warps, stages = 128, 128, 64, 8, 4
+        # H100 sweep (benchmarks/NOTES.md): 128x256 beat 128x128 by ~20% at M=8192, r=16
+        bm, bn, bk, warps, stages = 128, 256, 64, 8, 3
     else:
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
     # Registers: the XA block [bm, block_r] lives beside the accumulator; keep it to <= 32
@@ -90,6 +91,8 @@ def _gpu_gemm_config(M: int, N: int, K: int, block_r: int, dtype: torch.dtype,
     regs_per_elt = 2 if dtype == torch.float64 else 1
     while bm > 16 and bm * block_r * regs_per_elt > 32 * 32 * warps:
         bm //= 2
+    if block_r > 64:
+        bn = min(bn, 128)  # the A tiles [bk, block_r] and XA crowd out a 256-wide accumulator
     # The dropout epilogue (dX) holds Philox state for every output element: <= 32 a thread.
     while dropout_epilogue and bn > 32 and bm * bn > 32 * 32 * warps:
         bn //= 2

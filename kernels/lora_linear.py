@@ -48,7 +48,7 @@ def _lora_gemm_kernel(
     scaling: "fp64", dropout_p: "fp64",
     HAS_BIAS: tl.constexpr, XA_IN_LOOP: tl.constexpr, DROPOUT_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, TILES_N: tl.constexpr, INT64: tl.constexpr,
+    GROUP_M: tl.constexpr, TILES_N: tl.constexpr, EVEN_K: tl.constexpr, INT64: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Y = X W^T + bias + s * XA B^T, with XA = X A^T (written to XA) or read from XA.
@@ -74,8 +74,11 @@ def _lora_gemm_kernel(
     o_k = tl.arange(0, BLOCK_K)
     m_m = o_m < M
     m_r = o_r < R
+    # rows past M re-read valid rows, so the main loop's loads need no row mask (never stored)
+    rows = o_m % M
     if INT64:
         om = o_m.to(tl.int64)
+        rows = rows.to(tl.int64)
     else:
         om = o_m
     DOT_DTYPE = X.dtype.element_ty
@@ -89,22 +92,31 @@ def _lora_gemm_kernel(
     for t in tl.static_range(TILES_N):
         o_n = (i_ng * TILES_N + t) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_n = o_n < N
+        cols = o_n % N
         if INT64:
             on = o_n.to(tl.int64)
+            cols = cols.to(tl.int64)
         else:
             on = o_n
-        p_x = X + om[:, None] * stride_xm + o_k[None, :] * stride_xk
-        p_w = W + o_k[:, None] * stride_wk + on[None, :] * stride_wn
+        p_x = X + rows[:, None] * stride_xm + o_k[None, :] * stride_xk
+        p_w = W + o_k[:, None] * stride_wk + cols[None, :] * stride_wn
         p_a = A + o_k[:, None] * stride_ak + o_r[None, :] * stride_ar
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
         for k in range(0, tl.cdiv(K, BLOCK_K)):
-            m_k = o_k < K - k * BLOCK_K
-            b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
-            b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)  # [BK, BN]
-            acc = tl.dot(b_x, b_w, acc, input_precision=PRECISION)
+            if EVEN_K:
+                b_x = tl.load(p_x)  # [BM, BK]
+                b_w = tl.load(p_w)  # [BK, BN]
+            else:
+                m_k = o_k < K - k * BLOCK_K
+                b_x = tl.load(p_x, mask=m_k[None, :], other=0.0)
+                b_w = tl.load(p_w, mask=m_k[:, None], other=0.0)
+            acc = tl.dot(b_x, b_w, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
             if XA_IN_LOOP and t == 0:
-                b_a = tl.load(p_a, mask=m_k[:, None] & m_r[None, :], other=0.0)  # [BK, BR]
-                b_xa = tl.dot(b_x, b_a.to(DOT_DTYPE), b_xa, input_precision=PRECISION)
+                if EVEN_K:
+                    b_a = tl.load(p_a, mask=m_r[None, :], other=0.0)  # [BK, BR]
+                else:
+                    b_a = tl.load(p_a, mask=m_k[:, None] & m_r[None, :], other=0.0)
+                b_xa = tl.dot(b_x, b_a.to(DOT_DTYPE), b_xa, input_precision=PRECISION, out_dtype=ACC_DTYPE)
                 p_a += BLOCK_K * stride_ak
             p_x += BLOCK_K * stride_xk
             p_w += BLOCK_K * stride_wk
@@ -121,12 +133,12 @@ def _lora_gemm_kernel(
         b_xas = (b_xa * tl.full((1, 1), scaling, ACC_DTYPE)).to(DOT_DTYPE)
         if DROPOUT_OUT:
             b_lora = tl.dot(b_xas, b_bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE),
-                            input_precision=PRECISION)
+                            input_precision=PRECISION, out_dtype=ACC_DTYPE)
             seed = tl.load(SEED)
             keep = _dropout_keep(seed, o_m[:, None], o_n[None, :], tl.full((1, 1), dropout_p, tl.float32))
             acc += tl.where(keep, b_lora / (1.0 - tl.full((1, 1), dropout_p, ACC_DTYPE)), 0.0)
         else:
-            acc = tl.dot(b_xas, b_bt, acc, input_precision=PRECISION)
+            acc = tl.dot(b_xas, b_bt, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         if HAS_BIAS:
             acc += tl.load(BIAS + on, mask=m_n, other=0.0).to(ACC_DTYPE)[None, :]
         p_y = Y + om[:, None] * stride_ym + on[None, :] * stride_yn
@@ -187,7 +199,7 @@ def _lora_skinny_kernel(
                 keep = _dropout_keep(seed, rows[:, None], o_p[None, :], p_keep)
             b_l = tl.where(keep, b_l, 0.0).to(DOT_DTYPE)
         b_s = tl.load(p_s, mask=m_t[:, None] & m_r[None, :], other=0.0).to(DOT_DTYPE)  # [BT, BR]
-        acc = tl.dot(tl.trans(b_l), b_s, acc, input_precision=PRECISION)
+        acc = tl.dot(tl.trans(b_l), b_s, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         p_l += BLOCK_T * stride_lt
         p_s += BLOCK_T * stride_st
 
@@ -265,6 +277,10 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     if M == 0:
         return out, xa
     cfg = config or gemm_config(M, N, K, R, x.dtype, x.device, dropout_epilogue=dropout_out is not None)
+    if a.stride(1) != 1 or (a.stride(0) * a.element_size()) % 16:
+        # a's [BLOCK_K, BLOCK_R] tiles feed the in-loop dot: give them unit stride along K and
+        # 16-byte aligned rows (a is tiny; the backward passes B^T, strided along K)
+        a = a.contiguous()
     seed, p = dropout_out if dropout_out is not None else (x, 0.0)  # SEED unused without dropout
     int64 = _needs_int64((x.shape, x.stride()), (w.shape, w.stride()), (out.shape, out.stride()),
                          (xa.shape, xa.stride()), (a.shape, a.stride()), (b.shape, b.stride()))
@@ -278,7 +294,7 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor
         float(scaling), float(p),
         HAS_BIAS=bias is not None, XA_IN_LOOP=xa_in_loop, DROPOUT_OUT=dropout_out is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
-        GROUP_M=cfg.group_m, TILES_N=cfg.tiles_n, INT64=int64,
+        GROUP_M=cfg.group_m, TILES_N=cfg.tiles_n, EVEN_K=K % cfg.block_k == 0, INT64=int64,
         ACC_DTYPE=_ACC_DTYPE[x.dtype], PRECISION=_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

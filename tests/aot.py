@@ -82,7 +82,7 @@ def gemm_constexprs(cfg: configs.GemmConfig, R: int, dtype: torch.dtype, *, bias
     return dict(HAS_BIAS=bias, XA_IN_LOOP=xa_in_loop, DROPOUT_OUT=dropout_out,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 BLOCK_R=max(16, triton.next_power_of_2(R)), GROUP_M=cfg.group_m, TILES_N=cfg.tiles_n,
-                INT64=False, ACC_DTYPE=_ACC_DTYPE[dtype],
+                EVEN_K=True, INT64=False, ACC_DTYPE=_ACC_DTYPE[dtype],
                 PRECISION="tf32" if dtype == torch.float32 else "ieee")
 
 
