@@ -19,19 +19,23 @@ $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torc
 step "install (no deps, no network)"
 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -2
 
+step "diagnostics (operand layouts, launch overhead)"
+timeout 50 $PY benchmarks/gpu_diag.py > "$OUT_DIR/diag.log" 2>&1 || status=1
+tail -12 "$OUT_DIR/diag.log"
+
 step "GPU tests"
-timeout ${TEST_TIMEOUT:-150} $PY -m pytest -q -x -m gpu tests/test_gpu.py 2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -25 || status=1
+timeout ${TEST_TIMEOUT:-110} $PY -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -25 || status=1
 
 step "fastlora check"
-timeout 90 $PY -m fastlora check > "$OUT_DIR/check.log" 2>&1 || status=1
+timeout 70 $PY -m fastlora check > "$OUT_DIR/check.log" 2>&1 || status=1
 grep -E "FAIL|failure" "$OUT_DIR/check.log" | tail -15
 
 step "fastlora bench (default)"
-timeout 180 $PY -m fastlora bench --quiet --json "$OUT_DIR/bench.json" --plot "$OUT_DIR/bench.png" 2>&1 | tee "$OUT_DIR/bench.log" || status=1
+timeout 120 $PY -m fastlora bench --quiet --json "$OUT_DIR/bench.json" --plot "$OUT_DIR/bench.png" 2>&1 | tee "$OUT_DIR/bench.log" || status=1
 
 if [ "${QUICK:-0}" != "1" ]; then
   step "config sweep"
-  timeout 150 $PY benchmarks/sweep_configs.py ${SWEEP_ARGS:-} --json "$OUT_DIR/sweep.json" 2>&1 | tee "$OUT_DIR/sweep.log" || status=1
+  timeout ${SWEEP_TIMEOUT:-150} $PY benchmarks/sweep_configs.py ${SWEEP_ARGS:-} > "$OUT_DIR/sweep.log" 2>&1 || status=1
 fi
 step "done, status $status"
 exit $status
