@@ -31,7 +31,7 @@ timeout 70 $PY -m fastlora check > "$OUT_DIR/check.log" 2>&1 || status=1
 grep -E "FAIL|failure" "$OUT_DIR/check.log" | tail -15
 
 step "fastlora bench (default)"
-timeout 120 $PY -m fastlora bench --quiet --json "$OUT_DIR/bench.json" --plot "$OUT_DIR/bench.png" 2>&1 | tee "$OUT_DIR/bench.log" || status=1
+timeout 150 $PY -m fastlora bench --quiet --json "$OUT_DIR/bench.json" --plot "$OUT_DIR/bench.png" 2>&1 | tee "$OUT_DIR/bench.log" || status=1
 
 if [ "${QUICK:-0}" != "1" ]; then
   step "config sweep"
