@@ -75,15 +75,16 @@ def gemm_config(M: int, N: int, K: int, R: int, dtype: torch.dtype, device: torc
 def _gpu_gemm_config(M: int, N: int, K: int, block_r: int, dtype: torch.dtype,
                      cap: tuple[int, int], n_sm: int, dropout_epilogue: bool = False) -> GemmConfig:
     if dtype == torch.float64:
-        bm, bn, bk, warps, stages = 32, 64, 16, (4 if block_r <= 64 else 8), 2
+        bm, bn, bk, warps, stages = (32 if block_r <= 64 else 16), 64, 16, (4 if block_r <= 64 else 8), 2
     elif dtype == torch.float32:
-        bm, bn, bk, warps, stages = 64, 64, 32, 4, 3
+        bm, bn, bk, warps, stages = 64, 64, 32, (4 if block_r <= 64 else 8), 3
     elif M <= 64:
         # decode: bound by reading W once; narrow output tiles so that every SM streams a slice
         bm, bn, bk, warps, stages = (16 if M <= 16 else 64), 32, 128, 4, 5
     elif cap[0] >= 9:
-        # H100 sweep (benchmarks/NOTES.md): 128x256 beat 128x128 by ~20% at M=8192, r=16
-        bm, bn, bk, warps, stages = 128, 256, 64, 8, 3
+        # H100 sweeps (benchmarks/NOTES.md): 128x256x64 with 4 stages gave the fastest forward
+        # plus dX at M=8192, r=16 among the candidates tried
+        bm, bn, bk, warps, stages = 128, 256, 64, 8, 4
     else:
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
     # Registers: the XA block [bm, block_r] lives beside the accumulator; keep it to <= 32
@@ -119,7 +120,9 @@ def _gpu_skinny_config(T: int, P: int, block_r: int, dtype: torch.dtype,
     # dropout) each kept to ~32 registers a thread
     warps = 4 if block_r <= 32 else 8
     regs_per_elt = 2 if dtype == torch.float64 else 1
-    block_t = 16 if dtype == torch.float64 else 32
+    # H100 sweep: 64-row steps read dY / x at ~1.45 TB/s against ~1.05 TB/s with 32 (on sm_80
+    # the 64-row L tile spills)
+    block_t = 16 if dtype == torch.float64 else (64 if cap[0] >= 9 else 32)
     block_p = 128
     while block_p > 32 and block_p * block_r * regs_per_elt > 32 * 32 * warps:
         block_p //= 2

@@ -49,7 +49,7 @@ def _lora_gemm_kernel(
     HAS_BIAS: tl.constexpr, XA_IN_LOOP: tl.constexpr, DROPOUT_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, TILES_N: tl.constexpr, EVEN_K: tl.constexpr, INT64: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, CHUNKED_ACC: tl.constexpr,
 ):
     """Y = X W^T + bias + s * XA B^T, with XA = X A^T (written to XA) or read from XA.
 
@@ -110,7 +110,12 @@ def _lora_gemm_kernel(
                 m_k = o_k < K - k * BLOCK_K
                 b_x = tl.load(p_x, mask=m_k[None, :], other=0.0)
                 b_w = tl.load(p_w, mask=m_k[:, None], other=0.0)
-            acc = tl.dot(b_x, b_w, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            if CHUNKED_ACC:
+                # float32/64: each K block sums on its own before joining the total, so rounding
+                # grows with K / BLOCK_K rather than K (cuBLAS-level accuracy at large K)
+                acc += tl.dot(b_x, b_w, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            else:
+                acc = tl.dot(b_x, b_w, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
             if XA_IN_LOOP and t == 0:
                 if EVEN_K:
                     b_a = tl.load(p_a, mask=m_r[None, :], other=0.0)  # [BK, BR]
@@ -296,6 +301,7 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
         GROUP_M=cfg.group_m, TILES_N=cfg.tiles_n, EVEN_K=K % cfg.block_k == 0, INT64=int64,
         ACC_DTYPE=_ACC_DTYPE[x.dtype], PRECISION=_precision(x.dtype),
+        CHUNKED_ACC=x.dtype in (torch.float32, torch.float64),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, xa

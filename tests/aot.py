@@ -83,7 +83,8 @@ def gemm_constexprs(cfg: configs.GemmConfig, R: int, dtype: torch.dtype, *, bias
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 BLOCK_R=max(16, triton.next_power_of_2(R)), GROUP_M=cfg.group_m, TILES_N=cfg.tiles_n,
                 EVEN_K=True, INT64=False, ACC_DTYPE=_ACC_DTYPE[dtype],
-                PRECISION="tf32" if dtype == torch.float32 else "ieee")
+                PRECISION="tf32" if dtype == torch.float32 else "ieee",
+                CHUNKED_ACC=dtype in (torch.float32, torch.float64))
 
 
 def skinny_constexprs(cfg: configs.SkinnyConfig, R: int, dtype: torch.dtype, *, dropout: bool) -> dict:
