@@ -7,9 +7,13 @@ elsewhere. ``import fastlora`` does not need triton.
 """
 from .modules import LoRALinear, ParameterCount, count_parameters
 from .ops import lora_linear
+from .model import (apply_lora, lora_state_dict, mark_only_lora_as_trainable, merge,
+                    merge_and_unload, unmerge)
 from . import reference
 
 __version__ = "0.1.0"
 
-__all__ = ["lora_linear", "LoRALinear", "count_parameters", "ParameterCount", "reference",
-           "__version__"]
+__all__ = ["lora_linear", "LoRALinear", "count_parameters", "ParameterCount",
+           "apply_lora", "mark_only_lora_as_trainable", "lora_state_dict",
+           "merge", "unmerge", "merge_and_unload",
+           "reference", "__version__"]
