@@ -250,9 +250,9 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def _check_model(caller: str, model) -> None:
+def _check_model(caller: str, model, arg: str = "model") -> None:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{caller}: model must be a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"{caller}: {arg} must be a torch.nn.Module, got {type(model).__name__}")
 
 
 def _check_bias(caller: str, bias) -> None:
