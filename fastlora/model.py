@@ -162,6 +162,15 @@ def _select(model: nn.Module, target_modules, exclude_modules, caller: str) -> l
         raise TypeError(f"{caller}: target_modules matched modules that are not nn.Linear{hint}: "
                         f"{', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}; only nn.Linear "
                         f"layers can be adapted")
+    # nn.Linear subclasses with packed weights (bitsandbytes' Linear4bit, ...) are not F.linear
+    packed = [f"{p or '<root>'} ({type(modules[p]).__name__}, {type(modules[p].weight).__name__} "
+              f"of {modules[p].weight.dtype})" for p in picked
+              if type(modules[p].weight.data) is not torch.Tensor
+              or not modules[p].weight.dtype.is_floating_point]
+    if packed:
+        raise TypeError(f"{caller}: target_modules matched linear layers whose weight is not a plain "
+                        f"floating-point tensor (quantized?): {', '.join(packed[:5])}; fastlora "
+                        f"needs a float16/bfloat16/float32/float64 weight")
     return picked
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import fastlora
 from conftest import BACKENDS, DEVICE
-from hf_tiny import peft_twin, require_hf, tiny_llama
+from hf_tiny import peft_twin, tiny_llama
 
 
 class Block(nn.Module):
@@ -137,6 +137,11 @@ def test_bad_arguments_name_themselves():
         fastlora.apply_lora(Net(), ["q_proj"], exclude_modules="all-linear")
     with pytest.raises(TypeError, match="apply_lora: model must be a torch.nn.Module, got dict"):
         fastlora.apply_lora({}, ["q_proj"])
+    model = Net()
+    model.blocks[0].q_proj.weight = nn.Parameter(torch.zeros(16, 16, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match=r"weight is not a plain floating-point tensor \(quantized\?\): "
+                                        r"blocks.0.q_proj \(Linear, Parameter of torch.int8\)"):
+        fastlora.apply_lora(model, ["q_proj"])
     model = Net()
     with pytest.raises(ValueError, match="r must be a positive int, got 0"):
         fastlora.apply_lora(model, ["q_proj"], r=0)
