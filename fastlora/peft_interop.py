@@ -60,12 +60,13 @@ class _FusedForward:
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         layer = self.layer
+        base = layer.base_layer
         if (args or any(v is not None for v in kwargs.values()) or _state_reason(layer) is not None
-                or x.dtype != layer.base_layer.weight.dtype
+                or _base_reason(base) is not None or x.dtype != base.weight.dtype
                 or torch.is_autocast_enabled(x.device.type)):
             return type(layer).forward(layer, x, *args, **kwargs)
         name = next(a for a in layer.active_adapters if a in layer.lora_A)
-        base, dropout = layer.base_layer, layer.lora_dropout[name]
+        dropout = layer.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
         return lora_linear(x, base.weight, base.bias, layer.lora_A[name].weight,
                            layer.lora_B[name].weight, layer.scaling[name], dropout_p=p,
@@ -76,15 +77,19 @@ def _never_fusable(layer: nn.Module, lora) -> str | None:
     """Why ``layer`` can never take the fused path, or None."""
     if type(layer) is not lora.Linear:
         return f"{type(layer).__name__}: only LoRA Linear layers are fused"
-    if isinstance(layer.__dict__.get("forward"), _FusedForward):
-        return None  # from_peft ran before; the new call sets the backend again
-    if "forward" in layer.__dict__:
+    # a _FusedForward is from_peft's own, from an earlier call: it is replaced (new backend)
+    if "forward" in layer.__dict__ and not isinstance(layer.__dict__["forward"], _FusedForward):
         return "its forward is already replaced, e.g. by accelerate hooks"
-    base = layer.base_layer
+    reason = _base_reason(layer.base_layer)
+    if reason is None and layer.fan_in_fan_out:
+        reason = "fan_in_fan_out"
+    return reason
+
+
+def _base_reason(base: nn.Module) -> str | None:
+    """Why the fused path cannot stand in for ``base``'s own forward, or None."""
     if type(base) is not nn.Linear:
         return f"base layer is {type(base).__name__}, not nn.Linear"
-    if layer.fan_in_fan_out:
-        return "fan_in_fan_out"
     if (base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__
             or hasattr(base, "_hf_hook")):
         return "its base layer has hooks, e.g. accelerate offloading"
@@ -103,10 +108,13 @@ def _state_reason(layer: nn.Module) -> str | None:
     if len(active) != 1:
         return f"{len(active)} active adapters"
     name = active[0]
-    if name in layer.lora_variant:
-        variant = type(layer.lora_variant[name]).__name__
-        return "DoRA" if variant.startswith("Dora") else variant
-    if layer.lora_bias.get(name):
+    # getattr: older PEFT releases lack lora_variant and lora_bias
+    if getattr(layer, "use_dora", {}).get(name):
+        return "DoRA"
+    variant = getattr(layer, "lora_variant", {}).get(name)
+    if variant is not None:
+        return type(variant).__name__
+    if getattr(layer, "lora_bias", {}).get(name):
         return "lora_bias"
     if type(layer.lora_dropout[name]) not in (nn.Dropout, nn.Identity):
         return f"dropout module {type(layer.lora_dropout[name]).__name__}"

@@ -6,6 +6,8 @@ import re
 import pytest
 import torch
 
+from conftest import DEVICE
+
 # Largest max|fastlora - peft| / max|peft| allowed: both compute the same products in the same
 # dtype, so they differ by a few roundings of the summation order at most.
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
@@ -19,13 +21,13 @@ def require_hf():
 
 
 def tiny_llama(dtype=torch.float32, seed=0, **overrides):
-    """A 2-layer Llama, hidden 64, random init, in eval mode."""
+    """A 2-layer Llama, hidden 64, random init, on DEVICE, in eval mode."""
     transformers, _ = require_hf()
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
                                       **overrides)
-    return transformers.LlamaForCausalLM(config).to(dtype).eval()
+    return transformers.LlamaForCausalLM(config).to(device=DEVICE, dtype=dtype).eval()
 
 
 def peft_twin(base, target_modules=TARGETS, seed=1, **lora_kwargs):
@@ -48,7 +50,7 @@ def randomize_lora_B(model, seed=1):
 
 
 def input_ids(batch=2, seq=7, seed=2):
-    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 _LORA_NAME = re.compile(r"^(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.default)?(?:\.weight)?$")
@@ -66,7 +68,7 @@ def logits_and_lora_grads(model, ids):
     model.zero_grad(set_to_none=True)
     logits = model(input_ids=ids).logits
     probe = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3),
-                        dtype=torch.float64).to(logits.dtype)
+                        dtype=torch.float64).to(logits.device, logits.dtype)
     (logits * probe).sum().backward()
     grads = {lora_key(n): p.grad.detach().clone() for n, p in model.named_parameters()
              if lora_key(n) is not None}

@@ -7,7 +7,6 @@ import pickle
 
 import pytest
 import torch
-from torch import nn
 
 import fastlora
 from conftest import BACKENDS

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastlora
-from conftest import BACKENDS
+from conftest import BACKENDS, DEVICE
 from hf_tiny import (TARGETS, assert_same_as_peft, input_ids, logits_and_lora_grads, lora_key,
                      max_err, peft_twin, randomize_lora_B, require_hf, tiny_llama)
 from fastlora import peft_interop
@@ -62,7 +62,7 @@ def test_parameters_are_shared_and_peft_saving_still_works(tmp_path):
 def train(model, steps=5, lr=3e-2):
     """A few AdamW steps on a synthetic next-token task (the sequence n, n+1, n+2, ... mod vocab)."""
     torch.manual_seed(0)
-    ids = (torch.arange(12) + torch.randint(0, 128, (4, 1))) % 128
+    ids = ((torch.arange(12) + torch.randint(0, 128, (4, 1))) % 128).to(DEVICE)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     losses = []
@@ -146,7 +146,7 @@ def test_mixed_precision_fp32_adapters_on_bf16_and_autocast(fused_calls):
     # the LoRA branch runs in bf16 here, in fp32 in PEFT: at most about as wrong as PEFT itself
     assert (got - reference).abs().max() <= 2 * (expected - reference).abs().max()
     fp32 = fastlora.from_peft(peft_twin(tiny_llama()), backend="torch")
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
         fp32(input_ids=ids)
     assert len(fused_calls) == 6  # under autocast PEFT's forward runs: lora_linear ignores autocast
 
@@ -183,6 +183,19 @@ def test_unfusable_layers_keep_peft_forward_listed_in_one_warning(fused_calls):
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits,
                                    rtol=1e-5, atol=1e-6)
     assert len(fused_calls) == 2
+
+
+def test_hooks_on_a_base_layer_keep_peft_forward(fused_calls):
+    model = peft_twin(tiny_llama())
+    q0 = model.base_model.model.model.layers[0].self_attn.q_proj
+    seen = []
+    q0.base_layer.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    assert "model.layers.0.self_attn.q_proj (its base layer has hooks" in from_peft_warning(model)
+    q1 = model.base_model.model.model.layers[1].self_attn.q_proj
+    q1.base_layer.register_forward_pre_hook(lambda module, args: seen.append("pre"))  # added later
+    with torch.no_grad():
+        model(input_ids=input_ids())
+    assert len(seen) == 2 and len(fused_calls) == 4  # the hooks ran; the other 4 layers fused
 
 
 def test_conv1d_base_and_non_linear_layers_are_listed():
