@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .ops import BACKENDS, lora_linear
 
@@ -17,6 +18,9 @@ class LoRALinear(nn.Module):
     unchanged, plus ``lora_A`` [r, in_features] and ``lora_B`` [out_features, r] as in PEFT.
     ``init_lora_weights``: True (PEFT's default: A Kaiming-uniform, B zero, so a fresh layer equals
     its base), "gaussian" (A ~ N(0, (1/r)^2), B zero, as PEFT) or False (both random, for tests).
+
+    ``merge()`` folds ``s B A`` into ``weight`` so that the forward is the plain GEMM; ``unmerge()``
+    restores the weight bit-exactly from a copy kept while merged (one extra weight-sized tensor).
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 8,
@@ -68,6 +72,9 @@ class LoRALinear(nn.Module):
         kw = {"device": weight.device, "dtype": weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **kw))
+        # The weight as it was before merge(), while merged: a non-persistent buffer, so that
+        # .to(device/dtype) moves it with the weight and it never reaches a checkpoint.
+        self.register_buffer("_weight_before_merge", None, persistent=False)
         self.reset_lora_parameters(init_lora_weights)
 
     @torch.no_grad()
@@ -81,14 +88,51 @@ class LoRALinear(nn.Module):
         else:
             nn.init.zeros_(self.lora_B)
 
+    @property
+    def merged(self) -> bool:
+        return self._weight_before_merge is not None
+
+    @torch.no_grad()
+    def _merged_weight(self) -> torch.Tensor:
+        """W + s B A, computed in float32 (float64 for float64 tensors) and cast to W's dtype."""
+        acc = torch.float64 if torch.float64 in (self.weight.dtype, self.lora_A.dtype,
+                                                 self.lora_B.dtype) else torch.float32
+        delta = self.lora_B.to(acc) @ self.lora_A.to(acc)
+        w = torch.add(self.weight.to(acc), delta, alpha=self.scaling).to(self.weight.dtype)
+        if not torch.isfinite(w).all():
+            raise ValueError(f"LoRALinear.merge: W + s B A is not finite in {self.weight.dtype} "
+                             f"(scaling={self.scaling:g}, max |B A| = {delta.abs().max().item():g}); "
+                             f"the weight was left unchanged")
+        return w
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into ``weight``; the forward becomes F.linear. No-op when merged."""
+        if self.merged:
+            return
+        w = self._merged_weight()
+        self._weight_before_merge = self.weight.detach().clone()
+        self.weight.copy_(w)  # in place: whoever shares the Parameter sees the merged weight
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the weight from before merge(), bit-exactly. No-op when not merged."""
+        if not self.merged:
+            return
+        self.weight.copy_(self._weight_before_merge)
+        self._weight_before_merge = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
         return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                            dropout_p=self.dropout, training=self.training, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}, "
-                f"bias={self.bias is not None}, use_rslora={self.use_rslora}, backend={self.backend!r}")
+                f"bias={self.bias is not None}, use_rslora={self.use_rslora}, backend={self.backend!r}"
+                + (", merged=True" if self.merged else ""))
 
 
 class ParameterCount(NamedTuple):

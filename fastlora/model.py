@@ -1,0 +1,269 @@
+"""LoRA on a whole model: inject LoRALinear layers, choose what trains, merge and unload.
+
+Module paths are those of ``model.named_modules()``; matching follows PEFT's LoraConfig so that the
+same ``target_modules`` selects the same layers in both libraries.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .modules import LoRALinear
+
+BIAS_MODES = ("none", "all", "lora_only")
+ALL_LINEAR = "all-linear"
+
+
+def apply_lora(model: nn.Module, target_modules: str | Iterable[str], *, r: int = 8,
+               alpha: float = 8, dropout: float = 0.0, use_rslora: bool = False,
+               exclude_modules: str | Iterable[str] | None = None,
+               init_lora_weights: bool | str = True, backend: str = "auto") -> nn.Module:
+    """Replace the targeted nn.Linear layers of ``model`` by LoRALinear layers, in place.
+
+    Each LoRALinear shares its base layer's weight and bias Parameters (no copy). Afterwards only
+    the LoRA parameters train, as after PEFT's ``get_peft_model``: every other parameter of the model
+    gets ``requires_grad=False`` (``mark_only_lora_as_trainable`` can make biases train too).
+
+    Args:
+        target_modules: a list of names, each matching a module whose path equals it or ends with
+            "." + name (PEFT's rule); a string, matched as a regex against the whole path; or
+            "all-linear": every nn.Linear except the output head (``model.get_output_embeddings()``
+            where the model has it, as PEFT does for transformers models).
+        exclude_modules: modules not to target, in the same forms (no "all-linear").
+        r, alpha, dropout, use_rslora, init_lora_weights, backend: as LoRALinear.
+
+    Returns ``model`` (a new LoRALinear if ``model`` itself is a targeted nn.Linear).
+    """
+    _check_model("apply_lora", model)
+    paths = _select(model, target_modules, exclude_modules, "apply_lora")
+    return _inject(model, paths, lambda path: (r, alpha),
+                   dict(dropout=dropout, use_rslora=use_rslora,
+                        init_lora_weights=init_lora_weights, backend=backend))
+
+
+def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
+    """Make the LoRA parameters of ``model`` trainable and freeze every other parameter.
+
+    ``bias``: "none" (biases frozen), "all" (every parameter named ``bias`` trains) or
+    "lora_only" (the biases of the LoRA layers train), as PEFT's LoraConfig.bias.
+    """
+    _check_model("mark_only_lora_as_trainable", model)
+    _check_bias("mark_only_lora_as_trainable", bias)
+    layers = lora_layers(model, "mark_only_lora_as_trainable")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in layers.values():
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+    for p in _bias_parameters(model, layers, bias).values():
+        p.requires_grad_(True)
+
+
+def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Tensor]:
+    """The adapter's tensors only, keyed as in ``model.state_dict()``: every LoRA layer's
+    ``lora_A`` and ``lora_B``, plus the biases that ``bias`` (as mark_only_lora_as_trainable) trains."""
+    _check_model("lora_state_dict", model)
+    _check_bias("lora_state_dict", bias)
+    layers = lora_layers(model, "lora_state_dict")
+    out = {}
+    for path, layer in layers.items():
+        out[_join(path, "lora_A")] = layer.lora_A.detach()
+        out[_join(path, "lora_B")] = layer.lora_B.detach()
+    out.update({name: p.detach() for name, p in _bias_parameters(model, layers, bias).items()})
+    return out
+
+
+def merge(model: nn.Module) -> None:
+    """Fold every LoRA layer's ``s B A`` into its weight (see LoRALinear.merge); all or nothing:
+    if one layer's merged weight is not finite, the layers merged before it are unmerged again."""
+    _check_model("merge", model)
+    done = []
+    for path, layer in lora_layers(model, "merge").items():
+        if layer.merged:
+            continue
+        try:
+            layer.merge()
+        except ValueError as err:
+            for merged in reversed(done):
+                merged.unmerge()
+            raise ValueError(f"merge: layer {path or '<root>'!r}: {err}") from None
+        done.append(layer)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Restore every merged LoRA layer's weight bit-exactly (see LoRALinear.unmerge)."""
+    _check_model("unmerge", model)
+    for layer in lora_layers(model, "unmerge").values():
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every LoRA layer and put a plain nn.Linear back in its place, in place.
+
+    The nn.Linear holds the LoRALinear's weight and bias Parameters (now merged); the adapters and
+    the copies kept for unmerge are dropped. Returns ``model`` (the nn.Linear if ``model`` itself is
+    a LoRALinear). ``requires_grad`` flags are left as they are.
+    """
+    _check_model("merge_and_unload", model)
+    layers = lora_layers(model, "merge_and_unload")
+    merge(model)
+    for path, layer in layers.items():
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                           device="meta")
+        linear.weight = layer.weight
+        linear.bias = layer.bias
+        layer._weight_before_merge = None
+        model = _replace(model, path, linear)
+    return model
+
+
+def lora_layers(model: nn.Module, caller: str = "lora_layers") -> dict[str, LoRALinear]:
+    """Every LoRALinear of ``model`` by module path; a ValueError naming ``caller`` if none."""
+    layers = {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if not layers:
+        raise ValueError(f"{caller}: model ({type(model).__name__}) has no LoRALinear layers; "
+                         f"add them with fastlora.apply_lora first")
+    return layers
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection: which module paths a target_modules / exclude_modules specification picks
+
+
+def _select(model: nn.Module, target_modules, exclude_modules, caller: str) -> list[str]:
+    """The paths of the nn.Linear modules to adapt (PEFT's matching rules), in module order."""
+    modules = dict(model.named_modules())
+    paths = list(modules)
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        head = _output_head(model)
+        picked = [p for p, m in modules.items() if isinstance(m, nn.Linear) and m is not head]
+        if not picked:
+            raise ValueError(f"{caller}: target_modules='all-linear' found no nn.Linear in the model "
+                             f"(other than its output head)")
+    else:
+        picked = _match(paths, target_modules, "target_modules", caller)
+    if exclude_modules is not None:
+        if isinstance(exclude_modules, str) and exclude_modules.lower() == ALL_LINEAR:
+            raise ValueError(f"{caller}: exclude_modules cannot be 'all-linear'")
+        excluded = set(_match(paths, exclude_modules, "exclude_modules", caller))
+        picked = [p for p in picked if p not in excluded]
+    if not picked:
+        raise ValueError(f"{caller}: target_modules={target_modules!r} minus exclude_modules="
+                         f"{exclude_modules!r} leaves no module to adapt")
+    wrong = [f"{p or '<root>'} ({type(modules[p]).__name__})" for p in picked
+             if not isinstance(modules[p], nn.Linear)]
+    if wrong:
+        already = any(isinstance(modules[p], LoRALinear) for p in picked)
+        hint = " (LoRA is already applied there)" if already else ""
+        raise TypeError(f"{caller}: target_modules matched modules that are not nn.Linear{hint}: "
+                        f"{', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}; only nn.Linear "
+                        f"layers can be adapted")
+    # nn.Linear subclasses with packed weights (bitsandbytes' Linear4bit, ...) are not F.linear
+    packed = [f"{p or '<root>'} ({type(modules[p]).__name__}, {type(modules[p].weight).__name__} "
+              f"of {modules[p].weight.dtype})" for p in picked
+              if type(modules[p].weight.data) is not torch.Tensor
+              or not modules[p].weight.dtype.is_floating_point]
+    if packed:
+        raise TypeError(f"{caller}: target_modules matched linear layers whose weight is not a plain "
+                        f"floating-point tensor (quantized?): {', '.join(packed[:5])}; fastlora "
+                        f"needs a float16/bfloat16/float32/float64 weight")
+    return picked
+
+
+def _match(paths: list[str], spec, arg: str, caller: str) -> list[str]:
+    """Paths matching ``spec``: a regex string (full match) or names (equal or '.'-suffix match).
+    Every name, and a regex, must match something: the error lists close names."""
+    if isinstance(spec, str):
+        try:
+            pattern = re.compile(spec)
+        except re.error as err:
+            raise ValueError(f"{caller}: {arg} {spec!r} is not a valid regular expression: {err}") from None
+        found = [p for p in paths if p and pattern.fullmatch(p)]
+        if not found:
+            raise ValueError(f"{caller}: {arg} regex {spec!r} matches no module path (it must "
+                             f"match the whole path, e.g. {_example_paths(paths)})")
+        return found
+    if isinstance(spec, (bytes, dict)) or not isinstance(spec, Iterable):
+        raise TypeError(f"{caller}: {arg} must be a list of module names or a regex string, got "
+                        f"{type(spec).__name__}")
+    names = list(spec)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{caller}: {arg} must be a non-empty list of non-empty strings, got {spec!r}")
+    found = set()
+    for name in names:
+        hits = {p for p in paths if p and (p == name or p.endswith("." + name))}
+        if not hits:
+            short = sorted({p.rsplit(".", 1)[-1] for p in paths if p} | set(p for p in paths if p))
+            close = difflib.get_close_matches(name, short, n=5)
+            hint = f"close names: {close}" if close else f"module names look like {_example_paths(paths)}"
+            raise ValueError(f"{caller}: {arg} name {name!r} matches no module; {hint}")
+        found |= hits
+    return [p for p in paths if p in found]
+
+
+def _example_paths(paths: list[str], n: int = 4) -> str:
+    return ", ".join(repr(p) for p in paths[1:n + 1]) + (", ..." if len(paths) > n + 1 else "")
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output embedding (lm_head), which PEFT's 'all-linear' leaves alone."""
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Surgery
+
+
+def _inject(model: nn.Module, paths: list[str], r_alpha: Callable[[str], tuple[int, float]],
+            layer_kwargs: dict) -> nn.Module:
+    """Replace each nn.Linear at ``paths`` by a LoRALinear sharing its Parameters, then freeze
+    everything but the adapters. All layers are built before any is swapped in, so a bad argument
+    leaves the model untouched."""
+    modules = dict(model.named_modules())
+    new = {}
+    for path in paths:
+        r, alpha = r_alpha(path)
+        new[path] = LoRALinear.from_linear(modules[path], r=r, alpha=alpha, **layer_kwargs)
+    for path, layer in new.items():
+        model = _replace(model, path, layer)
+    mark_only_lora_as_trainable(model)
+    return model
+
+
+def _replace(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``path`` under ``root``; returns the root (``new`` itself for path "")."""
+    if not path:
+        return new
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, new)
+    return root
+
+
+def _bias_parameters(model: nn.Module, layers: dict[str, LoRALinear],
+                     bias: str) -> dict[str, nn.Parameter]:
+    """The bias Parameters that ``bias`` trains, by their name in model.named_parameters()."""
+    if bias == "none":
+        return {}
+    if bias == "all":
+        return {n: p for n, p in model.named_parameters() if n == "bias" or n.endswith(".bias")}
+    return {_join(path, "bias"): layer.bias for path, layer in layers.items() if layer.bias is not None}
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _check_model(caller: str, model, arg: str = "model") -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}: {arg} must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _check_bias(caller: str, bias) -> None:
+    if bias not in BIAS_MODES:
+        raise ValueError(f"{caller}: bias must be one of {BIAS_MODES}, got {bias!r}")

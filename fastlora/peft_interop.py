@@ -1,0 +1,129 @@
+"""from_peft: make an existing PEFT LoRA model's Linear layers compute with fastlora.lora_linear.
+
+Each eligible ``peft.tuners.lora.Linear`` keeps its place, its Parameters and its state dict; only
+its forward is replaced (an instance attribute shadowing the class's) by one that calls
+``lora_linear(x, base.weight, base.bias, lora_A[a].weight, lora_B[a].weight, scaling[a])``, the
+same function PEFT computes as ``base(x) + lora_B(lora_A(dropout(x))) * scaling``. Whatever that
+forward cannot express at call time (adapters disabled or merged, several active adapters, a LoRA
+variant such as DoRA, lora_bias, per-sample ``adapter_names``, autocast) goes to PEFT's own forward.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .model import _check_model
+from .ops import _FLOAT_DTYPES, BACKENDS, lora_linear
+
+
+def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> nn.Module:
+    """Make the LoRA Linear layers of ``peft_model`` (from ``peft.get_peft_model`` or
+    ``PeftModel.from_pretrained``) compute with fastlora's fused path, in place; returns it.
+
+    The layers' Parameters are shared, not copied, so an optimizer built on the model, PEFT's
+    ``save_pretrained``, ``merge_adapter`` and ``disable_adapter`` keep working. Layers that can
+    never be fused (another layer type, a base layer that is not a plain nn.Linear, such as a
+    quantized one or GPT-2's Conv1D, fan_in_fan_out, hooks on the base layer) and layers whose
+    current state is not fusable (DoRA or another variant, several active adapters, lora_bias,
+    merged) keep PEFT's forward and are listed in one warning.
+    """
+    lora = _peft_lora("from_peft")
+    _check_model("from_peft", peft_model, "peft_model")
+    if backend not in BACKENDS:
+        raise ValueError(f"from_peft: backend must be one of {BACKENDS}, got {backend!r}")
+    layers = [(path, m) for path, m in peft_model.named_modules() if isinstance(m, lora.LoraLayer)]
+    if not layers:
+        raise ValueError(f"from_peft: peft_model ({type(peft_model).__name__}) has no PEFT LoRA "
+                         f"layers; pass a model from peft.get_peft_model or PeftModel.from_pretrained")
+    kept = []
+    for path, layer in layers:
+        reason = _never_fusable(layer, lora)
+        if reason is None:
+            layer.forward = _FusedForward(layer, backend)
+            reason = _state_reason(layer)
+        if reason is not None:
+            kept.append(f"{path} ({reason})")
+    if kept:
+        warnings.warn(f"fastlora.from_peft: {len(kept)} of {len(layers)} LoRA layers keep PEFT's "
+                      f"forward: {'; '.join(kept)}", stacklevel=2)
+    return peft_model
+
+
+class _FusedForward:
+    """The replacement forward of one peft lora.Linear (a picklable, deep-copyable callable)."""
+
+    def __init__(self, layer: nn.Module, backend: str):
+        self.layer = layer
+        self.backend = backend
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        layer = self.layer
+        base = layer.base_layer
+        if (args or any(v is not None for v in kwargs.values()) or _state_reason(layer) is not None
+                or _base_reason(base) is not None or x.dtype != base.weight.dtype
+                or torch.is_autocast_enabled(x.device.type)):
+            return type(layer).forward(layer, x, *args, **kwargs)
+        name = next(a for a in layer.active_adapters if a in layer.lora_A)
+        dropout = layer.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        return lora_linear(x, base.weight, base.bias, layer.lora_A[name].weight,
+                           layer.lora_B[name].weight, layer.scaling[name], dropout_p=p,
+                           training=dropout.training, backend=self.backend)
+
+
+def _never_fusable(layer: nn.Module, lora) -> str | None:
+    """Why ``layer`` can never take the fused path, or None."""
+    if type(layer) is not lora.Linear:
+        return f"{type(layer).__name__}: only LoRA Linear layers are fused"
+    # a _FusedForward is from_peft's own, from an earlier call: it is replaced (new backend)
+    if "forward" in layer.__dict__ and not isinstance(layer.__dict__["forward"], _FusedForward):
+        return "its forward is already replaced, e.g. by accelerate hooks"
+    reason = _base_reason(layer.base_layer)
+    if reason is None and layer.fan_in_fan_out:
+        reason = "fan_in_fan_out"
+    return reason
+
+
+def _base_reason(base: nn.Module) -> str | None:
+    """Why the fused path cannot stand in for ``base``'s own forward, or None."""
+    if type(base) is not nn.Linear:
+        return f"base layer is {type(base).__name__}, not nn.Linear"
+    if (base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__
+            or hasattr(base, "_hf_hook")):
+        return "its base layer has hooks, e.g. accelerate offloading"
+    if type(base.weight.data) is not torch.Tensor or base.weight.dtype not in _FLOAT_DTYPES:
+        return f"base weight is {type(base.weight.data).__name__} of {base.weight.dtype}, e.g. quantized"
+    return None
+
+
+def _state_reason(layer: nn.Module) -> str | None:
+    """Why ``layer``'s current adapter state is not the plain LoRA the fused path computes, or None."""
+    if layer.disable_adapters:
+        return "adapters disabled"
+    if layer.merged:
+        return "merged"
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(active) != 1:
+        return f"{len(active)} active adapters"
+    name = active[0]
+    # getattr: older PEFT releases lack lora_variant and lora_bias
+    if getattr(layer, "use_dora", {}).get(name):
+        return "DoRA"
+    variant = getattr(layer, "lora_variant", {}).get(name)
+    if variant is not None:
+        return type(variant).__name__
+    if getattr(layer, "lora_bias", {}).get(name):
+        return "lora_bias"
+    if type(layer.lora_dropout[name]) not in (nn.Dropout, nn.Identity):
+        return f"dropout module {type(layer.lora_dropout[name]).__name__}"
+    return None
+
+
+def _peft_lora(caller: str):
+    try:
+        from peft.tuners import lora
+    except ImportError as err:
+        raise ImportError(f"{caller} needs the peft package: pip install fastlora[peft]") from err
+    return lora

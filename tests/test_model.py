@@ -1,0 +1,258 @@
+"""Model-level helpers: apply_lora's matching (as PEFT), freezing, lora_state_dict, merge / unmerge /
+merge_and_unload, model.to(dtype)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastlora
+from conftest import BACKENDS, DEVICE
+from hf_tiny import peft_twin, tiny_llama
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.q_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d // 2, bias=False)
+        self.out_proj = nn.Linear(d // 2, d)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x):
+        return self.norm(x + self.out_proj(torch.tanh(self.v_proj(self.q_proj(x)))))
+
+
+class Net(nn.Module):
+    """Two blocks and an output head, reachable through get_output_embeddings as in transformers."""
+
+    def __init__(self, d=16, vocab=24):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList([Block(d), Block(d)])
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for block in self.blocks:
+            h = block(h)
+        return self.lm_head(h)
+
+
+def lora_paths(model):
+    return sorted(p for p, m in model.named_modules() if isinstance(m, fastlora.LoRALinear))
+
+
+def with_random_B(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, fastlora.LoRALinear):
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
+    return model
+
+
+def test_apply_lora_by_name_shares_weights_and_freezes_the_rest():
+    torch.manual_seed(0)
+    model = Net()
+    ids = torch.randint(0, 24, (2, 5))
+    before = model(ids)
+    q = model.blocks[0].q_proj
+    out = fastlora.apply_lora(model, ["q_proj", "v_proj"], r=4, alpha=8, backend="torch")
+    assert out is model
+    assert lora_paths(model) == ["blocks.0.q_proj", "blocks.0.v_proj", "blocks.1.q_proj", "blocks.1.v_proj"]
+    layer = model.blocks[0].q_proj
+    assert layer.weight is q.weight and layer.bias is q.bias and layer.scaling == 2.0
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"blocks.{i}.{m}.lora_{ab}" for i in (0, 1) for m in ("q_proj", "v_proj")
+                         for ab in "AB"}
+    torch.testing.assert_close(model(ids), before, rtol=0, atol=0)  # B starts at zero
+
+
+def test_suffix_match_is_on_whole_path_components_as_peft():
+    model = Net()
+    with pytest.raises(ValueError, match=r"target_modules name 'proj' matches no module"):
+        fastlora.apply_lora(model, ["proj"])  # 'out_proj' does not end with '.proj'
+    fastlora.apply_lora(model, ["blocks.1.out_proj", "0.v_proj"])
+    assert lora_paths(model) == ["blocks.0.v_proj", "blocks.1.out_proj"]
+
+
+def test_regex_is_a_full_match_and_exclude_modules_removes():
+    model = Net()
+    fastlora.apply_lora(model, r"blocks\.\d\.(q|v)_proj", exclude_modules=["blocks.1.v_proj"])
+    assert lora_paths(model) == ["blocks.0.q_proj", "blocks.0.v_proj", "blocks.1.q_proj"]
+    with pytest.raises(ValueError, match=r"regex 'q_proj' matches no module path"):
+        fastlora.apply_lora(Net(), "q_proj")  # a regex must match the whole path
+    model = Net()
+    fastlora.apply_lora(model, ["q_proj", "v_proj"], exclude_modules=r".*\.1\..*")
+    assert lora_paths(model) == ["blocks.0.q_proj", "blocks.0.v_proj"]
+
+
+def test_all_linear_leaves_the_output_head():
+    model = Net()
+    fastlora.apply_lora(model, "all-linear")
+    assert lora_paths(model) == sorted(f"blocks.{i}.{m}" for i in (0, 1)
+                                       for m in ("q_proj", "v_proj", "out_proj"))
+    assert type(model.lm_head) is nn.Linear
+
+
+def test_all_linear_selects_what_peft_selects_on_a_transformers_model():
+    base = tiny_llama()
+    peft_model = peft_twin(base, "all-linear")
+    theirs = sorted(p.removeprefix("base_model.model.") for p, m in peft_model.named_modules()
+                    if type(m).__name__ == "Linear" and hasattr(m, "lora_A"))
+    ours = lora_paths(fastlora.apply_lora(copy.deepcopy(base), "all-linear"))
+    assert ours == theirs and len(ours) == 14 and "lm_head" not in ours
+
+
+def test_names_that_match_nothing_list_close_names():
+    with pytest.raises(ValueError, match=r"target_modules name 'q_prj' matches no module; close names: \['q_proj'"):
+        fastlora.apply_lora(Net(), ["q_proj", "q_prj"])
+    with pytest.raises(ValueError, match=r"exclude_modules name 'vproj' matches no module; close names: \['v_proj'"):
+        fastlora.apply_lora(Net(), ["q_proj"], exclude_modules=["vproj"])
+    model = Net()
+    with pytest.raises(ValueError, match="matches no module"):
+        fastlora.apply_lora(model, ["q_proj", "nothing_like_it"])
+    assert lora_paths(model) == []  # nothing was replaced before the error
+
+
+def test_bad_arguments_name_themselves():
+    with pytest.raises(TypeError, match=r"target_modules matched modules that are not nn.Linear: embed \(Embedding\)"):
+        fastlora.apply_lora(Net(), ["embed", "q_proj"])
+    model = fastlora.apply_lora(Net(), ["q_proj"])
+    with pytest.raises(TypeError, match="LoRA is already applied there"):
+        fastlora.apply_lora(model, ["q_proj"])
+    with pytest.raises(TypeError, match="target_modules must be a list of module names or a regex string, got int"):
+        fastlora.apply_lora(Net(), 5)
+    with pytest.raises(ValueError, match="target_modules must be a non-empty list"):
+        fastlora.apply_lora(Net(), [])
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        fastlora.apply_lora(Net(), "q_proj(")
+    with pytest.raises(ValueError, match="leaves no module to adapt"):
+        fastlora.apply_lora(Net(), ["q_proj"], exclude_modules=["q_proj"])
+    with pytest.raises(ValueError, match="exclude_modules cannot be 'all-linear'"):
+        fastlora.apply_lora(Net(), ["q_proj"], exclude_modules="all-linear")
+    with pytest.raises(TypeError, match="apply_lora: model must be a torch.nn.Module, got dict"):
+        fastlora.apply_lora({}, ["q_proj"])
+    model = Net()
+    model.blocks[0].q_proj.weight = nn.Parameter(torch.zeros(16, 16, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match=r"weight is not a plain floating-point tensor \(quantized\?\): "
+                                        r"blocks.0.q_proj \(Linear, Parameter of torch.int8\)"):
+        fastlora.apply_lora(model, ["q_proj"])
+    model = Net()
+    with pytest.raises(ValueError, match="r must be a positive int, got 0"):
+        fastlora.apply_lora(model, ["q_proj"], r=0)
+    assert lora_paths(model) == []
+
+
+def test_apply_lora_on_a_bare_linear_returns_the_new_layer():
+    lin = nn.Linear(8, 4)
+    layer = fastlora.apply_lora(lin, "all-linear", r=2)
+    assert isinstance(layer, fastlora.LoRALinear) and layer.weight is lin.weight
+    back = fastlora.merge_and_unload(layer)
+    assert type(back) is nn.Linear and back.weight is lin.weight
+
+
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+def test_mark_only_lora_as_trainable_and_lora_state_dict(bias):
+    model = fastlora.apply_lora(Net(), ["q_proj", "v_proj"])
+    fastlora.mark_only_lora_as_trainable(model, bias=bias)
+    lora = {f"blocks.{i}.{m}.lora_{ab}" for i in (0, 1) for m in ("q_proj", "v_proj") for ab in "AB"}
+    biases = {"none": set(),
+              "lora_only": {"blocks.0.q_proj.bias", "blocks.1.q_proj.bias"},  # v_proj has none
+              "all": {n for n, _ in model.named_parameters() if n.endswith(".bias")}}[bias]
+    assert "blocks.0.norm.bias" in biases or bias != "all"
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == lora | biases
+    state = fastlora.lora_state_dict(model, bias=bias)
+    assert set(state) == lora | biases
+    full = model.state_dict()
+    for name, t in state.items():
+        assert t.data_ptr() == full[name].data_ptr() and not t.requires_grad
+    with pytest.raises(ValueError, match=r"bias must be one of \('none', 'all', 'lora_only'\), got 'some'"):
+        fastlora.lora_state_dict(model, bias="some")
+    with pytest.raises(ValueError, match="has no LoRALinear layers; add them with fastlora.apply_lora"):
+        fastlora.mark_only_lora_as_trainable(Net())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_merge_matches_unmerged_and_unmerge_is_bit_exact(backend):
+    torch.manual_seed(0)
+    model = with_random_B(fastlora.apply_lora(Net().to(DEVICE), "all-linear", r=4, alpha=8,
+                                              backend=backend))
+    ids = torch.randint(0, 24, (2, 5), device=DEVICE)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    unmerged = model(ids)
+    fastlora.merge(model)
+    fastlora.merge(model)  # no-op: merging twice must not add the delta twice
+    layer = model.blocks[0].q_proj
+    assert layer.merged and "merged=True" in repr(layer)
+    x = torch.randn(3, 16, device=DEVICE)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
+    torch.testing.assert_close(model(ids), unmerged, rtol=1e-5, atol=1e-5)
+    fastlora.unmerge(model)
+    assert not layer.merged
+    for n, p in model.named_parameters():
+        assert torch.equal(p, weights[n]), n
+    torch.testing.assert_close(model(ids), unmerged, rtol=0, atol=0)
+
+
+def test_unmerge_is_exact_where_subtracting_the_delta_is_not():
+    torch.manual_seed(0)
+    layer = fastlora.LoRALinear(64, 64, r=8, alpha=16, init_lora_weights=False, dtype=torch.bfloat16)
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    delta = (layer.lora_B.float() @ layer.lora_A.float() * layer.scaling).to(torch.bfloat16)
+    assert not torch.equal(layer.weight - delta, w0)  # what PEFT's unmerge would restore
+    layer.unmerge()
+    assert torch.equal(layer.weight, w0)
+
+
+def test_merge_refuses_a_non_finite_result_and_undoes_the_layers_before():
+    model = with_random_B(fastlora.apply_lora(Net(), ["q_proj"], r=2)).half()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        model.blocks[1].q_proj.lora_B.fill_(6e4)  # fp16 overflows to inf
+    with pytest.raises(ValueError, match=r"merge: layer 'blocks.1.q_proj': .*W \+ s B A is not finite in torch.float16"):
+        fastlora.merge(model)
+    assert not model.blocks[0].q_proj.merged and not model.blocks[1].q_proj.merged
+    for n, p in model.named_parameters():
+        if "lora" not in n:
+            assert torch.equal(p, weights[n]), n
+
+
+def test_merge_and_unload_gives_plain_linears_with_the_same_output():
+    torch.manual_seed(0)
+    model = with_random_B(fastlora.apply_lora(Net(), ["q_proj", "v_proj"], backend="torch"))
+    ids = torch.randint(0, 24, (2, 5))
+    expected = model(ids)
+    q_weight = model.blocks[0].q_proj.weight
+    out = fastlora.merge_and_unload(model)
+    assert out is model and lora_paths(model) == []
+    q = model.blocks[0].q_proj
+    assert type(q) is nn.Linear and q.weight is q_weight and model.blocks[0].v_proj.bias is None
+    assert not any(n.startswith("_weight_before_merge") for n, _ in model.named_buffers())
+    torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=1e-5)
+    assert set(model.state_dict()) == set(Net().state_dict())
+
+
+def test_model_to_dtype_converts_the_adapters_and_the_unmerge_copy():
+    torch.manual_seed(0)
+    model = with_random_B(fastlora.apply_lora(Net(), ["q_proj", "v_proj"], backend="torch"))
+    ids = torch.randint(0, 24, (2, 5))
+    ref = model(ids).double()
+    model.to(torch.float64)
+    layer = model.blocks[0].q_proj
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    out = model(ids)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float64 and layer.weight.grad is None
+    w0 = layer.weight.detach().clone()
+    fastlora.merge(model)
+    model.to(torch.float32)
+    fastlora.unmerge(model)
+    assert torch.equal(layer.weight, w0.float())
