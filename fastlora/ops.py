@@ -115,7 +115,8 @@ class _LoRALinearFunction(torch.autograd.Function):
         elif need_a:
             da = torch.zeros_like(lora_A)
         if need_b:
-            db = impl.grad_B(dy, xa, s).to(lora_B.dtype) if x.shape[0] else torch.zeros_like(lora_B)
+            db = impl.grad_B(dy, xa, s) if x.shape[0] else torch.zeros_like(lora_B)
+            db = db.to(lora_B.dtype).contiguous()
         if need_bias:
             dbias = dy.sum(0, dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32)
             dbias = dbias.to(x.dtype)

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import torch
 import triton
-import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
