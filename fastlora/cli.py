@@ -99,7 +99,8 @@ CHECK_SHAPES_GPU = [(1, 4096, 4096, 16), (97, 1000, 600, 16), (2048, 4096, 11008
 
 
 def check(args) -> int:
-    from .checks import Case, gradcheck, three_way
+    from . import checks
+    from .checks import Case, gradcheck
 
     device = _device(args.device)
     cuda = device.type == "cuda"
@@ -129,7 +130,7 @@ def check(args) -> int:
               f"  ({time.perf_counter() - t0:.1f} s)")
     for case in cases:
         try:
-            results = three_way(case, backend, device=device)
+            results = checks.three_way(case, backend, device=device)
         except Exception as e:  # a case that cannot run is a failure, reported with the rest
             failures += 1
             print(f"{case.id:48s} {'-':7s} {'':>10s} {'':>10s}  FAIL {type(e).__name__}: {str(e)[:80]}")
@@ -178,9 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("demo", "bench", "check", "-h", "--help"):
+        argv = ["demo", *argv]  # demo is the default command
     args = build_parser().parse_args(argv)
-    if args.command is None:
-        args = build_parser().parse_args(["demo", *(argv or [])])
     if args.command == "bench" and not 0.0 <= args.dropout < 1.0:
         raise SystemExit(f"fastlora bench: --dropout must be in [0, 1), got {args.dropout}")
     return {"demo": demo, "bench": bench, "check": check}[args.command](args)
