@@ -60,7 +60,9 @@ def gemm_smem_bytes(cfg: GemmConfig, block_r: int, elt: int) -> int:
 
 
 def gemm_config(M: int, N: int, K: int, R: int, dtype: torch.dtype, device: torch.device,
-                dropout_epilogue: bool = False) -> GemmConfig:
+                dropout_epilogue: bool = False, w_n_major: bool = False) -> GemmConfig:
+    """``w_n_major``: W's tiles are contiguous along N (the backward's W^T), which favours narrower
+    tiles walked several at a time; ``dropout_epilogue``: the dX epilogue regenerates the mask."""
     block_r = max(16, triton.next_power_of_2(R))
     if device.type != "cuda":
         # Interpreter: each (program x K step) costs milliseconds whatever its size, so blocks
@@ -68,36 +70,44 @@ def gemm_config(M: int, N: int, K: int, R: int, dtype: torch.dtype, device: torc
         return GemmConfig(_pow2_clamp(M, 16, 64), _pow2_clamp(N, 16, 64), _pow2_clamp(K, 16, 128),
                           group_m=4)
     cap, n_sm = _device_info(device.index if device.index is not None else torch.cuda.current_device())
-    return _gpu_gemm_config(_bucket(M), N, K, block_r, dtype, cap, n_sm, dropout_epilogue)
+    return _gpu_gemm_config(_bucket(M), N, K, block_r, dtype, cap, n_sm, dropout_epilogue, w_n_major)
 
 
 @functools.lru_cache(maxsize=1024)
 def _gpu_gemm_config(M: int, N: int, K: int, block_r: int, dtype: torch.dtype,
-                     cap: tuple[int, int], n_sm: int, dropout_epilogue: bool = False) -> GemmConfig:
+                     cap: tuple[int, int], n_sm: int, dropout_epilogue: bool = False,
+                     w_n_major: bool = False) -> GemmConfig:
+    tiles = 1
     if dtype == torch.float64:
-        bm, bn, bk, warps, stages = (32 if block_r <= 64 else 16), 64, 16, (4 if block_r <= 64 else 8), 2
+        bm, bn, bk, stages = (32 if block_r <= 64 else 16), 64, 16, 2
+        warps = 4 if block_r <= 64 else 8
     elif dtype == torch.float32:
         bm, bn, bk, warps, stages = 64, 64, 32, (4 if block_r <= 64 else 8), 3
     elif M <= 64:
         # decode: bound by reading W once; narrow output tiles so that every SM streams a slice
         bm, bn, bk, warps, stages = (16 if M <= 16 else 64), 32, 128, 4, 5
+    elif cap[0] >= 9 and w_n_major:
+        # H100 sweeps (benchmarks/NOTES.md): for dX (W^T), 128x128 tiles walked 4 to a program,
+        # reusing dY B across them, beat 128x256 in both runs (1.31-1.38x cuBLAS vs 1.43-1.50x)
+        bm, bn, bk, warps, stages, tiles = 128, 128, 64, 8, 4, 4
     elif cap[0] >= 9:
-        # H100 sweeps (benchmarks/NOTES.md): 128x256x64 with 4 stages gave the fastest forward
-        # plus dX at M=8192, r=16 among the candidates tried
+        # ... and for the forward 128x256x64 with 4 stages was the fastest tried (1.40x cuBLAS)
         bm, bn, bk, warps, stages = 128, 256, 64, 8, 4
     else:
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
     # Registers: the XA block [bm, block_r] lives beside the accumulator; keep it to <= 32
-    # registers a thread (64 for float64's two-register elements counts double).
+    # registers a thread (a float64 element takes two).
     regs_per_elt = 2 if dtype == torch.float64 else 1
     while bm > 16 and bm * block_r * regs_per_elt > 32 * 32 * warps:
         bm //= 2
     if block_r > 64:
         bn = min(bn, 128)  # the A tiles [bk, block_r] and XA crowd out a 256-wide accumulator
+    if block_r > 128:
+        tiles = 1  # four unrolled tiles beside a [bm, 256] XA block spill
     # The dropout epilogue (dX) holds Philox state for every output element: <= 32 a thread.
     while dropout_epilogue and bn > 32 and bm * bn > 32 * 32 * warps:
         bn //= 2
-    cfg = GemmConfig(bm, bn, bk, num_warps=warps, num_stages=stages)
+    cfg = GemmConfig(bm, bn, bk, tiles_n=tiles, num_warps=warps, num_stages=stages)
     elt = dtype.itemsize
     while gemm_smem_bytes(cfg, block_r, elt) > _smem_bytes(cap) and cfg.num_stages > 2:
         cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)

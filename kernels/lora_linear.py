@@ -281,7 +281,8 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor
         xa = _alloc((M, R), x, acc_torch)
     if M == 0:
         return out, xa
-    cfg = config or gemm_config(M, N, K, R, x.dtype, x.device, dropout_epilogue=dropout_out is not None)
+    cfg = config or gemm_config(M, N, K, R, x.dtype, x.device, dropout_epilogue=dropout_out is not None,
+                                w_n_major=w.stride(0) == 1 and w.stride(1) != 1)
     if a.stride(1) != 1 or (a.stride(0) * a.element_size()) % 16:
         # a's [BLOCK_K, BLOCK_R] tiles feed the in-loop dot: give them unit stride along K and
         # 16-byte aligned rows (a is tiny; the backward passes B^T, strided along K)

@@ -107,8 +107,8 @@ def production_gemm_configs():
             for M, N, K in SHAPES:
                 for R in RANKS:
                     block_r = max(16, triton.next_power_of_2(R))
-                    for dropout in (False, True):
-                        cfg = configs._gpu_gemm_config(M, N, K, block_r, dtype, cap, n_sm, dropout)
+                    for dropout, n_major in ((False, False), (False, True), (True, True)):
+                        cfg = configs._gpu_gemm_config(M, N, K, block_r, dtype, cap, n_sm, dropout, n_major)
                         seen.setdefault((cfg, block_r, dtype, cap[0] * 10 + cap[1], dropout), None)
     return list(seen)
 
