@@ -36,6 +36,11 @@ class TorchBackend:
     name = "torch"
 
     @staticmethod
+    def xa_dtype(dtype: torch.dtype) -> torch.dtype:
+        """dtype of the side output xa for an x of ``dtype`` (the registered op's fake needs it)."""
+        return dtype
+
+    @staticmethod
     def _mask(dropout: Dropout, like: torch.Tensor) -> torch.Tensor:
         gen = torch.Generator(device=like.device)
         gen.manual_seed(int(dropout.seed.item()))
@@ -77,6 +82,11 @@ class TritonBackend:
     def __init__(self, kernels):
         self.k = kernels
 
+    @staticmethod
+    def xa_dtype(dtype: torch.dtype) -> torch.dtype:
+        """The kernels keep xa in their accumulator dtype."""
+        return _acc_dtype(dtype)
+
     def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout):
         if dropout is None:
             return self.k.lora_gemm(x, weight, lora_A, lora_B, bias, scaling)
@@ -112,3 +122,13 @@ def triton_backend() -> TritonBackend | None:
 
 
 TORCH = TorchBackend()
+
+
+def get_backend(name: str) -> TorchBackend | TritonBackend:
+    """The backend called ``name`` ("torch" or "triton"), already validated by the caller."""
+    if name == "torch":
+        return TORCH
+    impl = triton_backend() if name == "triton" else None
+    if impl is None:
+        raise ValueError(f"fastlora: backend must be 'torch' or an importable 'triton', got {name!r}")
+    return impl
