@@ -57,7 +57,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     seed = _draw_seed(x.device) if p > 0 else None
     y, _ = torch.ops.fastlora.lora_linear(x2, weight, bias, lora_A, lora_B, float(scaling), p, seed,
                                           name)
-    return y.reshape(*lead, weight.shape[0])
+    # As F.linear: a 2-D x gives y itself, not a view of it (FSDP2 warns about view outputs, since
+    # an in-place op on one would bypass its backward hook).
+    return y if x.dim() == 2 else y.reshape(*lead, weight.shape[0])
 
 
 @dataclass(frozen=True)
