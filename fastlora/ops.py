@@ -84,7 +84,7 @@ def _dropout(seed: Tensor | None, p: float) -> Dropout | None:
 # ------------------------------------------------------------------------------------------------
 # the operator: forward, fake, autocast rule
 
-# The annotations are typing's (not PEP 604 strings): custom_op reads them to infer the schema.
+# custom_op infers the operator's schema from these annotations.
 @torch.library.custom_op("fastlora::lora_linear", mutates_args=())
 def _lora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
                     lora_B: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
@@ -121,8 +121,9 @@ def _autocast_rule(device_type: str):
             return t.to(dtype)
 
         with torch.autocast(device_type, enabled=False):
-            return torch.ops.fastlora.lora_linear.default(cast(x), cast(weight), cast(bias), cast(lora_A),
-                                                       cast(lora_B), scaling, dropout_p, seed, backend)
+            return torch.ops.fastlora.lora_linear.default(
+                cast(x), cast(weight), cast(bias), cast(lora_A), cast(lora_B), scaling, dropout_p,
+                seed, backend)
     return kernel
 
 
@@ -133,9 +134,6 @@ for _device_type, _key in _AUTOCAST_KEYS.items():
 
 # ------------------------------------------------------------------------------------------------
 # the backward: one implementation, registered as the operator's autograd formula
-
-_GRAD_NAMES = ("x", "weight", "bias", "lora_A", "lora_B")
-
 
 @torch.library.custom_op("fastlora::lora_linear_backward", mutates_args=())
 def _lora_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
