@@ -161,4 +161,5 @@ def test_nan_and_inf_propagate_as_in_reference(backend, dtype, seed):
     for name, got, ref in zip(("y", "x.grad", "lora_A.grad", "lora_B.grad"), *results):
         assert ref.isnan().any() or ref.isinf().any()  # the case exercises propagation at all
         for kind, p_got, p_ref in zip(("NaN", "+Inf", "-Inf"), _pattern(got), _pattern(ref)):
-            assert torch.equal(p_got, p_ref), f"{name}: {kind} pattern differs at {(p_got != p_ref).nonzero().tolist()}"
+            where = (p_got != p_ref).nonzero().tolist()
+            assert torch.equal(p_got, p_ref), f"{name}: {kind} pattern differs at {where}"
