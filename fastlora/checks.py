@@ -118,7 +118,7 @@ def three_way(case: Case, backend: str, device="cpu", seed: int = 0) -> list[Res
 
     mask = None
     if case.dropout_p > 0:
-        impl_name = _choose_backend(backend, x, case.R)
+        impl_name = _choose_backend(backend, x, case.R).name
         torch.manual_seed(seed)
         drawn = _draw_seed(x.device)
         mask = dropout_keep_mask(impl_name, drawn, x.reshape(-1, case.K), case.dropout_p).reshape(x.shape)

@@ -16,7 +16,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from .backends import Dropout, get_backend, triton_backend
+from .backends import Dropout, TorchBackend, TritonBackend, get_backend, triton_backend
 
 BACKENDS = ("auto", "triton", "torch")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -46,7 +46,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     to the autocast dtype (float64 tensors are left alone), so x and weight may then differ in dtype.
     """
     _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend)
-    name = _choose_backend(backend, x, lora_A.shape[0])
+    name = _resolve_backend(backend, x, lora_A.shape[0])
     p = float(dropout_p) if training else 0.0
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -274,9 +274,14 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
-def _choose_backend(backend: str, x: torch.Tensor, r: int) -> str:
-    """The backend that runs (x, rank r): "torch" or "triton". Raises ValueError when the named
-    one cannot run here; torch.compile folds the answer to a constant."""
+def _choose_backend(backend: str, x: torch.Tensor, r: int) -> TorchBackend | TritonBackend:
+    """The backend object that runs (x, rank r); see ``_resolve_backend``."""
+    return get_backend(_resolve_backend(backend, x, r))
+
+
+def _resolve_backend(backend: str, x: torch.Tensor, r: int) -> str:
+    """The name of the backend that runs (x, rank r): "torch" or "triton". Raises ValueError when
+    the named one cannot run here. torch.compile folds the answer to a constant."""
     if backend == "torch":
         return "torch"
     max_rank = _triton_max_rank()
