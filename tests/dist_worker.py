@@ -13,7 +13,9 @@ CPU and gloo here; the same script runs on GPUs with nccl (--device cuda).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -48,6 +50,50 @@ def adapter_state(state: dict) -> dict:
     return {k: v.detach().cpu().clone() for k, v in state.items() if "lora_" in k}
 
 
+def train_step(mode: str, backend: str, device: torch.device, rank: int, world: int) -> dict:
+    """Forward, backward and one SGD step on this rank's share; the gradients and (rank 0) the
+    gathered adapter state. Everything distributed is local here, so it is freed on return."""
+    model = build_model(backend, device)
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(model)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(device.type, (world,))
+        for layer in model:
+            if isinstance(layer, fastlora.LoRALinear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+
+    x, target = global_batch(device)
+    share = GLOBAL_BATCH // world
+    mine = slice(rank * share, (rank + 1) * share)
+    loss_fn(model(x[mine]), target[mine]).backward()
+
+    prefix = "module." if mode == "ddp" else ""
+    grads, with_grad = {}, []
+    for name, p in model.named_parameters():
+        name = name.removeprefix(prefix)
+        if p.grad is not None:
+            with_grad.append(name)
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad  # FSDP2: DTensor
+            grads[name] = g.detach().cpu().clone()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).step()
+
+    if mode == "ddp":
+        state = model.module.state_dict() if rank == 0 else None
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        # every rank joins the all-gather; with cpu_offload only rank 0 receives the tensors
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                     cpu_offload=True))
+    result = {"grads": grads, "with_grad": with_grad}
+    if rank == 0:
+        result["adapter"] = adapter_state(state)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["ddp", "fsdp2"], required=True)
@@ -64,45 +110,13 @@ def main() -> None:
         device = torch.device("cpu")
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     try:
-        model = build_model(args.backend, device)
-        if args.mode == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
-            model = DistributedDataParallel(model)
-        else:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-            mesh = init_device_mesh(args.device, (world,))
-            for layer in model:
-                if isinstance(layer, fastlora.LoRALinear):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-
-        x, target = global_batch(device)
-        share = GLOBAL_BATCH // world
-        mine = slice(rank * share, (rank + 1) * share)
-        loss_fn(model(x[mine]), target[mine]).backward()
-
-        prefix = "module." if args.mode == "ddp" else ""
-        grads, with_grad = {}, []
-        for name, p in model.named_parameters():
-            name = name.removeprefix(prefix)
-            if p.grad is not None:
-                with_grad.append(name)
-                g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad  # FSDP2: DTensor
-                grads[name] = g.detach().cpu().clone()
-        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).step()
-
-        if args.mode == "ddp":
-            state = model.module.state_dict() if rank == 0 else None
-        else:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-            # every rank joins the all-gather; with cpu_offload only rank 0 receives the tensors
-            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                         cpu_offload=True))
-        result = {"grads": grads, "with_grad": with_grad}
-        if rank == 0:
-            result["adapter"] = adapter_state(state)
+        result = train_step(args.mode, args.backend, device, rank, world)
         torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))
+        # The DDP / FSDP2 model is gone with train_step's frame. Destroyed after the process group
+        # instead (its destructor running at interpreter exit), it hung there in about one run in
+        # twenty under load, plain nn.Linear models included.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -6,6 +6,7 @@ only the adapters have gradients; rank 0's adapter state after an optimizer step
 lora_A and lora_B, full shapes) and equals the single-process one. (The adapter file format of
 issue 4 is not on this branch: the test checks the adapter tensors themselves.)"""
 import os
+import signal
 import subprocess
 import sys
 
@@ -36,8 +37,17 @@ def test_two_processes_match_one(mode, backend, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(HERE, "dist_worker.py"), "--mode", mode, "--backend", backend,
            "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    with open(tmp_path / "log.txt", "w+") as log:
+        # its own session, so that a timeout ends torchrun and both workers, not torchrun alone
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc = f"timeout ({proc.wait()})"
+        log.seek(0)
+        assert rc == 0, log.read()[-6000:]
 
     grads, adapter = _single_process(backend)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
