@@ -42,16 +42,29 @@ class TorchBackend:
     name = "torch"
 
     @staticmethod
+    def xa_dtype(dtype: torch.dtype) -> torch.dtype:
+        """dtype of the side output xa for an x of ``dtype`` (the registered op's fake needs it)."""
+        return dtype
+
+    @staticmethod
     def _fold(x, weight, dropout) -> bool:
         M, (N, K) = x.shape[0], weight.shape
         return dropout is None and x.dtype in (torch.float32, torch.float64) and M * (N + K) > N * K
 
     @staticmethod
     def _mask(dropout: Dropout, like: torch.Tensor) -> torch.Tensor:
+        """The keep-mask as 0/1 in ``like``'s dtype. The 1/(1-p) factor is applied apart from it:
+        rounded into a 16-bit mask it would bias every kept value (1/0.75 is 1.33301 in float16)."""
         gen = torch.Generator(device=like.device)
         gen.manual_seed(int(dropout.seed.item()))
         keep = torch.empty(like.shape, device=like.device, dtype=like.dtype)
-        return keep.bernoulli_(1.0 - dropout.p, generator=gen).div_(1.0 - dropout.p)
+        return keep.bernoulli_(1.0 - dropout.p, generator=gen)
+
+    def _drop(self, x: torch.Tensor, dropout: Dropout | None) -> torch.Tensor:
+        """drop(x) = x * keep / (1 - p), each element rounded once, as the reference computes it."""
+        if dropout is None:
+            return x
+        return (x * self._mask(dropout, x)).div_(1.0 - dropout.p)
 
     def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout):
         if self._fold(x, weight, dropout):
@@ -59,8 +72,7 @@ class TorchBackend:
             y = torch.addmm(bias, x, w.T) if bias is not None else x @ w.T
             return y, x @ lora_A.to(x.dtype).T
         y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
-        x_d = x * self._mask(dropout, x) if dropout is not None else x
-        xa = x_d @ lora_A.to(x.dtype).T
+        xa = self._drop(x, dropout) @ lora_A.to(x.dtype).T
         y.addmm_(xa, lora_B.to(x.dtype).T, alpha=scaling)
         return y, xa
 
@@ -72,19 +84,26 @@ class TorchBackend:
             dx = torch.addmm(dy @ weight, dyb, lora_A.to(dy.dtype), alpha=scaling)
         else:
             dx = dy @ weight
-            dx.addcmul_(dyb @ lora_A.to(dy.dtype), self._mask(dropout, dx), value=scaling)
+            dx.addcmul_(dyb @ lora_A.to(dy.dtype), self._mask(dropout, dx),
+                        value=scaling / (1.0 - dropout.p))
         return dx, dyb
 
     def grad_rank(self, dy, lora_B):
         return dy @ lora_B.to(dy.dtype)
 
+    # grad_A and grad_B scale inside the GEMM (addmm's alpha, applied before its one rounding to
+    # x's dtype), as the kernels do; scaling the rounded 16-bit product and rounding it again to the
+    # adapters' dtype cost up to an ulp more, past PyTorch's own error.
     def grad_A(self, x, dyb, scaling, dropout):
-        x_d = x * self._mask(dropout, x) if dropout is not None else x
-        return (dyb.T.to(x.dtype) @ x_d).to(_acc_dtype(x.dtype)).mul_(scaling)
+        if dropout is not None:  # x * keep is exact; 1/(1-p) joins the scaling
+            x, scaling = x * self._mask(dropout, x), scaling / (1.0 - dropout.p)
+        da = torch.addmm(x.new_zeros(()), dyb.T.to(x.dtype), x, beta=0, alpha=scaling)
+        return da.to(_acc_dtype(x.dtype))
 
     def grad_B(self, dy, xa, scaling):
         # (xa^T dy)^T: BLAS streams dy row-major this way round (1.5x faster on CPU than dy^T xa)
-        return (xa.to(dy.dtype).T @ dy).T.to(_acc_dtype(dy.dtype)).mul_(scaling)
+        db = torch.addmm(dy.new_zeros(()), xa.to(dy.dtype).T, dy, beta=0, alpha=scaling).T
+        return db.to(_acc_dtype(dy.dtype))
 
 
 class TritonBackend:
@@ -94,6 +113,11 @@ class TritonBackend:
 
     def __init__(self, kernels):
         self.k = kernels
+
+    @staticmethod
+    def xa_dtype(dtype: torch.dtype) -> torch.dtype:
+        """The kernels keep xa in their accumulator dtype."""
+        return _acc_dtype(dtype)
 
     def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout):
         if dropout is None:
@@ -130,3 +154,13 @@ def triton_backend() -> TritonBackend | None:
 
 
 TORCH = TorchBackend()
+
+
+def get_backend(name: str) -> TorchBackend | TritonBackend:
+    """The backend called ``name`` ("torch" or "triton"), already validated by the caller."""
+    if name == "torch":
+        return TORCH
+    impl = triton_backend() if name == "triton" else None
+    if impl is None:
+        raise ValueError(f"fastlora: backend must be 'torch' or an importable 'triton', got {name!r}")
+    return impl

@@ -1,16 +1,27 @@
-"""fastlora.lora_linear: argument checks, backend choice and the autograd Function."""
+"""fastlora.lora_linear: argument checks, backend choice and the registered operator.
+
+The data path is one: ``lora_linear`` checks its arguments, resolves the backend, draws the dropout
+seed and calls the operator ``torch.ops.fastlora.lora_linear``. That operator is registered with
+``torch.library.custom_op``, with a fake (shape) implementation for torch.compile, an autocast rule
+and, as its autograd formula, the hand-written backward, which is itself the operator
+``torch.ops.fastlora.lora_linear_backward`` so that torch.compile keeps it opaque too.
+"""
 from __future__ import annotations
 
 import math
 import os
 from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
+from torch import Tensor
 
-from .backends import TORCH, Dropout, TorchBackend, TritonBackend, triton_backend
+from .backends import Dropout, TorchBackend, TritonBackend, get_backend, triton_backend
 
 BACKENDS = ("auto", "triton", "torch")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Device types whose autocast the operator follows, and their dispatch keys.
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -30,28 +41,32 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         dropout_p: dropout on the LoRA branch's input, in [0, 1); applied only when ``training``.
         backend: "auto" (Triton for CUDA tensors when triton imports, else PyTorch), "triton" or
             "torch".
+
+    Under ``torch.autocast`` it behaves as ``nn.Linear``: x, weight, bias and the adapters are cast
+    to the autocast dtype (float64 tensors are left alone), so x and weight may then differ in dtype.
     """
     _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend)
-    impl = _choose_backend(backend, x, lora_A.shape[0])
+    name = _resolve_backend(backend, x, lora_A.shape[0])
     p = float(dropout_p) if training else 0.0
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()  # the kernels take any row stride, but need unit stride along K
-    opts = _Options(float(scaling), p, impl)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (x, weight, bias, lora_A, lora_B)):
-        y = _LoRALinearFunction.apply(x2, weight, bias, lora_A, lora_B, opts)
-    else:
-        y = _forward(x2, weight, bias, lora_A, lora_B, opts)[0]
-    return y.reshape(*lead, weight.shape[0])
+    # The seed is drawn here, from torch's generator, not inside the operator: torch.compile then
+    # traces the draw, and activation checkpointing's RNG replay gives the recompute the same mask.
+    seed = _draw_seed(x.device) if p > 0 else None
+    y, _ = torch.ops.fastlora.lora_linear(x2, weight, bias, lora_A, lora_B, float(scaling), p, seed,
+                                          name)
+    # As F.linear: a 2-D x gives y itself, not a view of it (FSDP2 warns about view outputs, since
+    # an in-place op on one would bypass its backward hook).
+    return y if x.dim() == 2 else y.reshape(*lead, weight.shape[0])
 
 
 @dataclass(frozen=True)
 class _Options:
     scaling: float
     dropout_p: float
-    backend: TorchBackend | TritonBackend
+    backend: str
 
 
 def _draw_seed(device: torch.device) -> torch.Tensor:
@@ -60,17 +75,71 @@ def _draw_seed(device: torch.device) -> torch.Tensor:
     return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
 
 
-def _forward(x, weight, bias, lora_A, lora_B, opts):
-    dropout = Dropout(_draw_seed(x.device), opts.dropout_p) if opts.dropout_p > 0 else None
+def _dropout(seed: Tensor | None, p: float) -> Dropout | None:
+    if p > 0 and seed is None:
+        raise ValueError("fastlora::lora_linear: dropout_p > 0 needs a seed tensor")
+    return Dropout(seed, p) if p > 0 else None
+
+
+# ------------------------------------------------------------------------------------------------
+# the operator: forward, fake, autocast rule
+
+# custom_op infers the operator's schema from these annotations.
+@torch.library.custom_op("fastlora::lora_linear", mutates_args=())
+def _lora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                    lora_B: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
+                    backend: str) -> tuple[Tensor, Tensor]:
+    """(y, xa) for 2-D x [M, K]: y = x W^T + b + s xa B^T with xa = drop(x) A^T, the side output
+    that the backward reuses. ``backend`` is "torch" or "triton" (resolved by the caller)."""
+    impl = get_backend(backend)
     if x.shape[0] == 0:  # nothing to launch
-        n, r = lora_B.shape
-        return x.new_empty((0, n)), x.new_empty((0, r)), dropout
-    y, xa = opts.backend.forward(x, weight, bias, lora_A, lora_B, opts.scaling, dropout)
-    return y, xa, dropout
+        return _empty_outputs(x, lora_B, impl.xa_dtype(x.dtype))
+    return impl.forward(x, weight, bias, lora_A, lora_B, scaling, _dropout(seed, dropout_p))
 
 
-class _LoRALinearFunction(torch.autograd.Function):
-    """y = x W^T + b + s * xa B^T with xa = drop(x) A^T, and its hand-written backward.
+@_lora_linear_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+    return _empty_outputs(x, lora_B, get_backend(backend).xa_dtype(x.dtype))
+
+
+def _empty_outputs(x, lora_B, xa_dtype):
+    n, r = lora_B.shape
+    return x.new_empty((x.shape[0], n)), x.new_empty((x.shape[0], r), dtype=xa_dtype)
+
+
+def _autocast_rule(device_type: str):
+    """nn.Linear's autocast behaviour: floating inputs on ``device_type`` except float64 are cast to
+    the autocast dtype in force at the call (torch.library.register_autocast fixes one dtype at
+    registration; CUDA users pick float16 or bfloat16 per region). The casts run above autograd, so
+    gradients flow back through them into the parameters' own dtype."""
+    def kernel(keyset, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(t):
+            if t is None or t.device.type != device_type or t.dtype == torch.float64:
+                return t
+            return t.to(dtype)
+
+        with torch.autocast(device_type, enabled=False):
+            return torch.ops.fastlora.lora_linear.default(
+                cast(x), cast(weight), cast(bias), cast(lora_A), cast(lora_B), scaling, dropout_p,
+                seed, backend)
+    return kernel
+
+
+_LIB = torch.library.Library("fastlora", "FRAGMENT")  # holds the autocast rules for the module's life
+for _device_type, _key in _AUTOCAST_KEYS.items():
+    _LIB.impl("lora_linear", _autocast_rule(_device_type), _key, with_keyset=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# the backward: one implementation, registered as the operator's autograd formula
+
+@torch.library.custom_op("fastlora::lora_linear_backward", mutates_args=())
+def _lora_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                             xa: Tensor, seed: Optional[Tensor], scaling: float, dropout_p: float,
+                             backend: str, needs: List[bool]) -> List[Tensor]:
+    """The hand-written backward of y = x W^T + b + s * xa B^T with xa = drop(x) A^T.
 
     With dY = dL/dy, D the dropout mask scaled by 1/(1-p) (all ones without dropout), and
     xa = (D * x) A^T saved from the forward:
@@ -81,49 +150,66 @@ class _LoRALinearFunction(torch.autograd.Function):
         dbias = sum over rows of dY
         dW    = dY^T x                          (only if the base weight requires grad)
 
-    D is regenerated from the seed saved with it, never stored.
+    D is regenerated from the seed saved with it, never stored. ``needs`` flags (x, weight, bias,
+    lora_A, lora_B); the result holds the gradients of the flagged ones, in that order.
     """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, opts: _Options):
-        y, xa, dropout = _forward(x, weight, bias, lora_A, lora_B, opts)
-        seed = dropout.seed if dropout is not None else None
-        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
-        ctx.opts = opts
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
-        opts: _Options = ctx.opts
-        impl, s = opts.backend, opts.scaling
-        dropout = Dropout(seed, opts.dropout_p) if seed is not None else None
-        need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
-        dy = dy.to(x.dtype)
-        if dy.stride(-1) != 1:
-            dy = dy.contiguous()
-        dx = dw = dbias = da = db = dyb = None
-        if x.shape[0] == 0:
-            dx = torch.zeros_like(x) if need_x else None
-        elif need_x:
-            dx, dyb = impl.grad_input(dy, weight, lora_A, lora_B, s, dropout)
-        if x.shape[0] and need_a:
+    impl = get_backend(backend)
+    s = scaling
+    dropout = _dropout(seed, dropout_p)
+    need_x, need_w, need_bias, need_a, need_b = needs
+    dy = dy.to(x.dtype)
+    if dy.stride(-1) != 1:
+        dy = dy.contiguous()
+    empty = x.shape[0] == 0  # nothing to launch: the gradients are zeros
+    dx = dw = dbias = da = db = dyb = None
+    if need_x:
+        dx, dyb = (x.new_zeros(x.shape), None) if empty else impl.grad_input(dy, weight, lora_A,
+                                                                             lora_B, s, dropout)
+    if need_a:
+        if empty:
+            da = torch.zeros_like(lora_A, memory_format=torch.contiguous_format)
+        else:
             if dyb is None:
                 dyb = impl.grad_rank(dy, lora_B)
             da = impl.grad_A(x, dyb, s, dropout).to(lora_A.dtype).contiguous()
-        elif need_a:
-            da = torch.zeros_like(lora_A)
-        if need_b:
-            db = impl.grad_B(dy, xa, s) if x.shape[0] else torch.zeros_like(lora_B)
-            db = db.to(lora_B.dtype).contiguous()
-        if need_bias:
-            dbias = dy.sum(0, dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32)
-            dbias = dbias.to(x.dtype)
-        if need_w:
-            dw = (dy.T @ x).to(weight.dtype)
-        # x, weight, bias, lora_A, lora_B, opts
-        return dx, dw, dbias, da, db, None
+    if need_b:
+        db = (torch.zeros_like(lora_B, memory_format=torch.contiguous_format) if empty
+              else impl.grad_B(dy, xa, s).to(lora_B.dtype).contiguous())
+    if need_bias:
+        dbias = dy.sum(0, dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32)
+        dbias = dbias.to(x.dtype)
+    if need_w:
+        dw = (dy.T @ x).to(weight.dtype)
+    return [g for g in (dx, dw, dbias, da, db) if g is not None]
+
+
+@_lora_linear_backward_op.register_fake
+def _(dy, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, backend, needs):
+    n = weight.shape[0]
+    like = (x, weight, x.new_empty((n,)), lora_A, lora_B)
+    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t, need in zip(like, needs) if need]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
+    _, xa = output
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+    ctx.opts = _Options(scaling, dropout_p, backend)
+    ctx.mark_non_differentiable(xa)
+
+
+def _backward(ctx, dy, _dxa):
+    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+    opts: _Options = ctx.opts
+    needs = list(ctx.needs_input_grad[:5])
+    grads = iter(torch.ops.fastlora.lora_linear_backward(
+        dy, x, weight, lora_A, lora_B, xa, seed, opts.scaling, opts.dropout_p, opts.backend, needs))
+    dx, dw, dbias, da, db = (next(grads) if need else None for need in needs)
+    # x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend
+    return dx, dw, dbias, da, db, None, None, None, None
+
+
+_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend) -> None:
@@ -136,10 +222,13 @@ def _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend) ->
                             f"got {t.dtype}")
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"lora_linear: bias must be a torch.Tensor or None, got {type(bias).__name__}")
-    if weight.dtype != x.dtype:
+    # Under autocast the operator casts x, weight and bias to one dtype first, as nn.Linear does:
+    # compare the dtypes they will have.
+    x_dtype, w_dtype = _compute_dtype(x), _compute_dtype(weight)
+    if w_dtype != x_dtype:
         raise TypeError(f"lora_linear: x and weight must share a dtype, got x {x.dtype} and "
                         f"weight {weight.dtype}")
-    if bias is not None and bias.dtype != x.dtype:
+    if bias is not None and _compute_dtype(bias) != x_dtype:
         raise TypeError(f"lora_linear: bias must have x's dtype {x.dtype}, got {bias.dtype}")
     if x.dim() < 1:
         raise ValueError("lora_linear: x must have at least one dimension [..., in_features], got a scalar")
@@ -175,26 +264,57 @@ def _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend) ->
         raise ValueError(f"lora_linear: backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype ``t`` has inside the operator: the autocast dtype when autocast is on for its
+    device and would cast it (every float dtype but float64), else its own."""
+    device_type = t.device.type
+    if (device_type in _AUTOCAST_KEYS and torch.is_autocast_enabled(device_type)
+            and t.dtype != torch.float64):
+        return torch.get_autocast_dtype(device_type)
+    return t.dtype
+
+
 def _choose_backend(backend: str, x: torch.Tensor, r: int) -> TorchBackend | TritonBackend:
+    """The backend object that runs (x, rank r); see ``_resolve_backend``."""
+    return get_backend(_resolve_backend(backend, x, r))
+
+
+def _resolve_backend(backend: str, x: torch.Tensor, r: int) -> str:
+    """The name of the backend that runs (x, rank r): "torch" or "triton". Raises ValueError when
+    the named one cannot run here. torch.compile folds the answer to a constant."""
     if backend == "torch":
-        return TORCH
-    impl = triton_backend()
+        return "torch"
+    max_rank = _triton_max_rank()
     if backend == "auto":
-        if x.is_cuda and impl is not None and r <= impl.k.MAX_RANK:
-            return impl
-        return TORCH
-    if impl is None:
-        raise RuntimeError("lora_linear: backend='triton' needs the triton package, which could not "
-                           "be imported; install triton or use backend='torch'")
-    if x.device.type == "cpu" and not impl.k.INTERPRETED:
+        return "triton" if x.is_cuda and r <= max_rank else "torch"
+    if max_rank == 0:
+        raise ValueError("lora_linear: backend='triton' needs the triton package, which could not "
+                         "be imported; install triton or use backend='torch'")
+    if x.device.type == "cpu" and not _triton_interpreted():
         hint = ("TRITON_INTERPRET=1 is set but was not when fastlora.kernels was first imported"
                 if os.environ.get("TRITON_INTERPRET") == "1" else "set TRITON_INTERPRET=1 before "
                 "importing fastlora to run the kernels on the CPU through Triton's interpreter")
-        raise RuntimeError(f"lora_linear: backend='triton' got CPU tensors; the kernels need CUDA "
-                           f"tensors ({hint}), or use backend='torch'")
+        raise ValueError(f"lora_linear: backend='triton' needs CUDA tensors, got x on cpu ({hint}); "
+                         f"or use backend='torch'")
     if x.device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"lora_linear: backend='triton' supports CUDA tensors, got {x.device}")
-    if r > impl.k.MAX_RANK:
-        raise ValueError(f"lora_linear: backend='triton' supports r <= {impl.k.MAX_RANK}, got r={r}; "
+        raise ValueError(f"lora_linear: backend='triton' needs CUDA tensors, got x on {x.device}")
+    if r > max_rank:
+        raise ValueError(f"lora_linear: backend='triton' supports r <= {max_rank}, got r={r}; "
                          f"use backend='torch' or 'auto'")
-    return impl
+    return "triton"
+
+
+# Both are fixed for the life of the process; torch.compile is told so, and does not trace the
+# import of triton behind them.
+@torch.compiler.assume_constant_result
+def _triton_max_rank() -> int:
+    """The Triton backend's largest rank, or 0 when triton cannot be imported."""
+    impl = triton_backend()
+    return 0 if impl is None else impl.k.MAX_RANK
+
+
+@torch.compiler.assume_constant_result
+def _triton_interpreted() -> bool:
+    """True when the kernels were defined under TRITON_INTERPRET=1 (they then take CPU tensors)."""
+    impl = triton_backend()
+    return impl is not None and impl.k.INTERPRETED

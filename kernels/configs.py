@@ -80,7 +80,7 @@ def _gpu_gemm_config(M: int, N: int, K: int, block_r: int, dtype: torch.dtype,
     tiles = 1
     if dtype == torch.float64:
         bm, bn, bk, stages = (32 if block_r <= 64 else 16), 64, 16, 2
-        warps = 4 if block_r <= 64 else 8
+        warps = 4 if block_r <= 32 else 8
     elif dtype == torch.float32:
         bm, bn, bk, warps, stages = 64, 64, 32, (4 if block_r <= 64 else 8), 3
     elif M <= 64:

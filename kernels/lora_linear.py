@@ -48,8 +48,8 @@ def _lora_gemm_kernel(
     scaling: "fp64", dropout_p: "fp64",
     HAS_BIAS: tl.constexpr, XA_IN_LOOP: tl.constexpr, DROPOUT_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, TILES_N: tl.constexpr, EVEN_K: tl.constexpr, INT64: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, CHUNKED_ACC: tl.constexpr,
+    R_PADDED: tl.constexpr, GROUP_M: tl.constexpr, TILES_N: tl.constexpr, EVEN_K: tl.constexpr,
+    INT64: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, CHUNKED_ACC: tl.constexpr,
 ):
     """Y = X W^T + bias + s * XA B^T, with XA = X A^T (written to XA) or read from XA.
 
@@ -136,6 +136,10 @@ def _lora_gemm_kernel(
         p_bt = B + o_r[:, None] * stride_br + on[None, :] * stride_bn
         b_bt = tl.load(p_bt, mask=m_r[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)  # [BR, BN]
         b_xas = (b_xa * tl.full((1, 1), scaling, ACC_DTYPE)).to(DOT_DTYPE)
+        if R_PADDED:
+            # lanes r >= R hold x * 0 from A's zero padding, NaN where x is +-Inf; B's zero padding
+            # would carry that NaN into every output of the row
+            b_xas = tl.where(m_r[None, :], b_xas, 0.0)
         if DROPOUT_OUT:
             b_lora = tl.dot(b_xas, b_bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE),
                             input_precision=PRECISION, out_dtype=ACC_DTYPE)
@@ -300,7 +304,8 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor
         float(scaling), float(p),
         HAS_BIAS=bias is not None, XA_IN_LOOP=xa_in_loop, DROPOUT_OUT=dropout_out is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
-        GROUP_M=cfg.group_m, TILES_N=cfg.tiles_n, EVEN_K=K % cfg.block_k == 0, INT64=int64,
+        R_PADDED=R < block_r, GROUP_M=cfg.group_m, TILES_N=cfg.tiles_n, EVEN_K=K % cfg.block_k == 0,
+        INT64=int64,
         ACC_DTYPE=_ACC_DTYPE[x.dtype], PRECISION=_precision(x.dtype),
         CHUNKED_ACC=x.dtype in (torch.float32, torch.float64),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -78,9 +78,11 @@ def compile_kernel(fn, dtype: torch.dtype, constexprs: dict, cap: int, num_warps
 
 def gemm_constexprs(cfg: configs.GemmConfig, R: int, dtype: torch.dtype, *, bias: bool,
                     xa_in_loop: bool, dropout_out: bool) -> dict:
+    block_r = max(16, triton.next_power_of_2(R))
     return dict(HAS_BIAS=bias, XA_IN_LOOP=xa_in_loop, DROPOUT_OUT=dropout_out,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                BLOCK_R=max(16, triton.next_power_of_2(R)), GROUP_M=cfg.group_m, TILES_N=cfg.tiles_n,
+                # R_PADDED: the heavier form, with the epilogue's mask of the padded rank lanes
+                BLOCK_R=block_r, R_PADDED=True, GROUP_M=cfg.group_m, TILES_N=cfg.tiles_n,
                 EVEN_K=True, INT64=False, ACC_DTYPE=_ACC_DTYPE[dtype],
                 PRECISION="tf32" if dtype == torch.float32 else "ieee",
                 CHUNKED_ACC=dtype in (torch.float32, torch.float64))
@@ -136,11 +138,14 @@ def _gemm_job(item):
     modes = ((("dx_dropout", dict(bias=False, xa_in_loop=True, dropout_out=True)),) if dropout else
              (("fwd", dict(bias=True, xa_in_loop=True, dropout_out=False)),
               ("fwd_xa_given", dict(bias=True, xa_in_loop=False, dropout_out=False))))
-    for mode, kw in modes:
-        c = compile_kernel(_lora_gemm_kernel, dtype, gemm_constexprs(cfg, block_r, dtype, **kw), cap,
+    # ranks below the block (r = 4, 8: block 16) add the R_PADDED epilogue's select
+    ranks = ((block_r, ""), (block_r - 1, "_rpad")) if block_r == 16 else ((block_r, ""),)
+    for (mode, kw), (R, tag) in ((m, r) for m in modes for r in ranks):
+        c = compile_kernel(_lora_gemm_kernel, dtype, gemm_constexprs(cfg, R, dtype, **kw), cap,
                            cfg.num_warps, cfg.num_stages,
                            side_dtype="fp64" if dtype == torch.float64 else "fp32")
-        out[mode] = dict(wgmma="wgmma" in c.ptx, shared=c.shared, registers=c.registers, spills=c.spill_bytes)
+        out[mode + tag] = dict(wgmma="wgmma" in c.ptx, shared=c.shared, registers=c.registers,
+                               spills=c.spill_bytes)
     return out
 
 

@@ -1,4 +1,5 @@
-"""Bad input: a clear TypeError/ValueError naming the argument, raised before any kernel launches."""
+"""Bad input: a clear TypeError/ValueError naming the argument, what was expected and what was
+given, raised before any kernel launches; empty inputs; NaN and Inf propagate as in the reference."""
 import math
 import os
 import subprocess
@@ -8,7 +9,9 @@ import pytest
 import torch
 
 import fastlora
-from conftest import HAS_TRITON
+import fastlora.ops
+from conftest import BACKENDS, DEVICE, HAS_TRITON
+from fastlora.reference import lora_linear_reference
 
 
 def good(**over):
@@ -27,30 +30,50 @@ BAD = [
     (dict(lora_B=torch.randn(6, 3)), ValueError, "lora_B must be"),
     (dict(bias=torch.randn(6)), ValueError, "bias must be"),
     (dict(x=torch.randint(0, 3, (4, 8))), TypeError, "x must be float16"),
+    (dict(weight=torch.randint(0, 3, (5, 8))), TypeError, "weight must be float16"),
     (dict(lora_A=torch.randint(0, 3, (3, 8))), TypeError, "lora_A must be float16"),
+    (dict(lora_B=torch.ones(5, 3, dtype=torch.bool)), TypeError, "lora_B must be float16"),
+    (dict(bias=torch.randint(0, 3, (5,))), TypeError, "bias must have x's dtype"),
+    (dict(x=torch.randn(4, 8, dtype=torch.complex64)), TypeError, "x must be float16"),
     (dict(x=torch.randn(4, 8, dtype=torch.float64)), TypeError, "x and weight must share a dtype"),
     (dict(bias=torch.randn(5, dtype=torch.float64)), TypeError, "bias must have x's dtype"),
     (dict(x=[1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
     (dict(scaling=math.inf), ValueError, "scaling must be a finite number"),
+    (dict(scaling=-math.inf), ValueError, "scaling must be a finite number"),
     (dict(scaling=math.nan), ValueError, "scaling must be a finite number"),
     (dict(scaling="0.5"), ValueError, "scaling must be a finite number"),
     (dict(dropout_p=1.0), ValueError, "dropout_p must be in [0, 1)"),
     (dict(dropout_p=-0.1), ValueError, "dropout_p must be in [0, 1)"),
+    (dict(dropout_p=math.nan), ValueError, "dropout_p must be in [0, 1)"),
+    (dict(x=torch.tensor(1.0)), ValueError, "x must have at least one dimension"),
+    (dict(bias=torch.randn(5, 1)), ValueError, "bias must be"),
     (dict(backend="cuda"), ValueError, "backend must be one of"),
     (dict(weight=torch.randn(0, 8), bias=None, lora_B=torch.randn(0, 3)), ValueError, "non-zero"),
 ]
 
 
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Fails the test if the operator reaches a backend (and so a kernel)."""
+    def refuse(name):
+        raise AssertionError(f"the {name} backend was reached: the check came too late")
+    monkeypatch.setattr(fastlora.ops, "get_backend", refuse)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("over,exc,msg", BAD, ids=[b[2].split()[0] + str(i) for i, b in enumerate(BAD)])
-def test_bad_argument_is_named(over, exc, msg):
-    with pytest.raises(exc, match=msg.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
-        fastlora.lora_linear(**good(**over))
+def test_bad_argument_is_named(over, exc, msg, backend, no_launch):
+    with pytest.raises(exc, match=msg.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")) as e:
+        fastlora.lora_linear(**good(**{"backend": backend, **over}))
+    assert "got" in str(e.value)  # what was given
 
 
-def test_devices_must_match():
-    meta = torch.randn(3, 8, device="meta")
-    with pytest.raises(ValueError, match="lora_A is on meta but x is on cpu"):
-        fastlora.lora_linear(**good(lora_A=meta))
+@pytest.mark.parametrize("name,shape", [("weight", (5, 8)), ("bias", (5,)), ("lora_A", (3, 8)),
+                                        ("lora_B", (5, 3))])
+def test_devices_must_match(name, shape, no_launch):
+    meta = torch.randn(*shape, device="meta")
+    with pytest.raises(ValueError, match=f"{name} is on meta but x is on cpu"):
+        fastlora.lora_linear(**good(**{name: meta}))
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
@@ -59,11 +82,11 @@ def test_triton_on_cpu_without_interpreter_is_refused():
             "try:\n"
             "    fastlora.lora_linear(torch.randn(2, 4), torch.randn(3, 4), None, torch.randn(1, 4),"
             " torch.randn(3, 1), 1.0, backend='triton')\n"
-            "except RuntimeError as e:\n"
+            "except ValueError as e:\n"
             "    print(e)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert "backend='triton' got CPU tensors" in out.stdout, out.stdout + out.stderr
+    assert "backend='triton' needs CUDA tensors, got x on cpu" in out.stdout, out.stdout + out.stderr
 
 
 def test_import_without_triton_works_and_falls_back():
@@ -74,13 +97,14 @@ def test_import_without_triton_works_and_falls_back():
             "try:\n"
             "    fastlora.lora_linear(torch.randn(2, 4), torch.randn(3, 4), None, torch.randn(1, 4),"
             " torch.randn(3, 1), 1.0, backend='triton')\n"
-            "except RuntimeError as e:\n"
+            "except ValueError as e:\n"
             "    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "needs the triton package" in out.stdout, out.stdout + out.stderr
 
 
 @pytest.mark.parametrize("kw,msg", [(dict(r=0), "r must be a positive int"),
+                                    (dict(r=-2), "r must be a positive int"),
                                     (dict(dropout=1.5), "dropout must be in"),
                                     (dict(alpha=math.inf), "alpha must be a finite"),
                                     (dict(backend="fast"), "backend must be one of"),
@@ -88,3 +112,54 @@ def test_import_without_triton_works_and_falls_back():
 def test_layer_arguments(kw, msg):
     with pytest.raises(ValueError, match=msg):
         fastlora.LoRALinear(8, 4, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_input_launches_nothing(backend, monkeypatch):
+    """M = 0 gives an empty output and zero gradients without a kernel launch (no zero-size grid)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a kernel or BLAS call was launched for M = 0")
+    impl = fastlora.backends.get_backend(backend)
+    for method in ("forward", "grad_input", "grad_rank", "grad_A", "grad_B"):
+        monkeypatch.setattr(impl, method, refuse)
+    x = torch.empty(0, 8, device=DEVICE, requires_grad=True)
+    a = torch.randn(3, 8, device=DEVICE, requires_grad=True)
+    b = torch.randn(5, 3, device=DEVICE, requires_grad=True)
+    y = fastlora.lora_linear(x, torch.randn(5, 8, device=DEVICE), None, a, b, 0.5, dropout_p=0.1,
+                             backend=backend)
+    assert y.shape == (0, 5)
+    y.sum().backward()
+    assert x.grad.shape == (0, 8)
+    assert not a.grad.any() and not b.grad.any()
+
+
+def _pattern(t):
+    return t.isnan(), t.isposinf(), t.isneginf()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy meets the NaN
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nan_and_inf_propagate_as_in_reference(backend, dtype, seed):
+    """NaN and +-Inf in x and in an adapter: the output's and every gradient's NaN / +Inf / -Inf
+    pattern equals the plain-PyTorch reference's in the same dtype."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device=DEVICE, dtype=dtype)  # noqa: E731
+    x, w, bias, a, b = rnd(9, 12), rnd(7, 12), rnd(7), rnd(3, 12), rnd(7, 3)
+    x[1, 3], x[4, 0], x[6, 2] = math.nan, math.inf, -math.inf
+    b[2, 1] = math.nan
+    results = []
+    for fn in ("fastlora", "reference"):
+        leaves = [t.clone().requires_grad_(True) for t in (x, a, b)]
+        if fn == "fastlora":
+            y = fastlora.lora_linear(leaves[0], w, bias, leaves[1], leaves[2], 0.5, backend=backend)
+        else:
+            y = lora_linear_reference(leaves[0], w, bias, leaves[1], leaves[2], 0.5)
+        y.backward(torch.ones_like(y))
+        results.append([y] + [t.grad for t in leaves])
+    for name, got, ref in zip(("y", "x.grad", "lora_A.grad", "lora_B.grad"), *results):
+        assert ref.isnan().any() or ref.isinf().any()  # the case exercises propagation at all
+        for kind, p_got, p_ref in zip(("NaN", "+Inf", "-Inf"), _pattern(got), _pattern(ref)):
+            where = (p_got != p_ref).nonzero().tolist()
+            assert torch.equal(p_got, p_ref), f"{name}: {kind} pattern differs at {where}"
