@@ -31,13 +31,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class TorchBackend:
-    """Plain PyTorch: a few fused BLAS calls (addmm) and no [M, N] temporaries beyond y itself.
-
-    For float32/float64 without dropout and M (N + K) > N K (many rows), the low-rank update is
-    folded into the weight for the big products: y = x (W + s B A)^T + b and dx = dY (W + s B A),
-    one GEMM each, the fold costing 2 N K r flops instead of 2 M (N + K) r. Not for 16-bit dtypes,
-    where rounding W + s B A to 16 bits would swallow most of the small update.
-    """
+    """Plain PyTorch: a few fused BLAS calls (addmm) and no [M, N] temporaries beyond y itself."""
 
     name = "torch"
 
@@ -45,11 +39,6 @@ class TorchBackend:
     def xa_dtype(dtype: torch.dtype) -> torch.dtype:
         """dtype of the side output xa for an x of ``dtype`` (the registered op's fake needs it)."""
         return dtype
-
-    @staticmethod
-    def _fold(x, weight, dropout) -> bool:
-        M, (N, K) = x.shape[0], weight.shape
-        return dropout is None and x.dtype in (torch.float32, torch.float64) and M * (N + K) > N * K
 
     @staticmethod
     def _mask(dropout: Dropout, like: torch.Tensor) -> torch.Tensor:
@@ -67,10 +56,6 @@ class TorchBackend:
         return (x * self._mask(dropout, x)).div_(1.0 - dropout.p)
 
     def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout):
-        if self._fold(x, weight, dropout):
-            w = torch.addmm(weight, lora_B.to(x.dtype), lora_A.to(x.dtype), alpha=scaling)
-            y = torch.addmm(bias, x, w.T) if bias is not None else x @ w.T
-            return y, x @ lora_A.to(x.dtype).T
         y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
         xa = self._drop(x, dropout) @ lora_A.to(x.dtype).T
         y.addmm_(xa, lora_B.to(x.dtype).T, alpha=scaling)
@@ -78,8 +63,6 @@ class TorchBackend:
 
     def grad_input(self, dy, weight, lora_A, lora_B, scaling, dropout):
         dyb = dy @ lora_B.to(dy.dtype)
-        if self._fold(dy, weight, dropout):
-            return dy @ torch.addmm(weight, lora_B.to(dy.dtype), lora_A.to(dy.dtype), alpha=scaling), dyb
         if dropout is None:
             dx = torch.addmm(dy @ weight, dyb, lora_A.to(dy.dtype), alpha=scaling)
         else:
