@@ -48,13 +48,14 @@ class LoRALinear(nn.Module):
     def _setup(self, weight, bias, r, alpha, dropout, use_rslora, init_lora_weights, backend):
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise ValueError(f"LoRALinear: r must be a positive int, got {r!r}")
-        if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
             raise ValueError(f"LoRALinear: alpha must be a finite number, got {alpha!r}")
         if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRALinear: dropout must be in [0, 1), got {dropout!r}")
         if backend not in BACKENDS:
             raise ValueError(f"LoRALinear: backend must be one of {BACKENDS}, got {backend!r}")
-        if init_lora_weights not in (True, False, "gaussian"):
+        init_ok = init_lora_weights is True or init_lora_weights is False or init_lora_weights == "gaussian"
+        if not init_ok:
             raise ValueError(f"LoRALinear: init_lora_weights must be True, False or 'gaussian', "
                              f"got {init_lora_weights!r}")
         self.out_features, self.in_features = weight.shape

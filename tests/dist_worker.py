@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import sys
 
 import torch
 import torch.distributed as dist

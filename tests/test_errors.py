@@ -107,6 +107,8 @@ def test_import_without_triton_works_and_falls_back():
                                     (dict(r=-2), "r must be a positive int"),
                                     (dict(dropout=1.5), "dropout must be in"),
                                     (dict(alpha=math.inf), "alpha must be a finite"),
+                                    (dict(alpha=True), "alpha must be a finite"),
+                                    (dict(init_lora_weights=1), "init_lora_weights must be"),
                                     (dict(backend="fast"), "backend must be one of"),
                                     (dict(init_lora_weights="pissa"), "init_lora_weights must be")])
 def test_layer_arguments(kw, msg):
