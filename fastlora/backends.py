@@ -63,10 +63,12 @@ class TorchBackend:
 
     def grad_input(self, dy, weight, lora_A, lora_B, scaling, dropout):
         dyb = dy @ lora_B.to(dy.dtype)
+        dx = dy @ weight
         if dropout is None:
-            dx = torch.addmm(dy @ weight, dyb, lora_A.to(dy.dtype), alpha=scaling)
+            # in place: addmm(dx, ...) would first copy dx into a new [M, K] buffer (measured: the
+            # full step 1.10-1.13x base in place against 1.14-1.30x, interleaved, 2-core CPU)
+            dx.addmm_(dyb, lora_A.to(dy.dtype), alpha=scaling)
         else:
-            dx = dy @ weight
             dx.addcmul_(dyb @ lora_A.to(dy.dtype), self._mask(dropout, dx),
                         value=scaling / (1.0 - dropout.p))
         return dx, dyb
