@@ -55,23 +55,24 @@ class TorchBackend:
             return x
         return (x * self._mask(dropout, x)).div_(1.0 - dropout.p)
 
+    # The low-rank term is written first and the big GEMM accumulates onto it (addmm_ with beta=1):
+    # BLAS then reads the output once inside a compute-bound GEMM instead of a memory-bound rank-r
+    # update re-reading and re-writing all of y or dx (2-core CPU, M=2048, 1024x1024, r=16, four
+    # interleaved A/B runs: the full step 1.13-1.21x base against 1.16-1.27x the other way round).
+
     def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout):
-        y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
         xa = self._drop(x, dropout) @ lora_A.to(x.dtype).T
-        y.addmm_(xa, lora_B.to(x.dtype).T, alpha=scaling)
-        return y, xa
+        y = torch.addmm(bias if bias is not None else x.new_zeros(()), xa, lora_B.to(x.dtype).T,
+                        beta=1 if bias is not None else 0, alpha=scaling)
+        return y.addmm_(x, weight.T), xa
 
     def grad_input(self, dy, weight, lora_A, lora_B, scaling, dropout):
         dyb = dy @ lora_B.to(dy.dtype)
-        dx = dy @ weight
-        if dropout is None:
-            # in place: addmm(dx, ...) would first copy dx into a new [M, K] buffer (measured: the
-            # full step 1.10-1.13x base in place against 1.14-1.30x, interleaved, 2-core CPU)
-            dx.addmm_(dyb, lora_A.to(dy.dtype), alpha=scaling)
-        else:
-            dx.addcmul_(dyb @ lora_A.to(dy.dtype), self._mask(dropout, dx),
-                        value=scaling / (1.0 - dropout.p))
-        return dx, dyb
+        scale = scaling if dropout is None else scaling / (1.0 - dropout.p)
+        dx = torch.addmm(dy.new_zeros(()), dyb, lora_A.to(dy.dtype), beta=0, alpha=scale)
+        if dropout is not None:
+            dx.mul_(self._mask(dropout, dx))
+        return dx.addmm_(dy, weight), dyb
 
     def grad_rank(self, dy, lora_B):
         return dy @ lora_B.to(dy.dtype)
