@@ -155,3 +155,17 @@ def test_int64_offsets_through_forward_and_backward():
     assert runs[0][0].isfinite().all()
     for name, p, q in zip(("y", "x", "lora_A", "lora_B"), *runs):
         assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("cfg", SMALL, ids=["tiles1", "tiles3-group3"])
+def test_gemm_in_dx_roles_matches_float64(cfg):
+    """The backward's use: X := dY, W := W^T (N-major tiles), A := B^T, B := A^T, all views."""
+    M, K, N, R = 37, 45, 70, 3
+    dy, w, a, b = _rand(M, N), _rand(N, K), _rand(R, K), _rand(N, R)
+    seed = torch.tensor([5], dtype=torch.int64, device=DEVICE)
+    dx, dyb = lora_gemm(dy, w.T, b.T, a.T, None, 0.7, config=cfg)
+    torch.testing.assert_close(dyb, dy @ b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx, dy @ w + 0.7 * (dy @ b) @ a, rtol=1e-12, atol=1e-12)
+    dx, _ = lora_gemm(dy, w.T, b.T, a.T, None, 0.7, dropout_out=(seed, 0.3), config=cfg)
+    keep = dropout_mask(seed, (M, K), 0.3).double() / 0.7
+    torch.testing.assert_close(dx, dy @ w + 0.7 * keep * ((dy @ b) @ a), rtol=1e-12, atol=1e-12)
