@@ -1,4 +1,4 @@
-"""The two implementations behind fastlora's autograd Function: Triton kernels and plain PyTorch.
+"""The two implementations behind fastlora's operator (ops.py): Triton kernels and plain PyTorch.
 
 Both take 2-D ``x`` [M, K], ``weight`` [N, K], ``lora_A`` [R, K], ``lora_B`` [N, R] and the same
 dropout description (a seed tensor and p), and compute the same quantities:
@@ -26,8 +26,15 @@ class Dropout:
     p: float
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulator dtype for inputs of ``dtype``: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rank_product(dy: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+    """dyb = dY B [M, R], in dY's dtype: both backends' grad_rank (the kernels give it as dX's
+    side output; this is for when dX is not needed)."""
+    return dy @ lora_B.to(dy.dtype)
 
 
 class TorchBackend:
@@ -67,15 +74,14 @@ class TorchBackend:
         return y.addmm_(x, weight.T), xa
 
     def grad_input(self, dy, weight, lora_A, lora_B, scaling, dropout):
-        dyb = dy @ lora_B.to(dy.dtype)
+        dyb = rank_product(dy, lora_B)
         scale = scaling if dropout is None else scaling / (1.0 - dropout.p)
         dx = torch.addmm(dy.new_zeros(()), dyb, lora_A.to(dy.dtype), beta=0, alpha=scale)
         if dropout is not None:
             dx.mul_(self._mask(dropout, dx))
         return dx.addmm_(dy, weight), dyb
 
-    def grad_rank(self, dy, lora_B):
-        return dy @ lora_B.to(dy.dtype)
+    grad_rank = staticmethod(rank_product)
 
     # grad_A and grad_B scale inside the GEMM (addmm's alpha, applied before its one rounding to
     # x's dtype), as the kernels do; scaling the rounded 16-bit product and rounding it again to the
@@ -84,12 +90,12 @@ class TorchBackend:
         if dropout is not None:  # x * keep is exact; 1/(1-p) joins the scaling
             x, scaling = x * self._mask(dropout, x), scaling / (1.0 - dropout.p)
         da = torch.addmm(x.new_zeros(()), dyb.T.to(x.dtype), x, beta=0, alpha=scaling)
-        return da.to(_acc_dtype(x.dtype))
+        return da.to(acc_dtype(x.dtype))
 
     def grad_B(self, dy, xa, scaling):
         # (xa^T dy)^T: BLAS streams dy row-major this way round (1.5x faster on CPU than dy^T xa)
         db = torch.addmm(dy.new_zeros(()), xa.to(dy.dtype).T, dy, beta=0, alpha=scaling).T
-        return db.to(_acc_dtype(dy.dtype))
+        return db.to(acc_dtype(dy.dtype))
 
 
 class TritonBackend:
@@ -103,7 +109,7 @@ class TritonBackend:
     @staticmethod
     def xa_dtype(dtype: torch.dtype) -> torch.dtype:
         """The kernels keep xa in their accumulator dtype."""
-        return _acc_dtype(dtype)
+        return acc_dtype(dtype)
 
     def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout):
         if dropout is None:
@@ -118,8 +124,7 @@ class TritonBackend:
         drop = (dropout.seed, dropout.p) if dropout is not None else None
         return self.k.lora_gemm(dy, weight.T, lora_B.T, lora_A.T, None, scaling, dropout_out=drop)
 
-    def grad_rank(self, dy, lora_B):
-        return dy @ lora_B.to(dy.dtype)
+    grad_rank = staticmethod(rank_product)
 
     def grad_A(self, x, dyb, scaling, dropout):
         drop = (dropout.seed, dropout.p, False) if dropout is not None else None

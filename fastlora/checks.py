@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .backends import TORCH, Dropout
-from .ops import _choose_backend, _draw_seed, lora_linear
+from .ops import _draw_seed, _resolve_backend, lora_linear
 from .reference import lora_linear_reference
 
 # Absolute slack, relative to the output's scale, for when PyTorch's own error happens to be ~0.
@@ -118,7 +118,7 @@ def three_way(case: Case, backend: str, device="cpu", seed: int = 0) -> list[Res
 
     mask = None
     if case.dropout_p > 0:
-        impl_name = _choose_backend(backend, x, case.R).name
+        impl_name = _resolve_backend(backend, x, case.R)
         torch.manual_seed(seed)
         drawn = _draw_seed(x.device)
         mask = dropout_keep_mask(impl_name, drawn, x.reshape(-1, case.K), case.dropout_p).reshape(x.shape)

@@ -16,7 +16,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from .backends import Dropout, TorchBackend, TritonBackend, get_backend, triton_backend
+from .backends import Dropout, acc_dtype, get_backend, triton_backend
 
 BACKENDS = ("auto", "triton", "torch")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -176,7 +176,7 @@ def _lora_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tens
         db = (torch.zeros_like(lora_B, memory_format=torch.contiguous_format) if empty
               else impl.grad_B(dy, xa, s).to(lora_B.dtype).contiguous())
     if need_bias:
-        dbias = dy.sum(0, dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32)
+        dbias = dy.sum(0, dtype=acc_dtype(dy.dtype))
         dbias = dbias.to(x.dtype)
     if need_w:
         dw = (dy.T @ x).to(weight.dtype)
@@ -272,11 +272,6 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
             and t.dtype != torch.float64):
         return torch.get_autocast_dtype(device_type)
     return t.dtype
-
-
-def _choose_backend(backend: str, x: torch.Tensor, r: int) -> TorchBackend | TritonBackend:
-    """The backend object that runs (x, rank r); see ``_resolve_backend``."""
-    return get_backend(_resolve_backend(backend, x, r))
 
 
 def _resolve_backend(backend: str, x: torch.Tensor, r: int) -> str:

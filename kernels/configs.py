@@ -40,6 +40,11 @@ class SkinnyConfig:
     num_stages: int = 3
 
 
+def rank_block(R: int) -> int:
+    """The rank padded to a power of two >= 16, the smallest dot dimension a GPU takes."""
+    return max(16, triton.next_power_of_2(R))
+
+
 def _pow2_clamp(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
@@ -63,7 +68,7 @@ def gemm_config(M: int, N: int, K: int, R: int, dtype: torch.dtype, device: torc
                 dropout_epilogue: bool = False, w_n_major: bool = False) -> GemmConfig:
     """``w_n_major``: W's tiles are contiguous along N (the backward's W^T), which favours narrower
     tiles walked several at a time; ``dropout_epilogue``: the dX epilogue regenerates the mask."""
-    block_r = max(16, triton.next_power_of_2(R))
+    block_r = rank_block(R)
     if device.type != "cuda":
         # Interpreter: each (program x K step) costs milliseconds whatever its size, so blocks
         # are as large as the problem allows.
@@ -120,7 +125,7 @@ def skinny_config(T: int, P: int, R: int, dtype: torch.dtype, device: torch.devi
     if device.type != "cuda":
         return SkinnyConfig(_pow2_clamp(T, 16, 128), _pow2_clamp(P, 16, 64))
     cap, n_sm = _device_info(device.index if device.index is not None else torch.cuda.current_device())
-    return _gpu_skinny_config(_bucket(T), P, max(16, triton.next_power_of_2(R)), dtype, cap, n_sm)
+    return _gpu_skinny_config(_bucket(T), P, rank_block(R), dtype, cap, n_sm)
 
 
 @functools.lru_cache(maxsize=1024)

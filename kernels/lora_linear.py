@@ -15,13 +15,12 @@ same mask for the same element, so it is never stored.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
-from .configs import GemmConfig, SkinnyConfig, gemm_config, skinny_config
+from .configs import GemmConfig, SkinnyConfig, gemm_config, rank_block, skinny_config
 
 # Triton's tl.dot input_precision for float32 operands, mirroring torch's matmul setting.
 _FP32_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "tf32"}
@@ -230,6 +229,10 @@ def _dropout_mask_kernel(OUT, SEED, M, K, stride_om, dropout_p: "fp64",
     tl.store(OUT + o_m[:, None].to(tl.int64) * stride_om + o_k[None, :], keep.to(tl.int8), mask=mask)
 
 
+# True when TRITON_INTERPRET=1 was set as these kernels were defined: they then take CPU tensors.
+INTERPRETED = isinstance(_lora_gemm_kernel, InterpretedFunction)
+
+
 # ----------------------------------------------------------------------------------------------
 # launchers
 
@@ -251,13 +254,14 @@ def _needs_int64(*views) -> bool:
                for sizes, strides in views)
 
 
+def _acc_torch(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _check_device(*tensors: torch.Tensor) -> None:
-    for t in tensors:
-        if t is None:
-            continue
-        if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("fastlora's Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 "
-                               "set before fastlora is imported to run them on the CPU")
+    if not INTERPRETED and any(t is not None and t.device.type == "cpu" for t in tensors):
+        raise RuntimeError("fastlora's Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 "
+                           "set before fastlora is imported to run them on the CPU")
 
 
 def lora_gemm(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -276,7 +280,7 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     _check_device(x, w, a, b, bias)
     M, K = x.shape
     N, R = b.shape
-    acc_torch = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc_torch = _acc_torch(x.dtype)
     if out is None:
         out = _alloc((M, N), x, x.dtype)
     if xa is None:
@@ -294,7 +298,7 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     seed, p = dropout_out if dropout_out is not None else (x, 0.0)  # SEED unused without dropout
     int64 = _needs_int64((x.shape, x.stride()), (w.shape, w.stride()), (out.shape, out.stride()),
                          (xa.shape, xa.stride()), (a.shape, a.stride()), (b.shape, b.stride()))
-    block_r = max(16, triton.next_power_of_2(R))
+    block_r = rank_block(R)
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(triton.cdiv(N, cfg.block_n), cfg.tiles_n),)
     _lora_gemm_kernel[grid](
         x, w, a, b, bias if bias is not None else x, out, xa, seed,
@@ -325,7 +329,7 @@ def lora_skinny(l: torch.Tensor, s: torch.Tensor, scaling: float, *,
     _check_device(l, s)
     T, P = l.shape
     R = s.shape[1]
-    acc_torch = torch.float64 if l.dtype == torch.float64 else torch.float32
+    acc_torch = _acc_torch(l.dtype)
     if T == 0:
         return torch.zeros((P, R), device=l.device, dtype=acc_torch)
     cfg = config or skinny_config(T, P, R, l.dtype, l.device)
@@ -338,7 +342,7 @@ def lora_skinny(l: torch.Tensor, s: torch.Tensor, scaling: float, *,
         l.stride(0), l.stride(1), s.stride(0), s.stride(1), ws.stride(0), ws.stride(1), ws.stride(2),
         float(scaling), float(p),
         DROPOUT_L=dropout is not None, L_IS_XT=l_is_xt,
-        BLOCK_T=cfg.block_t, BLOCK_P=cfg.block_p, BLOCK_R=max(16, triton.next_power_of_2(R)),
+        BLOCK_T=cfg.block_t, BLOCK_P=cfg.block_p, BLOCK_R=rank_block(R),
         INT64=int64, ACC_DTYPE=_ACC_DTYPE[l.dtype], PRECISION=_precision(l.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

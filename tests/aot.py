@@ -78,7 +78,7 @@ def compile_kernel(fn, dtype: torch.dtype, constexprs: dict, cap: int, num_warps
 
 def gemm_constexprs(cfg: configs.GemmConfig, R: int, dtype: torch.dtype, *, bias: bool,
                     xa_in_loop: bool, dropout_out: bool) -> dict:
-    block_r = max(16, triton.next_power_of_2(R))
+    block_r = configs.rank_block(R)
     return dict(HAS_BIAS=bias, XA_IN_LOOP=xa_in_loop, DROPOUT_OUT=dropout_out,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 # R_PADDED: the heavier form, with the epilogue's mask of the padded rank lanes
@@ -90,7 +90,7 @@ def gemm_constexprs(cfg: configs.GemmConfig, R: int, dtype: torch.dtype, *, bias
 
 def skinny_constexprs(cfg: configs.SkinnyConfig, R: int, dtype: torch.dtype, *, dropout: bool) -> dict:
     return dict(DROPOUT_L=dropout, L_IS_XT=False, BLOCK_T=cfg.block_t, BLOCK_P=cfg.block_p,
-                BLOCK_R=max(16, triton.next_power_of_2(R)), INT64=False, ACC_DTYPE=_ACC_DTYPE[dtype],
+                BLOCK_R=configs.rank_block(R), INT64=False, ACC_DTYPE=_ACC_DTYPE[dtype],
                 PRECISION="tf32" if dtype == torch.float32 else "ieee")
 
 
@@ -108,7 +108,7 @@ def production_gemm_configs():
         for dtype in (torch.bfloat16, torch.float32, torch.float64):
             for M, N, K in SHAPES:
                 for R in RANKS:
-                    block_r = max(16, triton.next_power_of_2(R))
+                    block_r = configs.rank_block(R)
                     for dropout, n_major in ((False, False), (False, True), (True, True)):
                         cfg = configs._gpu_gemm_config(M, N, K, block_r, dtype, cap, n_sm, dropout, n_major)
                         seen.setdefault((cfg, block_r, dtype, cap[0] * 10 + cap[1], dropout), None)
@@ -121,7 +121,7 @@ def production_skinny_configs():
         for dtype in (torch.bfloat16, torch.float32, torch.float64):
             for M, N, K in SHAPES:
                 for R in RANKS:
-                    block_r = max(16, triton.next_power_of_2(R))
+                    block_r = configs.rank_block(R)
                     for T, P in ((M, N), (M, K), (K, M)):
                         cfg = configs._gpu_skinny_config(configs._bucket(T), P, block_r, dtype, cap, n_sm)
                         key = (configs.SkinnyConfig(cfg.block_t, cfg.block_p, 1, cfg.num_warps,

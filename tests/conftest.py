@@ -24,6 +24,19 @@ except ImportError:  # a machine without triton still runs the fallback's tests
 BACKENDS = ["torch", "triton"] if HAS_TRITON else ["torch"]
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """torch.compile's caches and counters emptied before and after the test (compile tests count
+    the graphs they make)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture(autouse=True)
 def nan_filled_kernel_outputs(monkeypatch):
     """Every buffer the kernel launchers allocate starts as NaN, so an unwritten tile fails loudly."""

@@ -61,14 +61,6 @@ def _run(model, x, seed=1):
     return y.detach(), grads
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("p", [0.0, 0.25], ids=["nodrop", "drop0.25"])
 def test_compiled_model_matches_eager(backend, p, fresh_dynamo):

@@ -20,14 +20,6 @@ OP = torch.ops.fastlora.lora_linear.default
 BACKWARD_OP = torch.ops.fastlora.lora_linear_backward.default
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-
-
 def _rand(*shape, dtype=BF16, grad=False, scale=1.0):
     return (torch.randn(*shape, device="cuda") * scale).to(dtype).requires_grad_(grad)
 

@@ -113,7 +113,7 @@ def test_no_grad_path_matches_autograd_path():
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_auto_backend_uses_torch_on_cpu_and_triton_on_cuda():
-    from fastlora.ops import _choose_backend
+    from fastlora.ops import _resolve_backend
     x = torch.zeros(2, 3, device=DEVICE)
-    assert _choose_backend("auto", x, 8).name == ("triton" if DEVICE == "cuda" else "torch")
-    assert _choose_backend("auto", x, 10_000).name == "torch"  # past the kernels' largest rank
+    assert _resolve_backend("auto", x, 8) == ("triton" if DEVICE == "cuda" else "torch")
+    assert _resolve_backend("auto", x, 10_000) == "torch"  # past the kernels' largest rank
