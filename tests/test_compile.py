@@ -1,4 +1,5 @@
-"""torch.compile: the registered operators pass torch.library.opcheck, a model of LoRALinear layers
+"""torch.compile: the registered operators pass torch.library.opcheck and compute what eager mode's
+autograd.Function computes, bit for bit; a model of LoRALinear layers
 compiles with fullgraph=True (no graph break) to the eager numbers, and new batch/sequence lengths
 do not recompile per size. On CPU the Triton backend runs in the interpreter; it works under compile
 because the operator is opaque to the compiler (the fake implementation gives the shapes)."""
@@ -38,6 +39,31 @@ def test_opcheck(backend, M, dtype, p, bias):
     needs = [True, False, bias, True, True]
     torch.library.opcheck(BACKWARD_OP, (torch.randn_like(y), x.detach(), w, a.detach(), bb.detach(),
                                         xa, seed, 0.5, p, backend, needs))
+
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["nodrop", "drop0.3"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+def test_eager_function_equals_the_operator(backend, p, autocast):
+    """Eager calls go through a plain autograd.Function, compiled ones through the operator; both
+    wrap the same forward and backward, so outputs and all five gradients agree exactly, under
+    autocast too (the operator's autocast kernel and the eager path cast the same way)."""
+    torch.manual_seed(0)
+    x = _rand(7, 8, grad=True)
+    w, b = _rand(6, 8, grad=True), _rand(6, grad=True)
+    a, bb = _rand(3, 8, grad=True), _rand(6, 3, grad=True)
+    seed = torch.tensor([99], dtype=torch.int64, device=DEVICE) if p else None
+    args = (x, w, b, a, bb, 0.5, p, seed, backend)
+    dy = _rand(7, 6)
+    results = []
+    for call in (lambda: OP(*args)[0], lambda: fastlora.ops._eager(*args)):
+        with torch.autocast(DEVICE, dtype=F16, enabled=autocast):
+            y = call()
+        results.append((y, *torch.autograd.grad(y, [x, w, b, a, bb], dy.to(y.dtype))))
+    assert results[0][0].dtype == (F16 if autocast else F32)
+    for got, want in zip(results[1], results[0]):
+        assert got.dtype == want.dtype and torch.equal(got, want)
 
 
 def _model(backend, p, dtype=F64):
