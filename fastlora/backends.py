@@ -14,16 +14,19 @@ where drop'(.) multiplies by the same mask and 1/(1-p). The low-rank products ru
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
 @dataclass(frozen=True)
 class Dropout:
-    """A dropout mask that is never stored: regenerated from ``seed`` (int64 tensor [1])."""
+    """A dropout mask that is never stored between the passes: regenerated from ``seed`` (int64
+    tensor [1]). One Dropout is made per pass; ``cache`` lets the PyTorch backend draw its mask once
+    per pass (the backward needs it for dx and for dA) and dies with the pass."""
     seed: torch.Tensor
     p: float
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -48,19 +51,24 @@ class TorchBackend:
         return dtype
 
     @staticmethod
-    def _mask(dropout: Dropout, like: torch.Tensor) -> torch.Tensor:
-        """The keep-mask as 0/1 in ``like``'s dtype. The 1/(1-p) factor is applied apart from it:
-        rounded into a 16-bit mask it would bias every kept value (1/0.75 is 1.33301 in float16)."""
-        gen = torch.Generator(device=like.device)
-        gen.manual_seed(int(dropout.seed.item()))
-        keep = torch.empty(like.shape, device=like.device, dtype=like.dtype)
-        return keep.bernoulli_(1.0 - dropout.p, generator=gen)
+    def keep_mask(dropout: Dropout, shape, device) -> torch.Tensor:
+        """The boolean keep-mask for a 2-D x of ``shape``: uniform draws from a generator seeded
+        with ``dropout.seed``, kept where >= p. Drawn once per pass (``dropout.cache``); torch's
+        CPU ``rand`` is about twice as fast as its ``bernoulli_`` (2048x1024: 8.9 ms against 15.9)."""
+        key = (tuple(shape), str(device))
+        if key not in dropout.cache:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(int(dropout.seed.item()))
+            dropout.cache[key] = torch.rand(shape, generator=gen, device=device) >= dropout.p
+        return dropout.cache[key]
 
     def _drop(self, x: torch.Tensor, dropout: Dropout | None) -> torch.Tensor:
-        """drop(x) = x * keep / (1 - p), each element rounded once, as the reference computes it."""
+        """drop(x) = x * keep / (1 - p), each element rounded once, as the reference computes it.
+        The 1/(1-p) factor is applied apart from the 0/1 mask: rounded into a 16-bit mask it would
+        bias every kept value (1/0.75 is 1.33301 in float16)."""
         if dropout is None:
             return x
-        return (x * self._mask(dropout, x)).div_(1.0 - dropout.p)
+        return (x * self.keep_mask(dropout, x.shape, x.device)).div_(1.0 - dropout.p)
 
     # The low-rank term is written first and the big GEMM accumulates onto it (addmm_ with beta=1):
     # BLAS then reads the output once inside a compute-bound GEMM instead of a memory-bound rank-r
@@ -78,7 +86,7 @@ class TorchBackend:
         scale = scaling if dropout is None else scaling / (1.0 - dropout.p)
         dx = torch.addmm(dy.new_zeros(()), dyb, lora_A.to(dy.dtype), beta=0, alpha=scale)
         if dropout is not None:
-            dx.mul_(self._mask(dropout, dx))
+            dx.mul_(self.keep_mask(dropout, dx.shape, dx.device))
         return dx.addmm_(dy, weight), dyb
 
     grad_rank = staticmethod(rank_product)
@@ -88,7 +96,7 @@ class TorchBackend:
     # adapters' dtype cost up to an ulp more, past PyTorch's own error.
     def grad_A(self, x, dyb, scaling, dropout):
         if dropout is not None:  # x * keep is exact; 1/(1-p) joins the scaling
-            x, scaling = x * self._mask(dropout, x), scaling / (1.0 - dropout.p)
+            x, scaling = x * self.keep_mask(dropout, x.shape, x.device), scaling / (1.0 - dropout.p)
         da = torch.addmm(x.new_zeros(()), dyb.T.to(x.dtype), x, beta=0, alpha=scaling)
         return da.to(acc_dtype(x.dtype))
 

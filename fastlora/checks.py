@@ -94,7 +94,7 @@ def make_inputs(case: Case, device, seed: int = 0) -> dict:
 def dropout_keep_mask(backend_name: str, seed: torch.Tensor, x2d: torch.Tensor, p: float) -> torch.Tensor:
     """The boolean keep-mask a backend derives from ``seed`` for a 2-D x."""
     if backend_name == "torch":
-        return TORCH._mask(Dropout(seed, p), x2d) > 0
+        return TORCH.keep_mask(Dropout(seed, p), x2d.shape, x2d.device)
     from . import kernels
     return kernels.dropout_mask(seed, tuple(x2d.shape), p)
 

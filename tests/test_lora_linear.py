@@ -72,6 +72,33 @@ def test_dropout_is_reproducible_from_torch_seed(backend):
     assert torch.equal(y1, y2) and not torch.equal(y1, y3)
 
 
+def test_torch_backend_dropout_mask_statistics_and_one_draw_per_pass(monkeypatch):
+    """The fallback's keep-mask keeps 1 - p of the elements, follows its seed, and is drawn once in
+    the forward and once in the backward (which needs it for dx and for dA)."""
+    from fastlora.backends import TORCH, Dropout
+    seed = torch.tensor([7], dtype=torch.int64)
+    for p in (0.1, 0.5):
+        keep = TORCH.keep_mask(Dropout(seed, p), (64, 256), "cpu")
+        assert keep.dtype == torch.bool
+        # kept fraction within 5 standard deviations of 1 - p
+        assert abs(keep.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / keep.numel()) ** 0.5
+    assert torch.equal(TORCH.keep_mask(Dropout(seed, 0.5), (64, 256), "cpu"),
+                       TORCH.keep_mask(Dropout(seed, 0.5), (64, 256), "cpu"))
+    assert not torch.equal(TORCH.keep_mask(Dropout(seed, 0.5), (64, 256), "cpu"),
+                           TORCH.keep_mask(Dropout(seed + 1, 0.5), (64, 256), "cpu"))
+
+    draws = []
+    rand = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: draws.append(a) or rand(*a, **k))
+    x, w, b, a, bb = _inputs()
+    x.requires_grad_(True)
+    a.requires_grad_(True)
+    y = fastlora.lora_linear(x, w, b, a, bb, 0.5, dropout_p=0.3, backend="torch")
+    assert len(draws) == 1
+    torch.autograd.grad(y, [x, a], torch.ones_like(y))
+    assert len(draws) == 2
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_input_returns_empty(backend):
     x, w, b, a, bb = _inputs()
