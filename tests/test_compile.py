@@ -1,7 +1,6 @@
 """torch.compile: the registered operators pass torch.library.opcheck and compute what eager mode's
-autograd.Function computes, bit for bit; a model of LoRALinear layers
-compiles with fullgraph=True (no graph break) to the eager numbers, and new batch/sequence lengths
-do not recompile per size. On CPU the Triton backend runs in the interpreter; it works under compile
+autograd.Function computes, bit for bit; a model of LoRALinear layers compiles with fullgraph=True
+(no graph break) to the eager numbers, and new batch/sequence lengths do not recompile per size. On CPU the Triton backend runs in the interpreter; it works under compile
 because the operator is opaque to the compiler (the fake implementation gives the shapes)."""
 import pytest
 import torch
@@ -39,7 +38,6 @@ def test_opcheck(backend, M, dtype, p, bias):
     needs = [True, False, bias, True, True]
     torch.library.opcheck(BACKWARD_OP, (torch.randn_like(y), x.detach(), w, a.detach(), bb.detach(),
                                         xa, seed, 0.5, p, backend, needs))
-
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
