@@ -1,7 +1,8 @@
 """torch.compile: the registered operators pass torch.library.opcheck and compute what eager mode's
 autograd.Function computes, bit for bit; a model of LoRALinear layers compiles with fullgraph=True
-(no graph break) to the eager numbers, and new batch/sequence lengths do not recompile per size. On CPU the Triton backend runs in the interpreter; it works under compile
-because the operator is opaque to the compiler (the fake implementation gives the shapes)."""
+(no graph break) to the eager numbers, and new batch/sequence lengths do not recompile per size.
+On CPU the Triton backend runs in the interpreter; it works under compile because the operator is
+opaque to the compiler (the fake implementation gives the shapes)."""
 import pytest
 import torch
 from torch import nn
