@@ -14,8 +14,10 @@ where drop'(.) multiplies by the same mask and 1/(1-p). The low-rank products ru
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -40,6 +42,20 @@ def rank_product(dy: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
     return dy @ lora_B.to(dy.dtype)
 
 
+def _draw_keep(seed: int, p: float, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Keep each element with probability 1 - p, from ``seed``. On the CPU from numpy's PCG64, 32
+    bits an element (two from each 64-bit draw): the draw is most of a dropout step there, and this
+    is ~3x faster than torch's CPU ``rand`` and ~4x faster than its ``bernoulli_`` (2048x1024:
+    4.6 ms, 15 ms, 16 ms). On other devices torch's generator for the device."""
+    if device.type == "cpu":
+        n = math.prod(shape)
+        bits = np.random.PCG64(seed % 2**64).random_raw((n + 1) // 2).view(np.uint32)[:n]
+        return torch.from_numpy(bits.reshape(shape) >= np.uint32(min(round(p * 2**32), 2**32 - 1)))
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return torch.rand(shape, generator=gen, device=device) >= p
+
+
 class TorchBackend:
     """Plain PyTorch: a few fused BLAS calls (addmm) and no [M, N] temporaries beyond y itself."""
 
@@ -52,14 +68,12 @@ class TorchBackend:
 
     @staticmethod
     def keep_mask(dropout: Dropout, shape, device) -> torch.Tensor:
-        """The boolean keep-mask for a 2-D x of ``shape``: uniform draws from a generator seeded
-        with ``dropout.seed``, kept where >= p. Drawn once per pass (``dropout.cache``); torch's
-        CPU ``rand`` is about twice as fast as its ``bernoulli_`` (2048x1024: 8.9 ms against 15.9)."""
+        """The boolean keep-mask for a 2-D x of ``shape``, from ``dropout.seed``; drawn once per
+        pass (``dropout.cache``) since the backward needs it twice."""
         key = (tuple(shape), str(device))
         if key not in dropout.cache:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(int(dropout.seed.item()))
-            dropout.cache[key] = torch.rand(shape, generator=gen, device=device) >= dropout.p
+            dropout.cache[key] = _draw_keep(int(dropout.seed.item()), dropout.p, tuple(shape),
+                                            torch.device(device))
         return dropout.cache[key]
 
     def _drop(self, x: torch.Tensor, dropout: Dropout | None) -> torch.Tensor:

@@ -87,9 +87,10 @@ def test_torch_backend_dropout_mask_statistics_and_one_draw_per_pass(monkeypatch
     assert not torch.equal(TORCH.keep_mask(Dropout(seed, 0.5), (64, 256), "cpu"),
                            TORCH.keep_mask(Dropout(seed + 1, 0.5), (64, 256), "cpu"))
 
+    from fastlora import backends
     draws = []
-    rand = torch.rand
-    monkeypatch.setattr(torch, "rand", lambda *a, **k: draws.append(a) or rand(*a, **k))
+    draw = backends._draw_keep
+    monkeypatch.setattr(backends, "_draw_keep", lambda *a: draws.append(a) or draw(*a))
     x, w, b, a, bb = _inputs()
     x.requires_grad_(True)
     a.requires_grad_(True)
