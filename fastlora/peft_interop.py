@@ -5,7 +5,8 @@ its forward is replaced (an instance attribute shadowing the class's) by one tha
 ``lora_linear(x, base.weight, base.bias, lora_A[a].weight, lora_B[a].weight, scaling[a])``, the
 same function PEFT computes as ``base(x) + lora_B(lora_A(dropout(x))) * scaling``. Whatever that
 forward cannot express at call time (adapters disabled or merged, several active adapters, a LoRA
-variant such as DoRA, lora_bias, per-sample ``adapter_names``, autocast) goes to PEFT's own forward.
+variant such as DoRA, lora_bias, per-sample ``adapter_names``, an x whose dtype the base weight does
+not share) goes to PEFT's own forward. Under autocast the fused path casts as nn.Linear does.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from .model import _check_model
-from .ops import _FLOAT_DTYPES, BACKENDS, lora_linear
+from .ops import _FLOAT_DTYPES, BACKENDS, _compute_dtype, lora_linear
 
 
 def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> nn.Module:
@@ -61,9 +62,11 @@ class _FusedForward:
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         layer = self.layer
         base = layer.base_layer
+        # x and the base weight must meet in one dtype, as in nn.Linear: their own, or under
+        # autocast the autocast dtype (lora_linear then casts as nn.Linear does)
         if (args or any(v is not None for v in kwargs.values()) or _state_reason(layer) is not None
-                or _base_reason(base) is not None or x.dtype != base.weight.dtype
-                or torch.is_autocast_enabled(x.device.type)):
+                or _base_reason(base) is not None
+                or _compute_dtype(x) != _compute_dtype(base.weight)):
             return type(layer).forward(layer, x, *args, **kwargs)
         name = next(a for a in layer.active_adapters if a in layer.lora_A)
         dropout = layer.lora_dropout[name]

@@ -145,10 +145,29 @@ def test_mixed_precision_fp32_adapters_on_bf16_and_autocast(fused_calls):
     assert len(fused_calls) == 6 and got.dtype == torch.bfloat16
     # the LoRA branch runs in bf16 here, in fp32 in PEFT: at most about as wrong as PEFT itself
     assert (got - reference).abs().max() <= 2 * (expected - reference).abs().max()
-    fp32 = fastlora.from_peft(peft_twin(tiny_llama()), backend="torch")
-    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
-        fp32(input_ids=ids)
-    assert len(fused_calls) == 6  # under autocast PEFT's forward runs: lora_linear ignores autocast
+
+
+def test_autocast_training_is_fused_and_as_accurate_as_peft(fused_calls):
+    """The common PEFT recipe: float32 model and adapters, bfloat16 autocast. The fused path runs
+    (casting as nn.Linear does) and its logits and LoRA gradients are no further from the float64
+    model's than PEFT's own under the same autocast."""
+    def twin():  # the same PEFT model each call, with a nonzero LoRA branch
+        model = peft_twin(tiny_llama())
+        randomize_lora_B(model)
+        return model
+
+    ids = input_ids()
+    reference = logits_and_lora_grads(twin().to(torch.float64), ids)
+    theirs = twin()
+    ours = fastlora.from_peft(copy.deepcopy(theirs), backend="torch")
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got, expected = logits_and_lora_grads(ours, ids), logits_and_lora_grads(theirs, ids)
+    assert fused_calls == ["torch"] * 6 and got[0].dtype == torch.bfloat16
+    assert set(got[1]) == set(reference[1])
+    for name, ref in [("logits", reference[0]), *reference[1].items()]:
+        g = got[0] if name == "logits" else got[1][name]
+        e = expected[0] if name == "logits" else expected[1][name]
+        assert max_err(g, ref) <= 2 * max_err(e, ref), name
 
 
 def from_peft_warning(model):
