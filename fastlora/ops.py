@@ -181,10 +181,10 @@ def _gradients(ctx, dy: Tensor, backward) -> tuple:
 
 def _autocast_cast(device_type: str, tensors) -> list:
     """nn.Linear's autocast behaviour for (x, weight, bias, lora_A, lora_B): floating tensors on
-    ``device_type`` except float64 cast to
-    the autocast dtype in force now (torch.library.register_autocast fixes one dtype at
-    registration; CUDA users pick float16 or bfloat16 per region). The casts run above autograd, so
-    gradients flow back through them into the parameters' own dtype."""
+    ``device_type`` except float64 cast to the autocast dtype in force now
+    (torch.library.register_autocast fixes one dtype at registration; CUDA users pick float16 or
+    bfloat16 per region). The casts run above autograd, so gradients flow back through them into
+    the parameters' own dtype."""
     dtype = torch.get_autocast_dtype(device_type)
     return [t if t is None or t.device.type != device_type or t.dtype == torch.float64
             else t.to(dtype) for t in tensors]
@@ -194,6 +194,11 @@ def _autocast_cast(device_type: str, tensors) -> list:
 # eager mode: a plain autograd.Function
 
 class _LoRALinearFunction(torch.autograd.Function):
+    """y with the hand-written backward. Old-style (ctx in forward): a setup_context-style Function
+    would also take torch.func's grad/vjp (the operator route never did), but it returns xa as a
+    second output and cost ~15% more host time per call (64x64x64 training step: 4.5x F.linear
+    against 3.8-4.0x)."""
+
     @staticmethod
     def forward(ctx, *inputs):
         y, xa = _forward(*inputs)
