@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # One prepared run on a GPU machine (torch and triton preinstalled, no network):
-#   install fastlora without dependencies, run the GPU tests (kernels and the compiled/production
-#   ones), `fastlora check`, the default `fastlora bench`, the r=64 and dropout-0.1 headline rows,
-#   and (with SWEEP=1) the config sweep. Everything lands in the folder $1, in at most 8 files
+#   install fastlora without dependencies, run the GPU kernel tests, `fastlora check` and the
+#   default `fastlora bench` (issue 3's run); with MORE=1 also the production GPU tests
+#   (torch.compile, autocast, checkpointing on CUDA) and the r=64 and dropout-0.1 headline rows
+#   (issue 6); with SWEEP=1 the config sweep. Everything lands in the folder $1, in at most 8 files
 #   (what the device tool brings back): machine.txt (with the diagnostics), gpu_tests.log,
 #   check.log, bench.json, bench.png, bench.log (every bench table), bench_r64.json, sweep.log.
-# Time: the steps' timeouts add up to 8.5 minutes, 10 with SWEEP=1 (past one device call's limit:
-# lower the others then). On the H100 of 2026-11-26 the kernel tests took 70 s. TEST_TIMEOUT,
-# COMPILE_TIMEOUT, MORE_TIMEOUT and SWEEP_TIMEOUT fit it to what is left of the device budget.
-# Usage: benchmarks/gpu_check.sh OUTDIR
+# Time: the steps' timeouts add up to 5.7 minutes, 8.5 with MORE=1, 10 with both (one device
+# call's limit: lower the others then). On the H100 of 2026-11-26 the kernel tests took 70 s.
+# TEST_TIMEOUT, COMPILE_TIMEOUT, MORE_TIMEOUT and SWEEP_TIMEOUT fit it to the device budget left.
+# Usage: [MORE=1] [SWEEP=1] benchmarks/gpu_check.sh OUTDIR
 set -uo pipefail
 OUT_DIR=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUT_DIR"
@@ -39,12 +40,14 @@ grep -E "FAIL|failure" "$OUT_DIR/check.log" | tail -15
 step "fastlora bench (default)"
 timeout 140 $PY -m fastlora bench --quiet --json "$OUT_DIR/bench.json" --plot "$OUT_DIR/bench.png" 2>&1 | tee "$OUT_DIR/bench.log" || status=1
 
-step "GPU tests of the production features (torch.compile, autocast, checkpointing on CUDA)"
-timeout ${COMPILE_TIMEOUT:-100} $PY -m pytest -q -m gpu tests/test_gpu_compile.py 2>&1 | tee -a "$OUT_DIR/gpu_tests.log" | tail -25 || status=1
+if [ "${MORE:-0}" = "1" ]; then
+  step "GPU tests of the production features (torch.compile, autocast, checkpointing on CUDA)"
+  timeout ${COMPILE_TIMEOUT:-100} $PY -m pytest -q -m gpu tests/test_gpu_compile.py 2>&1 | tee -a "$OUT_DIR/gpu_tests.log" | tail -25 || status=1
 
-step "fastlora bench: r=64, then dropout 0.1 at r=16 (M=2048 and 8192, in=out=4096)"
-timeout ${MORE_TIMEOUT:-35} $PY -m fastlora bench --quiet --preset llama-7b --M 2048 8192 --rank 64 --json "$OUT_DIR/bench_r64.json" 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
-timeout ${MORE_TIMEOUT:-35} $PY -m fastlora bench --quiet --shape 2048,4096,4096 --shape 8192,4096,4096 --dropout 0.1 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
+  step "fastlora bench: r=64, then dropout 0.1 at r=16 (M=2048 and 8192, in=out=4096)"
+  timeout ${MORE_TIMEOUT:-35} $PY -m fastlora bench --quiet --preset llama-7b --M 2048 8192 --rank 64 --json "$OUT_DIR/bench_r64.json" 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
+  timeout ${MORE_TIMEOUT:-35} $PY -m fastlora bench --quiet --shape 2048,4096,4096 --shape 8192,4096,4096 --dropout 0.1 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
+fi
 
 if [ "${SWEEP:-0}" = "1" ]; then
   step "config sweep"
