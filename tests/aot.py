@@ -101,32 +101,33 @@ SHAPES = [(M, N, K) for M in (1, 16, 64, 256, 8192) for N, K in ((4096, 4096), (
 RANKS = (16, 64, 128, 256)
 
 
-def production_gemm_configs():
-    """Unique (cfg, R-block, dtype, capability) the config function hands out for SHAPES x RANKS."""
-    seen = {}
+def _production_problems():
+    """(capability, SM count, dtype, M, N, K, R, R-block) for every GPU, dtype, shape and rank."""
     for cap, n_sm, _ in GPUS:
         for dtype in (torch.bfloat16, torch.float32, torch.float64):
             for M, N, K in SHAPES:
                 for R in RANKS:
-                    block_r = configs.rank_block(R)
-                    for dropout, n_major in ((False, False), (False, True), (True, True)):
-                        cfg = configs._gpu_gemm_config(M, N, K, block_r, dtype, cap, n_sm, dropout, n_major)
-                        seen.setdefault((cfg, block_r, dtype, cap[0] * 10 + cap[1], dropout), None)
+                    yield cap, n_sm, dtype, M, N, K, R, configs.rank_block(R)
+
+
+def production_gemm_configs():
+    """Unique (cfg, R-block, dtype, capability) the config function hands out for SHAPES x RANKS."""
+    seen = {}
+    for cap, n_sm, dtype, M, N, K, _, block_r in _production_problems():
+        for dropout, n_major in ((False, False), (False, True), (True, True)):
+            cfg = configs._gpu_gemm_config(M, N, K, block_r, dtype, cap, n_sm, dropout, n_major)
+            seen.setdefault((cfg, block_r, dtype, cap[0] * 10 + cap[1], dropout), None)
     return list(seen)
 
 
 def production_skinny_configs():
     seen = {}
-    for cap, n_sm, _ in GPUS:
-        for dtype in (torch.bfloat16, torch.float32, torch.float64):
-            for M, N, K in SHAPES:
-                for R in RANKS:
-                    block_r = configs.rank_block(R)
-                    for T, P in ((M, N), (M, K), (K, M)):
-                        cfg = configs._gpu_skinny_config(configs._bucket(T), P, block_r, dtype, cap, n_sm)
-                        key = (configs.SkinnyConfig(cfg.block_t, cfg.block_p, 1, cfg.num_warps,
-                                                    cfg.num_stages), block_r, dtype, cap[0] * 10 + cap[1])
-                        seen.setdefault(key, None)
+    for cap, n_sm, dtype, M, N, K, _, block_r in _production_problems():
+        for T, P in ((M, N), (M, K), (K, M)):
+            cfg = configs._gpu_skinny_config(configs._bucket(T), P, block_r, dtype, cap, n_sm)
+            key = (configs.SkinnyConfig(cfg.block_t, cfg.block_p, 1, cfg.num_warps, cfg.num_stages),
+                   block_r, dtype, cap[0] * 10 + cap[1])
+            seen.setdefault(key, None)
     return list(seen)
 
 
