@@ -7,7 +7,7 @@ elsewhere. ``import fastlora`` does not need triton; the adapter files need safe
 ``from_peft`` needs peft (``pip install fastlora[peft]``), imported when called.
 """
 from .modules import LoRALinear, ParameterCount, count_parameters
-from .ops import lora_linear
+from .functional import lora_linear
 from .model import (apply_lora, lora_state_dict, mark_only_lora_as_trainable, merge,
                     merge_and_unload, unmerge)
 from .adapters import load_adapter, save_adapter

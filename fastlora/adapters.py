@@ -28,6 +28,7 @@ from torch import nn
 
 from .model import (BIAS_MODES, _bias_parameters, _check_bias, _check_model, _inject, _join,
                     _select, lora_layers)
+from .arguments import lora_scaling
 from .modules import LoRALinear
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -252,7 +253,7 @@ def _check_scaling(layers: dict[str, LoRALinear], config: dict) -> None:
     """Existing layers must scale as the adapter was trained: the scaling is in no tensor."""
     for path, layer in layers.items():
         r, alpha = _r_alpha(config, path)
-        scaling = alpha / math.sqrt(r) if config["use_rslora"] else alpha / r
+        scaling = lora_scaling(alpha, r, config["use_rslora"])
         if layer.r != r or not math.isclose(layer.scaling, scaling, rel_tol=1e-12):
             raise ValueError(
                 f"load_adapter: layer {path!r} has r={layer.r}, alpha={layer.alpha:g}, "

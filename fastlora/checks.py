@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backends import TORCH, Dropout
-from .ops import _draw_seed, _resolve_backend, lora_linear
+from .functional import draw_seed, lora_linear
+from .routes import Dropout, resolve
 from .reference import lora_linear_reference
 
 # Absolute slack, relative to the output's scale, for when PyTorch's own error happens to be ~0.
@@ -94,7 +94,8 @@ def make_inputs(case: Case, device, seed: int = 0) -> dict:
 def dropout_keep_mask(backend_name: str, seed: torch.Tensor, x2d: torch.Tensor, p: float) -> torch.Tensor:
     """The boolean keep-mask a backend derives from ``seed`` for a 2-D x."""
     if backend_name == "torch":
-        return TORCH.keep_mask(Dropout(seed, p), x2d.shape, x2d.device)
+        from .torch_route import TorchRoute
+        return TorchRoute.keep_mask(Dropout(seed, p), x2d.shape, x2d.device)
     from . import kernels
     return kernels.dropout_mask(seed, tuple(x2d.shape), p)
 
@@ -118,9 +119,9 @@ def three_way(case: Case, backend: str, device="cpu", seed: int = 0) -> list[Res
 
     mask = None
     if case.dropout_p > 0:
-        impl_name = _resolve_backend(backend, x, case.R)
+        impl_name = resolve(backend, x, case.R)
         torch.manual_seed(seed)
-        drawn = _draw_seed(x.device)
+        drawn = draw_seed(x.device)
         mask = dropout_keep_mask(impl_name, drawn, x.reshape(-1, case.K), case.dropout_p).reshape(x.shape)
 
     fl = leaves()

@@ -29,8 +29,8 @@ def demo(args) -> int:
     layer = fastlora.LoRALinear.from_linear(base, r=r, alpha=16)
     print(layer)
     print(fastlora.count_parameters(layer))
-    from .ops import _resolve_backend
-    print(f"device: {device}, backend: {_resolve_backend(layer.backend, base.weight, r)}")
+    from .routes import resolve
+    print(f"device: {device}, route: {resolve(layer.backend, base.weight, r)}")
 
     # the task: the base layer plus an unknown rank-4 update; only the adapters may learn it
     target_delta = (torch.randn(d_out, 4, device=device) @ torch.randn(4, d_in, device=device)) * 0.05

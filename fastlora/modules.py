@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .ops import BACKENDS, lora_linear
+from .arguments import check_backend, finite_number, lora_scaling, positive_int, probability
+from .functional import lora_linear
 
 
 class LoRALinear(nn.Module):
@@ -46,22 +47,20 @@ class LoRALinear(nn.Module):
         return layer
 
     def _setup(self, weight, bias, r, alpha, dropout, use_rslora, init_lora_weights, backend):
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"LoRALinear: r must be a positive int, got {r!r}")
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-            raise ValueError(f"LoRALinear: alpha must be a finite number, got {alpha!r}")
-        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRALinear: dropout must be in [0, 1), got {dropout!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"LoRALinear: backend must be one of {BACKENDS}, got {backend!r}")
+        r = positive_int(r, "r", "LoRALinear")
+        # numpy scalars become Python numbers; a plain int or float is kept as given
+        alpha = alpha if type(alpha) in (int, float) else finite_number(alpha, "alpha", "LoRALinear")
+        finite_number(alpha, "alpha", "LoRALinear")
+        dropout = probability(dropout, "dropout", "LoRALinear")
+        check_backend(backend, "LoRALinear")
         init_ok = init_lora_weights is True or init_lora_weights is False or init_lora_weights == "gaussian"
         if not init_ok:
             raise ValueError(f"LoRALinear: init_lora_weights must be True, False or 'gaussian', "
                              f"got {init_lora_weights!r}")
         self.out_features, self.in_features = weight.shape
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.dropout = float(dropout)
+        self.scaling = lora_scaling(alpha, r, use_rslora)
+        self.dropout = dropout
         self.backend = backend
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
         self.weight.requires_grad_(False)

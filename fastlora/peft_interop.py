@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from .model import _check_model
-from .ops import _FLOAT_DTYPES, BACKENDS, _compute_dtype, lora_linear
+from .arguments import FLOAT_DTYPES, check_backend
+from .autocast import compute_dtype
+from .functional import lora_linear
 
 
 def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> nn.Module:
@@ -32,8 +34,7 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> nn.Module:
     """
     lora = _peft_lora("from_peft")
     _check_model("from_peft", peft_model, "peft_model")
-    if backend not in BACKENDS:
-        raise ValueError(f"from_peft: backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend, "from_peft")
     layers = [(path, m) for path, m in peft_model.named_modules() if isinstance(m, lora.LoraLayer)]
     if not layers:
         raise ValueError(f"from_peft: peft_model ({type(peft_model).__name__}) has no PEFT LoRA "
@@ -66,7 +67,7 @@ class _FusedForward:
         # autocast the autocast dtype (lora_linear then casts as nn.Linear does)
         if (args or any(v is not None for v in kwargs.values()) or _state_reason(layer) is not None
                 or _base_reason(base) is not None
-                or _compute_dtype(x) != _compute_dtype(base.weight)):
+                or compute_dtype(x) != compute_dtype(base.weight)):
             return type(layer).forward(layer, x, *args, **kwargs)
         name = next(a for a in layer.active_adapters if a in layer.lora_A)
         dropout = layer.lora_dropout[name]
@@ -96,7 +97,7 @@ def _base_reason(base: nn.Module) -> str | None:
     if (base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__
             or hasattr(base, "_hf_hook")):
         return "its base layer has hooks, e.g. accelerate offloading"
-    if type(base.weight.data) is not torch.Tensor or base.weight.dtype not in _FLOAT_DTYPES:
+    if type(base.weight.data) is not torch.Tensor or base.weight.dtype not in FLOAT_DTYPES:
         return f"base weight is {type(base.weight.data).__name__} of {base.weight.dtype}, e.g. quantized"
     return None
 

@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from .arguments import lora_scaling
+
 
 def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
@@ -54,7 +56,7 @@ class LoRALinearReference(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling = lora_scaling(alpha, r, use_rslora)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

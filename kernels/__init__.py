@@ -1,6 +1,14 @@
-"""fastlora's Triton device code (installed as ``fastlora.kernels``). Imports triton."""
-from .configs import MAX_RANK, GemmConfig, SkinnyConfig, gemm_config, rank_block, skinny_config
-from .lora_linear import INTERPRETED, dropout_mask, lora_gemm, lora_skinny
+"""fastlora's Triton device code (installed as ``fastlora.kernels``). Imports triton.
 
-__all__ = ["INTERPRETED", "MAX_RANK", "GemmConfig", "SkinnyConfig", "gemm_config", "rank_block",
-           "skinny_config", "dropout_mask", "lora_gemm", "lora_skinny"]
+Launchers (what fastlora's routes call): ``lora_gemm`` (the fused GEMM, forward and dX),
+``xa_pass``, ``dy_pass``, ``x_pass`` (the memory-bound rank-r passes), ``dropout_mask``.
+"""
+from .common import INTERPRETED
+from .configs import (MAX_RANK, DeviceInfo, GemmConfig, PassConfig, device_info, gemm_config,
+                      rank_block, reduce_config, xa_config)
+from .gemm import lora_gemm
+from .passes import dropout_mask, dy_pass, x_pass, xa_pass
+
+__all__ = ["INTERPRETED", "MAX_RANK", "DeviceInfo", "GemmConfig", "PassConfig", "device_info",
+           "gemm_config", "rank_block", "reduce_config", "xa_config", "lora_gemm", "xa_pass",
+           "dy_pass", "x_pass", "dropout_mask"]

@@ -1,8 +1,10 @@
-"""Launch configurations: one function per kernel, from the device generation and problem size.
+"""Launch configurations: one function per kernel, from the device and the problem size.
 
-No autotuning at run time: the choice is a pure function of (device, dtype, bucketed shape), so a
-new batch size never recompiles and the interpreter (which cannot benchmark) runs the same code.
-The GPU tables come from measurements recorded in benchmarks/NOTES.md.
+No autotuning at run time: a configuration is a pure function of (device, dtype, bucketed shape),
+so a new batch size never recompiles and the interpreter (which cannot benchmark) runs the same
+code. The device's shared memory and SM count are read from the device, not assumed. Measured
+choices per shape (``benchmarks/tune_routes.py``) reach the launchers as explicit configs through
+fastlora's route table; these functions are what runs where the table is silent.
 """
 from __future__ import annotations
 
@@ -15,29 +17,43 @@ import triton
 
 # Largest rank the kernels take: the [BLOCK_M, BLOCK_R] XA block lives in registers.
 MAX_RANK = 256
-
-# Usable shared memory per block, by compute capability major.minor.
-_SMEM_BYTES = {(8, 0): 163 * 1024, (8, 6): 99 * 1024, (8, 9): 99 * 1024, (9, 0): 227 * 1024}
+# Programs the persistent GEMM runs in the interpreter: a few, so that each walks several tiles.
+_INTERPRETER_PROGRAMS = 3
 
 
 @dataclass(frozen=True)
 class GemmConfig:
+    """The fused GEMM (kernels/gemm.py). ``tma``: operands through tensor descriptors (sm_90+ and
+    16-byte-aligned strides; the launcher falls back to pointers otherwise); ``xa_in_loop``: the
+    forward computes x A^T in its K loop instead of reading it from a separate pass over x."""
     block_m: int
     block_n: int
     block_k: int
     group_m: int = 8
-    tiles_n: int = 1          # output tiles one program walks, reusing its XA block
+    num_warps: int = 4
+    num_stages: int = 3
+    tma: bool = False
+    epilogue_subtile: bool = False
+    xa_in_loop: bool = True
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    """A memory-bound pass over a large [rows, cols] operand (kernels/passes.py): blocks of
+    ``block_rows`` x ``block_cols``; ``splits`` chunks of the reduction axis, summed afterwards in a
+    fixed order."""
+    block_rows: int
+    block_cols: int
+    splits: int = 1
     num_warps: int = 4
     num_stages: int = 3
 
 
 @dataclass(frozen=True)
-class SkinnyConfig:
-    block_t: int
-    block_p: int
-    splits: int = 1           # chunks of the reduction axis, summed afterwards in a fixed order
-    num_warps: int = 4
-    num_stages: int = 3
+class DeviceInfo:
+    capability: tuple[int, int]   # (0, 0) for the interpreter
+    sms: int                      # programs the persistent GEMM runs
+    smem: int                     # shared memory a program may use, bytes
 
 
 def rank_block(R: int) -> int:
@@ -45,108 +61,192 @@ def rank_block(R: int) -> int:
     return max(16, triton.next_power_of_2(R))
 
 
+def bucket(n: int) -> int:
+    """Round a batch-like size up to a power of two, so configs are keyed on a few buckets."""
+    return triton.next_power_of_2(max(n, 1))
+
+
+def device_info(device: torch.device) -> DeviceInfo:
+    if device.type != "cuda":
+        return DeviceInfo((0, 0), _INTERPRETER_PROGRAMS, 1 << 30)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_info(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_info(index: int) -> DeviceInfo:
+    props = triton.runtime.driver.active.utils.get_device_properties(index)
+    return DeviceInfo(torch.cuda.get_device_capability(index), props["multiprocessor_count"],
+                      props["max_shared_mem"])
+
+
 def _pow2_clamp(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
 
-@functools.lru_cache(maxsize=None)
-def _device_info(index: int) -> tuple[tuple[int, int], int]:
-    props = torch.cuda.get_device_properties(index)
-    return (props.major, props.minor), props.multi_processor_count
-
-
-def _smem_bytes(cap: tuple[int, int]) -> int:
-    return _SMEM_BYTES.get(cap, _SMEM_BYTES.get((cap[0], 0), 99 * 1024))
-
-
 def gemm_smem_bytes(cfg: GemmConfig, block_r: int, elt: int) -> int:
-    """Shared memory the pipelined main loop needs: x, w and a tiles per stage."""
-    return cfg.num_stages * (cfg.block_m + cfg.block_n + block_r) * cfg.block_k * elt
+    """Shared memory of the pipelined main loop (x, w and, in the loop, A tiles per stage) and of
+    the TMA store's staging tile."""
+    per_stage = (cfg.block_m + cfg.block_n + (block_r if cfg.xa_in_loop else 0)) * cfg.block_k
+    staging = cfg.block_m * cfg.block_n // (2 if cfg.epilogue_subtile else 1) if cfg.tma else 0
+    return (cfg.num_stages * per_stage + staging) * elt
 
 
-def gemm_config(M: int, N: int, K: int, R: int, dtype: torch.dtype, device: torch.device,
-                dropout_epilogue: bool = False, w_n_major: bool = False) -> GemmConfig:
-    """``w_n_major``: W's tiles are contiguous along N (the backward's W^T), which favours narrower
-    tiles walked several at a time; ``dropout_epilogue``: the dX epilogue regenerates the mask."""
-    block_r = rank_block(R)
+def fit_gemm(cfg: GemmConfig, block_r: int, elt: int, smem: int) -> GemmConfig:
+    """``cfg`` pruned to ``smem`` bytes: fewer stages (down to 2), then narrower K steps."""
+    while gemm_smem_bytes(cfg, block_r, elt) > smem and cfg.num_stages > 2:
+        cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+    while gemm_smem_bytes(cfg, block_r, elt) > smem and cfg.block_k > 16:
+        cfg = dataclasses.replace(cfg, block_k=cfg.block_k // 2)
+    return cfg
+
+
+def gemm_config(M: int, N: int, K: int, R: int, dtype: torch.dtype, device: torch.device, *,
+                grad_input: bool = False, dropout: bool = False) -> GemmConfig:
+    """The fused GEMM's config for y [M, N] = x [M, K] op(W) + low-rank term of rank R.
+    ``grad_input``: the backward's dX (W read as stored, [K, N]); ``dropout``: its epilogue
+    regenerates the dropout mask of every output element."""
+    info = device_info(device)
     if device.type != "cuda":
         # Interpreter: each (program x K step) costs milliseconds whatever its size, so blocks
         # are as large as the problem allows.
         return GemmConfig(_pow2_clamp(M, 16, 64), _pow2_clamp(N, 16, 64), _pow2_clamp(K, 16, 128),
                           group_m=4)
-    cap, n_sm = _device_info(device.index if device.index is not None else torch.cuda.current_device())
-    return _gpu_gemm_config(_bucket(M), N, K, block_r, dtype, cap, n_sm, dropout_epilogue, w_n_major)
+    return _gpu_gemm_config(bucket(M), rank_block(R), dtype, info, grad_input, dropout)
 
 
 @functools.lru_cache(maxsize=1024)
-def _gpu_gemm_config(M: int, N: int, K: int, block_r: int, dtype: torch.dtype,
-                     cap: tuple[int, int], n_sm: int, dropout_epilogue: bool = False,
-                     w_n_major: bool = False) -> GemmConfig:
-    tiles = 1
-    if dtype == torch.float64:
-        bm, bn, bk, stages = (32 if block_r <= 64 else 16), 64, 16, 2
-        warps = 4 if block_r <= 32 else 8
+def _gpu_gemm_config(M: int, block_r: int, dtype: torch.dtype, info: DeviceInfo, grad_input: bool,
+                     dropout: bool) -> GemmConfig:
+    hopper = info.capability[0] >= 9
+    if dtype == torch.float64:  # no tensor cores, no TMA
+        cfg = GemmConfig(32 if block_r <= 64 else 16, 64, 16, num_warps=4 if block_r <= 32 else 8,
+                         num_stages=2)
     elif dtype == torch.float32:
-        bm, bn, bk, warps, stages = 64, 64, 32, (4 if block_r <= 64 else 8), 3
+        cfg = GemmConfig(64, 64, 32, num_warps=4 if block_r <= 64 else 8, num_stages=3)
     elif M <= 64:
-        # decode: bound by reading W once; narrow output tiles so that every SM streams a slice
-        bm, bn, bk, warps, stages = (16 if M <= 16 else 64), 32, 128, 4, 5
-    elif cap[0] >= 9 and w_n_major:
-        # H100 sweeps (benchmarks/NOTES.md): for dX (W^T), 128x128 tiles walked 4 to a program,
-        # reusing dY B across them, beat 128x256 in both runs (1.31-1.38x cuBLAS vs 1.43-1.50x)
-        bm, bn, bk, warps, stages, tiles = 128, 128, 64, 8, 4, 4
-    elif cap[0] >= 9:
-        # ... and for the forward 128x256x64 with 4 stages was the fastest tried (1.40x cuBLAS)
-        bm, bn, bk, warps, stages = 128, 256, 64, 8, 4
+        # decode: bound by reading W once; narrow output tiles so that every SM streams a slice,
+        # and x A^T in the loop (one launch)
+        cfg = GemmConfig(16 if M <= 16 else 64, 32, 128, num_warps=4, num_stages=5)
+    elif hopper:
+        # persistent, TMA-fed, 128x256 accumulator stored in two halves (benchmarks/NOTES.md)
+        cfg = GemmConfig(128, 256, 64, num_warps=8, num_stages=3, tma=True, epilogue_subtile=True,
+                         xa_in_loop=False)
     else:
-        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+        cfg = GemmConfig(128, 128, 64, num_warps=8, num_stages=3)
     # Registers: the XA block [bm, block_r] lives beside the accumulator; keep it to <= 32
     # registers a thread (a float64 element takes two).
     regs_per_elt = 2 if dtype == torch.float64 else 1
-    while bm > 16 and bm * block_r * regs_per_elt > 32 * 32 * warps:
+    bm = cfg.block_m
+    while bm > 16 and bm * block_r * regs_per_elt > 32 * 32 * cfg.num_warps:
         bm //= 2
+    bn = cfg.block_n
     if block_r > 64:
         bn = min(bn, 128)  # the A tiles [bk, block_r] and XA crowd out a 256-wide accumulator
-    if block_r > 128:
-        tiles = 1  # four unrolled tiles beside a [bm, 256] XA block spill
     # The dropout epilogue (dX) holds Philox state for every output element: <= 32 a thread.
-    while dropout_epilogue and bn > 32 and bm * bn > 32 * 32 * warps:
+    while dropout and bn > 32 and bm * bn > 32 * 32 * cfg.num_warps:
         bn //= 2
-    cfg = GemmConfig(bm, bn, bk, tiles_n=tiles, num_warps=warps, num_stages=stages)
-    elt = dtype.itemsize
-    while gemm_smem_bytes(cfg, block_r, elt) > _smem_bytes(cap) and cfg.num_stages > 2:
-        cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
-    while gemm_smem_bytes(cfg, block_r, elt) > _smem_bytes(cap):
-        cfg = dataclasses.replace(cfg, block_k=cfg.block_k // 2)
-    return cfg
+    # x A^T in the loop holds [block_k, block_r] A tiles beside the main operands: ranks past 64
+    # read xa from its own pass instead
+    cfg = dataclasses.replace(cfg, block_m=bm, block_n=bn, tma=cfg.tma and hopper,
+                              xa_in_loop=cfg.xa_in_loop and block_r <= 64)
+    return fit_gemm(cfg, block_r, dtype.itemsize, info.smem)
 
 
-def skinny_config(T: int, P: int, R: int, dtype: torch.dtype, device: torch.device) -> SkinnyConfig:
+# Registers a thread may give the tiles of a pass (of 255), leaving the rest for addresses.
+_PASS_REGISTERS = 96
+
+
+def _words(dtype: torch.dtype) -> float:
+    """32-bit registers an element of ``dtype`` takes."""
+    return dtype.itemsize / 4
+
+
+def _fit_pass(rows: int, per_stage, stages: int, smem: int) -> tuple[int, int]:
+    """(rows, stages) with ``per_stage(rows)`` bytes a pipeline stage pruned to a quarter under
+    ``smem`` (the compiler adds layout-conversion scratch): fewer stages, then rows."""
+    budget = smem * 3 // 4
+    while per_stage(rows) * stages > budget and stages > 2:
+        stages -= 1
+    while per_stage(rows) * stages > budget and rows > 16:
+        rows //= 2
+    return rows, stages
+
+
+def xa_config(M: int, K: int, R: int, dtype: torch.dtype, device: torch.device, *,
+              dropout: bool = False) -> PassConfig:
+    """xa = drop(x) A^T, a pass over x [M, K] by row blocks (kernels/passes.py)."""
+    info = device_info(device)
     if device.type != "cuda":
-        return SkinnyConfig(_pow2_clamp(T, 16, 128), _pow2_clamp(P, 16, 64))
-    cap, n_sm = _device_info(device.index if device.index is not None else torch.cuda.current_device())
-    return _gpu_skinny_config(_bucket(T), P, rank_block(R), dtype, cap, n_sm)
+        return PassConfig(_pow2_clamp(M, 16, 64), _pow2_clamp(K, 16, 128))
+    return _gpu_xa_config(bucket(M), K, rank_block(R), dtype, info, dropout)
 
 
 @functools.lru_cache(maxsize=1024)
-def _gpu_skinny_config(T: int, P: int, block_r: int, dtype: torch.dtype,
-                       cap: tuple[int, int], n_sm: int) -> SkinnyConfig:
-    # accumulator [block_p, block_r] and the L tile [block_t, block_p] (with Philox state under
-    # dropout) each kept to ~32 registers a thread
+def _gpu_xa_config(M: int, K: int, block_r: int, dtype: torch.dtype, info: DeviceInfo,
+                   dropout: bool) -> PassConfig:
+    warps = 4 if block_r <= 64 else 8
+    threads = 32 * warps
+    w, acc = _words(dtype), 2 if dtype == torch.float64 else 1
+
+    def regs(bm, bk):  # accumulator, x tile, A tile, and the x tile's Philox state under dropout
+        return (bm * block_r * acc + bm * bk * w + block_r * bk * w + (4 * bm * bk if dropout else 0)) / threads
+
+    block_m, block_k = (64 if M >= 64 else 16), 128
+    while regs(block_m, block_k) > _PASS_REGISTERS and block_k > 32:
+        block_k //= 2
+    while regs(block_m, block_k) > _PASS_REGISTERS and block_m > 16:
+        block_m //= 2
+    while regs(block_m, block_k) > _PASS_REGISTERS and block_k > 16:
+        block_k //= 2
+    # shared memory: x and A tiles per stage
+    block_k, stages = _fit_pass(block_k, lambda bk: (block_m + block_r) * bk * dtype.itemsize,
+                                3, info.smem)
+    m_blocks = triton.cdiv(M, block_m)
+    # enough programs to cover the SMs twice, each reading at least four K steps
+    splits = max(1, min(triton.cdiv(2 * info.sms, m_blocks), triton.cdiv(K, 4 * block_k)))
+    return PassConfig(block_m, block_k, splits=splits, num_warps=warps, num_stages=stages)
+
+
+def reduce_config(T: int, P: int, R: int, dtype: torch.dtype, device: torch.device, *,
+                  dropout: bool = False, expand: bool = False, rank_out: bool = False) -> PassConfig:
+    """A reduction over the rows of L [T, P] (dA, dB, and the passes that add dY B or dx0).
+    ``dropout``: the mask of every L element is drawn; ``expand``: an [T, P] output (dx0) is
+    written; ``rank_out``: L E [T, R] (dY B) is written."""
+    info = device_info(device)
+    if device.type != "cuda":
+        return PassConfig(_pow2_clamp(T, 16, 128), _pow2_clamp(P, 16, 64))
+    return _gpu_reduce_config(bucket(T), P, rank_block(R), dtype, info, dropout, expand, rank_out)
+
+
+@functools.lru_cache(maxsize=1024)
+def _gpu_reduce_config(T: int, P: int, block_r: int, dtype: torch.dtype, info: DeviceInfo,
+                       dropout: bool, expand: bool, rank_out: bool) -> PassConfig:
     warps = 4 if block_r <= 32 else 8
-    regs_per_elt = 2 if dtype == torch.float64 else 1
-    # H100 sweep: 64-row steps read dY / x at ~1.45 TB/s against ~1.05 TB/s with 32 (on sm_80
-    # the 64-row L tile spills)
-    block_t = 16 if dtype == torch.float64 else (64 if cap[0] >= 9 else 32)
+    threads = 32 * warps
+    w, acc = _words(dtype), 2 if dtype == torch.float64 else 1
+
+    def regs(bt, bp):
+        n = bp * block_r * acc + bt * bp * w + bt * block_r * w   # accumulator, L and S tiles
+        if rank_out:
+            n += bp * block_r * w + bt * block_r * acc            # E, and the L E tile
+        if expand:
+            n += block_r * bp * w + bt * bp * acc                 # F, and the output tile
+        if dropout:
+            n += 4 * bt * bp                                      # Philox state per element
+        return n / threads
+
     block_p = 128
-    while block_p > 32 and block_p * block_r * regs_per_elt > 32 * 32 * warps:
+    block_t = 16 if dtype == torch.float64 else (64 if info.capability[0] >= 9 else 32)
+    while regs(block_t, block_p) > _PASS_REGISTERS and block_t > 16:
+        block_t //= 2
+    while regs(block_t, block_p) > _PASS_REGISTERS and block_p > 16:
         block_p //= 2
+    # shared memory: the L tile and the S rows (accumulator dtype) per stage
+    acc_bytes = 8 if dtype == torch.float64 else 4
+    block_t, stages = _fit_pass(block_t, lambda bt: bt * (block_p * dtype.itemsize
+                                                          + block_r * acc_bytes), 3, info.smem)
     p_blocks = triton.cdiv(P, block_p)
     # enough programs to cover the SMs twice, each reducing at least a few T blocks
-    splits = max(1, min(triton.cdiv(2 * n_sm, p_blocks), triton.cdiv(T, 4 * block_t)))
-    return SkinnyConfig(block_t, block_p, splits=splits, num_warps=warps, num_stages=3)
-
-
-def _bucket(n: int) -> int:
-    """Round a batch-like size up to a power of two, so configs are keyed on a few buckets."""
-    return triton.next_power_of_2(max(n, 1))
+    splits = max(1, min(triton.cdiv(2 * info.sms, p_blocks), triton.cdiv(T, 4 * block_t)))
+    return PassConfig(block_t, block_p, splits=splits, num_warps=warps, num_stages=stages)

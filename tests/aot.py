@@ -1,27 +1,40 @@
 """Ahead-of-time compilation of the kernels for GPUs that are not present (triton.compile with a
-GPUTarget), with the specialisations the runtime would apply, and ptxas's resource report."""
+GPUTarget), with the specialisations the runtime would apply, and ptxas's resource report.
+
+Run by tests/test_aot.py (in a subprocess: the test process defined the kernels in interpreter
+mode), and by hand against another triton, e.g. the GPU machines' 3.6 in a side environment:
+
+    python -m venv /tmp/t36 && /tmp/t36/bin/pip install torch==2.13.0 triton==3.6.0 numpy
+    /tmp/t36/bin/pip install --no-deps -e . && /tmp/t36/bin/python tests/aot.py --summary
+"""
 from __future__ import annotations
 
 import os
 import re
 import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from fastlora.kernels import configs
-from fastlora.kernels.lora_linear import _ACC_DTYPE, _lora_gemm_kernel, _lora_skinny_kernel
+from fastlora.kernels.gemm import _lora_gemm_kernel
+from fastlora.kernels.passes import _reduce_kernel, _xa_kernel
 
 _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-# Streams the kernels read with unit stride at run time (Triton specialises ints equal to 1).
-_UNIT_STRIDES = {
-    _lora_gemm_kernel: {"stride_xk": 1, "stride_wk": 1, "stride_ak": 1, "stride_br": 1, "stride_yn": 1,
-                        "stride_xar": 1},
-    _lora_skinny_kernel: {"stride_lp": 1, "stride_sr": 1, "stride_cr": 1},
-}
+# float32 dots compile with torch's default matmul precision ("highest": IEEE products); the
+# tf32 form ("high") is not in this set.
+
+# The GPUs the configs are written for: (capability, SM count, shared memory per block, name).
+GPUS = [((8, 0), 108, 166912, "A100"), ((9, 0), 132, 232448, "H100")]
+# Problem sizes production sees: llama projection shapes, decode to long prefill, ranks to 256.
+SHAPES = [(M, N, K) for M in (1, 16, 64, 256, 8192) for N, K in ((4096, 4096), (14336, 4096))]
+RANKS = (16, 64, 128, 256)
+DTYPES = (torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass
@@ -32,158 +45,249 @@ class Compiled:
     spill_bytes: int
 
 
-def _ptxas() -> str | None:
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
-    return path if os.path.exists(path) else None
+def ptxas_path(cap: int) -> str:
+    """The ptxas the installed triton compiles with for sm_``cap``; a missing one is an error (a
+    check that cannot run must not pass)."""
+    path = get_ptxas(cap).path
+    if not path or not os.path.exists(path):
+        raise FileNotFoundError(f"triton {triton.__version__} ships no ptxas for sm_{cap} ({path!r})")
+    return path
 
 
-def compile_kernel(fn, dtype: torch.dtype, constexprs: dict, cap: int, num_warps: int,
-                   num_stages: int, side_dtype: str = "fp32") -> Compiled:
-    ptr_dtype = _TL[dtype]
-    ptrs = {"X": ptr_dtype, "W": ptr_dtype, "Y": ptr_dtype, "A": ptr_dtype, "B": ptr_dtype,
-            "BIAS": ptr_dtype, "XA": side_dtype, "SEED": "i64", "L": ptr_dtype, "S": side_dtype,
-            "C": side_dtype}
-    ones = _UNIT_STRIDES[fn]
+def _jit(kernel):
+    """The JITFunction under a @triton.heuristics wrapper."""
+    return getattr(kernel, "fn", kernel)
+
+
+def compile_kernel(kernel, types: dict, constexprs: dict, cap: int, num_warps: int,
+                   num_stages: int) -> Compiled:
+    """``types``: the runtime arguments' types ("*bf16", "i32", "fp64", "tensordesc<...>"); every
+    other argument is a constexpr from ``constexprs``; integer arguments get the divisibility-by-16
+    specialisation the runtime gives aligned sizes and strides, except M and T (not specialised)."""
+    fn = _jit(kernel)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
-        if name in ptrs:
-            signature[name] = "*" + ptrs[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ones or name in constexprs:
-            signature[name] = "constexpr"
-        elif name in ("scaling", "dropout_p"):
-            signature[name] = "fp64"
-        else:
-            signature[name] = "i32"
-            if name.startswith("stride") or name in ("N", "K", "P"):
+        if name in types:
+            signature[name] = types[name]
+            if types[name].startswith("*"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=fn, signature=signature, constexprs={**constexprs, **ones}, attrs=attrs)
+            elif types[name] == "i32" and name not in ("M", "T"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "constexpr"
+    missing = [n for n in fn.arg_names if n not in types and n not in constexprs]
+    assert not missing, f"no value for {missing}"
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     ck = triton.compile(src, target=GPUTarget("cuda", cap, 32),
                         options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = ck.asm["ptx"]
-    registers = spills = -1
-    ptxas = _ptxas()
-    if ptxas is not None:
-        arch = "sm_90a" if cap == 90 else f"sm_{cap}"
-        path = f"/tmp/fastlora_aot_{os.getpid()}.ptx"
-        with open(path, "w") as f:
-            f.write(ptx)
-        out = subprocess.run([ptxas, "-v", "--gpu-name", arch, path, "-o", os.devnull],
+    arch = "sm_90a" if cap == 90 else f"sm_{cap}"
+    path = f"/tmp/fastlora_aot_{os.getpid()}.ptx"
+    with open(path, "w") as f:
+        f.write(ptx)
+    try:
+        out = subprocess.run([ptxas_path(cap), "-v", "--gpu-name", arch, path, "-o", os.devnull],
                              capture_output=True, text=True, check=True).stderr
+    finally:
         os.remove(path)
-        registers = int(re.search(r"Used (\d+) registers", out).group(1))
-        spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
+    registers = int(re.search(r"Used (\d+) registers", out).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
     return Compiled(ptx, ck.metadata.shared, registers, spills)
 
 
-def gemm_constexprs(cfg: configs.GemmConfig, R: int, dtype: torch.dtype, *, bias: bool,
-                    xa_in_loop: bool, dropout_out: bool) -> dict:
-    block_r = configs.rank_block(R)
-    return dict(HAS_BIAS=bias, XA_IN_LOOP=xa_in_loop, DROPOUT_OUT=dropout_out,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                # R_PADDED: the heavier form, with the epilogue's mask of the padded rank lanes
-                BLOCK_R=block_r, R_PADDED=True, GROUP_M=cfg.group_m, TILES_N=cfg.tiles_n,
-                EVEN_K=True, INT64=False, ACC_DTYPE=_ACC_DTYPE[dtype],
-                PRECISION="tf32" if dtype == torch.float32 else "ieee",
-                CHUNKED_ACC=dtype in (torch.float32, torch.float64))
+def _acc(dtype):
+    return "fp64" if dtype == torch.float64 else "fp32"
 
 
-def skinny_constexprs(cfg: configs.SkinnyConfig, R: int, dtype: torch.dtype, *, dropout: bool) -> dict:
-    return dict(DROPOUT_L=dropout, L_IS_XT=False, BLOCK_T=cfg.block_t, BLOCK_P=cfg.block_p,
-                BLOCK_R=configs.rank_block(R), INT64=False, ACC_DTYPE=_ACC_DTYPE[dtype],
-                PRECISION="tf32" if dtype == torch.float32 else "ieee")
+def gemm_job(item) -> dict:
+    """Every form of the fused GEMM a config serves: forward with x A^T in the loop or read, dX
+    with and without the dropout epilogue; through descriptors when the config says TMA."""
+    cfg, block_r, dtype, cap, dropout = item
+    t = _TL[dtype]
+    acc = "tl.float64" if dtype == torch.float64 else "tl.float32"
+    out = {}
+    forms = ([("dx_dropout", True, False)] if dropout else
+             [("fwd_xa_in_loop", False, True), ("fwd_xa_read", False, False), ("dx", True, False)])
+    for form, grad_input, in_loop in forms:
+        if in_loop and not cfg.xa_in_loop:
+            continue
+        tma = cfg.tma and dtype != torch.float64
+        if tma:
+            x_t = f"tensordesc<{t}[{cfg.block_m}, {cfg.block_k}]>"
+            w_t = (f"tensordesc<{t}[{cfg.block_k}, {cfg.block_n}]>" if grad_input
+                   else f"tensordesc<{t}[{cfg.block_n}, {cfg.block_k}]>")
+            y_t = f"tensordesc<{t}[{cfg.block_m}, {cfg.block_n // (2 if cfg.epilogue_subtile else 1)}]>"
+        else:
+            x_t = w_t = y_t = f"*{t}"
+        types = {"X": x_t, "W": w_t, "V": f"*{t}", "Y": y_t, "XA": f"*{_acc(dtype)}", "M": "i32",
+                 "N": "i32", "K": "i32", "R": "i32", "stride_xm": "i32", "stride_ym": "i32",
+                 "scaling": "fp64", "dropout_p": "fp64"}
+        if in_loop:
+            types["U"] = f"*{t}"
+        if not grad_input:
+            types["BIAS"] = f"*{t}"
+        if form == "dx_dropout":
+            types["SEED"] = "*i64"
+        # W as stored ([N, K] forward, [K, N] dX) and the small adapter operand (B [N, R] forward,
+        # A [R, K] dX) have unit stride along their rows; the runtime makes a stride of 1 a constant
+        types["stride_wk" if grad_input else "stride_wn"] = "i32"
+        types["stride_vr" if grad_input else "stride_vn"] = "i32"
+        const = dict(U=None, BIAS=None, SEED=None, W_NK=not grad_input, INT64=False,
+                     BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
+                     GROUP_M=cfg.group_m, NUM_SMS=132, EPILOGUE_SUBTILE=cfg.epilogue_subtile and tma,
+                     USE_TMA=tma, XA_IN_LOOP=in_loop, HAS_BIAS=not grad_input,
+                     DROPOUT_OUT=form == "dx_dropout", EVEN_K=True,
+                     # the heavier form, with the epilogue's mask of the padded rank lanes
+                     R_PADDED=True, ACC_DTYPE=eval(acc, {"tl": triton.language}),
+                     PRECISION="ieee",
+                     CHUNKED_ACC=dtype in (torch.float32, torch.float64),
+                     **({"stride_wn": 1, "stride_vn": 1} if grad_input
+                        else {"stride_wk": 1, "stride_vr": 1}))
+        const = {k: v for k, v in const.items() if k not in types}
+        c = compile_kernel(_lora_gemm_kernel, types, const, cap, cfg.num_warps, cfg.num_stages)
+        out[form] = dict(wgmma="wgmma" in c.ptx, tma="cp.async.bulk.tensor" in c.ptx,
+                         shared=c.shared, registers=c.registers, spills=c.spill_bytes)
+    return out
 
 
-# The GPUs the configs are written for: (capability, SM count, name).
-GPUS = [((8, 0), 108, "A100"), ((9, 0), 132, "H100")]
-# Problem sizes production sees: llama projection shapes, decode to long prefill, ranks to 256.
-SHAPES = [(M, N, K) for M in (1, 16, 64, 256, 8192) for N, K in ((4096, 4096), (11008, 4096))]
-RANKS = (16, 64, 128, 256)
+# The forms of the reduction kernel, by the config's (dropout, expand, rank_out) flags:
+# (form, writes C, writes Z (dY B), writes O (dx0), dropout)
+REDUCE_FORMS = {(False, False, True): [("dy_pass", True, True, False, False)],
+                (False, False, False): [("da", True, False, False, False)],
+                (False, True, False): [("x_pass", True, False, True, False)],
+                (True, False, False): [("da_dropout", True, False, False, True)],
+                (True, True, False): [("x_pass_dropout", True, False, True, True)]}
 
 
-def _production_problems():
-    """(capability, SM count, dtype, M, N, K, R, R-block) for every GPU, dtype, shape and rank."""
-    for cap, n_sm, _ in GPUS:
-        for dtype in (torch.bfloat16, torch.float32, torch.float64):
+def pass_job(item) -> dict:
+    """The pass over x (xa) or a reduction over rows (the dY pass: dB with dY B; the x pass: dA
+    with dx0, with and without dropout) in a config chosen for those flags."""
+    kind, cfg, block_r, dtype, cap, flags = item
+    dropout = flags[0]
+    t, a = _TL[dtype], _acc(dtype)
+    acc = triton.language.float64 if dtype == torch.float64 else triton.language.float32
+    prec = "ieee"
+    out = {}
+    if kind == "xa":
+        types = {"X": f"*{t}", "A": f"*{t}", "XA": f"*{a}", "M": "i32", "K": "i32", "R": "i32",
+                 "stride_xm": "i32", "scale": "fp64", "dropout_p": "fp64"}
+        const = dict(BLOCK_M=cfg.block_rows, BLOCK_K=cfg.block_cols, BLOCK_R=block_r, INT64=False,
+                     HAS_DROPOUT=dropout, ACC_DTYPE=acc, PRECISION=prec)
+        if dropout:
+            types["SEED"] = "*i64"
+        else:
+            const["SEED"] = None
+        c = compile_kernel(_xa_kernel, types, const, cap, cfg.num_warps, cfg.num_stages)
+        out["xa_dropout" if dropout else "xa"] = dict(shared=c.shared, registers=c.registers,
+                                                     spills=c.spill_bytes)
+        return out
+    for form, has_c, has_z, has_o, drop in REDUCE_FORMS[flags]:
+        types = {"L": f"*{t}", "S": f"*{a}", "T": "i32", "P": "i32", "R": "i32", "stride_lt": "i32",
+                 "c_scale": "fp64", "o_scale": "fp64", "dropout_p": "fp64"}
+        const = dict(BLOCK_T=cfg.block_rows, BLOCK_P=cfg.block_cols, BLOCK_R=block_r, INT64=False,
+                     HAS_DROPOUT=drop, REDUCE=has_c, RANK_OUT=has_z, EXPAND_OUT=has_o,
+                     ACC_DTYPE=acc, PRECISION=prec)
+        for name, on, ty in (("C", has_c, f"*{a}"), ("Z", has_z, f"*{a}"), ("E", has_z, f"*{t}"),
+                             ("O", has_o, f"*{t}"), ("F", has_o, f"*{t}"), ("SEED", drop, "*i64")):
+            if on:
+                types[name] = ty
+            else:
+                const[name] = None
+        c = compile_kernel(_reduce_kernel, types, const, cap, cfg.num_warps, cfg.num_stages)
+        out[form] = dict(shared=c.shared, registers=c.registers, spills=c.spill_bytes)
+    return out
+
+
+def _problems():
+    """(DeviceInfo, dtype, M, N, K, R) for every GPU, dtype, shape and rank production sees."""
+    for cap, sms, smem, _ in GPUS:
+        info = configs.DeviceInfo(cap, sms, smem)
+        for dtype in DTYPES:
             for M, N, K in SHAPES:
                 for R in RANKS:
-                    yield cap, n_sm, dtype, M, N, K, R, configs.rank_block(R)
+                    yield info, dtype, M, N, K, R
 
 
-def production_gemm_configs():
-    """Unique (cfg, R-block, dtype, capability) the config function hands out for SHAPES x RANKS."""
+def production_gemm_configs() -> list:
+    """Unique (config, R-block, dtype, capability, dropout epilogue) the GEMM config function gives."""
     seen = {}
-    for cap, n_sm, dtype, M, N, K, _, block_r in _production_problems():
-        for dropout, n_major in ((False, False), (False, True), (True, True)):
-            cfg = configs._gpu_gemm_config(M, N, K, block_r, dtype, cap, n_sm, dropout, n_major)
-            seen.setdefault((cfg, block_r, dtype, cap[0] * 10 + cap[1], dropout), None)
+    for info, dtype, M, N, K, R in _problems():
+        block_r = configs.rank_block(R)
+        for grad_input, dropout in ((False, False), (True, False), (True, True)):
+            cfg = configs._gpu_gemm_config(configs.bucket(M), block_r, dtype, info, grad_input, dropout)
+            seen.setdefault((cfg, block_r, dtype, info.capability[0] * 10 + info.capability[1],
+                             dropout), None)
     return list(seen)
 
 
-def production_skinny_configs():
+def production_pass_configs() -> list:
+    """Unique (kind, config, R-block, dtype, capability, flags) the pass config functions give
+    (splits dropped: they change the grid, not the code); flags (dropout, expand, rank_out)."""
     seen = {}
-    for cap, n_sm, dtype, M, N, K, _, block_r in _production_problems():
-        for T, P in ((M, N), (M, K), (K, M)):
-            cfg = configs._gpu_skinny_config(configs._bucket(T), P, block_r, dtype, cap, n_sm)
-            key = (configs.SkinnyConfig(cfg.block_t, cfg.block_p, 1, cfg.num_warps, cfg.num_stages),
-                   block_r, dtype, cap[0] * 10 + cap[1])
-            seen.setdefault(key, None)
+    for info, dtype, M, N, K, R in _problems():
+        block_r = configs.rank_block(R)
+        cap = info.capability[0] * 10 + info.capability[1]
+
+        def add(kind, cfg, flags):
+            cfg = configs.PassConfig(cfg.block_rows, cfg.block_cols, 1, cfg.num_warps, cfg.num_stages)
+            seen.setdefault((kind, cfg, block_r, dtype, cap, flags), None)
+
+        for dropout in (False, True):
+            add("xa", configs._gpu_xa_config(configs.bucket(M), K, block_r, dtype, info, dropout),
+                (dropout, False, False))
+        # the dY pass reads dY [M, N]; the x pass reads x [M, K], with or without dx0 and dropout
+        flag_sets = [(N, (False, False, True))] + [(K, (d, e, False)) for d in (False, True)
+                                                   for e in (False, True)]
+        for P, flags in flag_sets:
+            add("reduce", configs._gpu_reduce_config(configs.bucket(M), P, block_r, dtype, info,
+                                                     *flags), flags)
     return list(seen)
-
-
-def _gemm_job(item):
-    cfg, block_r, dtype, cap, dropout = item
-    out = {}
-    # a config chosen for the dropout epilogue serves dX with dropout; the others the forward
-    # (XA in the loop, or given when the forward has dropout) and dX without dropout
-    modes = ((("dx_dropout", dict(bias=False, xa_in_loop=True, dropout_out=True)),) if dropout else
-             (("fwd", dict(bias=True, xa_in_loop=True, dropout_out=False)),
-              ("fwd_xa_given", dict(bias=True, xa_in_loop=False, dropout_out=False))))
-    # ranks below the block (r = 4, 8: block 16) add the R_PADDED epilogue's select
-    ranks = ((block_r, ""), (block_r - 1, "_rpad")) if block_r == 16 else ((block_r, ""),)
-    for (mode, kw), (R, tag) in ((m, r) for m in modes for r in ranks):
-        c = compile_kernel(_lora_gemm_kernel, dtype, gemm_constexprs(cfg, R, dtype, **kw), cap,
-                           cfg.num_warps, cfg.num_stages,
-                           side_dtype="fp64" if dtype == torch.float64 else "fp32")
-        out[mode + tag] = dict(wgmma="wgmma" in c.ptx, shared=c.shared, registers=c.registers,
-                               spills=c.spill_bytes)
-    return out
-
-
-def _skinny_job(item):
-    cfg, block_r, dtype, cap = item
-    out = {}
-    for mode, dropout in (("plain", False), ("dropout", True)):
-        c = compile_kernel(_lora_skinny_kernel, dtype, skinny_constexprs(cfg, block_r, dtype, dropout=dropout),
-                           cap, cfg.num_warps, cfg.num_stages,
-                           side_dtype="fp64" if dtype == torch.float64 else "fp32")
-        out[mode] = dict(wgmma="wgmma" in c.ptx, shared=c.shared, registers=c.registers, spills=c.spill_bytes)
-    return out
 
 
 def item_id(kind, item) -> str:
-    cfg, block_r, dtype, cap = item[:4]
-    dt = _TL[dtype]
     if kind == "gemm":
-        tile = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}-t{cfg.tiles_n}" + ("-dropout" if item[4] else "")
+        cfg, block_r, dtype, cap, dropout = item
+        tile = (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}" + ("-tma" if cfg.tma else "")
+                + ("-subtile" if cfg.epilogue_subtile else "") + ("-dropout" if dropout else ""))
     else:
-        tile = f"{cfg.block_t}x{cfg.block_p}"
-    return f"{kind}-sm{cap}-{dt}-r{block_r}-{tile}-w{cfg.num_warps}-s{cfg.num_stages}"
+        kind, cfg, block_r, dtype, cap, (dropout, expand, rank_out) = item
+        tile = (f"{cfg.block_rows}x{cfg.block_cols}" + ("-dropout" if dropout else "")
+                + ("-dx0" if expand else "") + ("-dyb" if rank_out else ""))
+    return f"{kind}-sm{cap}-{_TL[dtype]}-r{block_r}-{tile}-w{cfg.num_warps}-s{cfg.num_stages}"
+
+
+def all_items() -> list:
+    return ([("gemm", it) for it in production_gemm_configs()]
+            + [("pass", it) for it in production_pass_configs()])
+
+
+def _run(job):
+    kind, item = job
+    return (gemm_job if kind == "gemm" else pass_job)(item)
 
 
 def main() -> None:
-    """Compile every production config in a pool of processes; print one JSON object."""
+    """Compile every production config in a pool of processes; print one JSON object (or, with
+    --summary, a line per config and a verdict)."""
     import json
-    import sys
     from concurrent.futures import ProcessPoolExecutor
 
     assert os.environ.get("TRITON_INTERPRET") != "1", "AOT compilation needs the compiling triton.jit"
-    jobs = [("gemm", it) for it in production_gemm_configs()] + \
-           [("skinny", it) for it in production_skinny_configs()]
+    jobs = all_items()
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        futures = [pool.submit(_gemm_job if kind == "gemm" else _skinny_job, it) for kind, it in jobs]
-        results = {item_id(kind, it): f.result() for (kind, it), f in zip(jobs, futures)}
-    json.dump(results, sys.stdout)
+        results = {item_id(*job): r for job, r in zip(jobs, pool.map(_run, jobs))}
+    if "--summary" not in sys.argv:
+        json.dump(results, sys.stdout)
+        return
+    bad = 0
+    for name, forms in results.items():
+        for form, info in forms.items():
+            flag = "" if info["spills"] == 0 else "  SPILLS"
+            bad += bool(flag)
+            print(f"{name:60s} {form:16s} regs {info['registers']:3d} smem {info['shared']:6d}"
+                  f"{' wgmma' if info.get('wgmma') else ''}{' tma' if info.get('tma') else ''}{flag}")
+    print(f"triton {triton.__version__}: {len(results)} configs, {bad} with spills")
+    sys.exit(1 if bad else 0)
 
 
 if __name__ == "__main__":

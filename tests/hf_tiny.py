@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from conftest import DEVICE
+from helpers import DEVICE
 
 # Largest max|fastlora - peft| / max|peft| allowed: both compute the same products in the same
 # dtype, so they differ by a few roundings of the summation order at most.

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import fastlora
-from conftest import BACKENDS
+from helpers import BACKENDS, Net, lora_paths, with_random_B
 from hf_tiny import (TARGETS, assert_same_as_peft, input_ids, logits_and_lora_grads, peft_twin,
                      require_hf, tiny_llama)
-from test_model import Net, lora_paths, with_random_B
 
 st = pytest.importorskip("safetensors.torch")
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fastlora
-from conftest import DEVICE, HAS_TRITON
+from helpers import DEVICE, HAS_TRITON
 from fastlora.checks import ATOL
 from fastlora.reference import LoRALinearReference, lora_linear_reference
 

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import fastlora
-from conftest import BACKENDS, DEVICE
+from helpers import BACKENDS, DEVICE
 
 
 class Block(nn.Module):

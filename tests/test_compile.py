@@ -9,7 +9,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import fastlora
-from conftest import BACKENDS, DEVICE
+from helpers import BACKENDS, DEVICE
 
 F16, F32, F64 = torch.float16, torch.float32, torch.float64
 OP = torch.ops.fastlora.lora_linear.default
@@ -56,7 +56,7 @@ def test_eager_function_equals_the_operator(backend, p, autocast):
     args = (x, w, b, a, bb, 0.5, p, seed, backend)
     dy = _rand(7, 6)
     results = []
-    for call in (lambda: OP(*args)[0], lambda: fastlora.ops._eager(*args)):
+    for call in (lambda: OP(*args)[0], lambda: fastlora.autograd.run_eager(*args)):
         with torch.autocast(DEVICE, dtype=F16, enabled=autocast):
             y = call()
         results.append((y, *torch.autograd.grad(y, [x, w, b, a, bb], dy.to(y.dtype))))

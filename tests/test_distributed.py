@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import BACKENDS
+from helpers import BACKENDS
 import dist_worker
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastlora
-from conftest import HAS_CUDA, HAS_TRITON
+from helpers import HAS_CUDA, HAS_TRITON, assert_within_bound
 from fastlora.checks import Case, gradcheck, three_way
 
 pytestmark = [pytest.mark.gpu,
@@ -27,25 +27,28 @@ GPU_CASES = [
 ]
 
 
+TRITON_ROUTES = ["fused", "split"]
+
+
+@pytest.mark.parametrize("route", TRITON_ROUTES)
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
-def test_three_way_bound_on_gpu(case):
-    results = three_way(case, "triton", device="cuda")
-    failed = [f"{r.tensor}: err {r.err:.3g} > bound {r.bound:.3g} (torch's own {r.torch_err:.3g})"
-              for r in results if not r.ok]
-    assert not failed, "; ".join(failed)
+def test_three_way_bound_on_gpu(case, route):
+    assert_within_bound(three_way(case, route, device="cuda"))
 
 
+@pytest.mark.parametrize("route", TRITON_ROUTES)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.4])
-def test_gradcheck_float64_compiled_kernels(dropout_p):
-    assert gradcheck("triton", device="cuda", dropout_p=dropout_p)
+def test_gradcheck_float64_compiled_kernels(dropout_p, route):
+    assert gradcheck(route, device="cuda", dropout_p=dropout_p)
 
 
+@pytest.mark.parametrize("route", TRITON_ROUTES)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
-def test_bitwise_deterministic(dropout_p):
+def test_bitwise_deterministic(dropout_p, route):
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(4096, 4096, device="cuda", dtype=BF16, generator=g)
     layer = fastlora.LoRALinear(4096, 4096, r=16, alpha=32, dropout=dropout_p, device="cuda", dtype=BF16,
-                                init_lora_weights=False)
+                                init_lora_weights=False, backend=route)
     runs = []
     for _ in range(3):
         xi = x.clone().requires_grad_(True)

@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 from torch.utils.checkpoint import checkpoint
 
 import fastlora
-from conftest import HAS_CUDA, HAS_TRITON
+from helpers import HAS_CUDA, HAS_TRITON
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastlora
-from conftest import BACKENDS, DEVICE
+from helpers import BACKENDS, DEVICE
 
 
 class SaveCounter:

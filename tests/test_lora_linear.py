@@ -1,10 +1,10 @@
-"""fastlora.lora_linear through both backends against the float64 reference (three-way bound) and
+"""fastlora.lora_linear through every route against the float64 reference (three-way bound) and
 finite differences (gradcheck). On a machine without a GPU the Triton backend runs in the interpreter."""
 import pytest
 import torch
 
 import fastlora
-from conftest import BACKENDS, DEVICE, HAS_TRITON
+from helpers import DEVICE, HAS_TRITON, ROUTES, assert_within_bound
 from fastlora.checks import Case, gradcheck, three_way
 
 F16, F32, F64 = torch.float16, torch.float32, torch.float64
@@ -29,16 +29,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ROUTES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_three_way_bound(case, backend):
-    results = three_way(case, backend, device=DEVICE)
-    failed = [f"{r.tensor}: err {r.err:.3g} > bound {r.bound:.3g} (torch's own {r.torch_err:.3g})"
-              for r in results if not r.ok]
-    assert not failed, "; ".join(failed)
+    assert_within_bound(three_way(case, backend, device=DEVICE))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ROUTES)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.4], ids=["nodrop", "drop0.4"])
 def test_gradcheck_float64(backend, dropout_p):
     assert gradcheck(backend, device=DEVICE, dropout_p=dropout_p)
@@ -50,7 +47,7 @@ def _inputs(M=6, K=8, N=5, r=3, dtype=F32, device=DEVICE):
     return mk(M, K), mk(N, K), mk(N), mk(r, K), mk(N, r)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ROUTES)
 def test_dropout_zero_and_eval_equal_no_dropout(backend):
     x, w, b, a, bb = _inputs()
     plain = fastlora.lora_linear(x, w, b, a, bb, 0.5, backend=backend)
@@ -61,7 +58,7 @@ def test_dropout_zero_and_eval_equal_no_dropout(backend):
     assert not torch.allclose(dropped, plain)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ROUTES)
 def test_dropout_is_reproducible_from_torch_seed(backend):
     x, w, b, a, bb = _inputs()
     torch.manual_seed(3)
@@ -75,7 +72,8 @@ def test_dropout_is_reproducible_from_torch_seed(backend):
 def test_torch_backend_dropout_mask_statistics_and_one_draw_per_pass(monkeypatch):
     """The fallback's keep-mask keeps 1 - p of the elements, follows its seed, and is drawn once in
     the forward and once in the backward (which needs it for dx and for dA)."""
-    from fastlora.backends import TORCH, Dropout
+    from fastlora.routes import Dropout
+    from fastlora.torch_route import TorchRoute as TORCH
     seed = torch.tensor([7], dtype=torch.int64)
     for p in (0.1, 0.5):
         keep = TORCH.keep_mask(Dropout(seed, p), (64, 256), "cpu")
@@ -87,10 +85,10 @@ def test_torch_backend_dropout_mask_statistics_and_one_draw_per_pass(monkeypatch
     assert not torch.equal(TORCH.keep_mask(Dropout(seed, 0.5), (64, 256), "cpu"),
                            TORCH.keep_mask(Dropout(seed + 1, 0.5), (64, 256), "cpu"))
 
-    from fastlora import backends
+    from fastlora import torch_route
     draws = []
-    draw = backends._draw_keep
-    monkeypatch.setattr(backends, "_draw_keep", lambda *a: draws.append(a) or draw(*a))
+    draw = torch_route._draw_keep
+    monkeypatch.setattr(torch_route, "_draw_keep", lambda *a: draws.append(a) or draw(*a))
     x, w, b, a, bb = _inputs()
     x.requires_grad_(True)
     a.requires_grad_(True)
@@ -100,7 +98,7 @@ def test_torch_backend_dropout_mask_statistics_and_one_draw_per_pass(monkeypatch
     assert len(draws) == 2
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ROUTES)
 def test_empty_input_returns_empty(backend):
     x, w, b, a, bb = _inputs()
     x0 = torch.empty(0, 4, x.shape[1], device=DEVICE, requires_grad=True)
@@ -111,7 +109,7 @@ def test_empty_input_returns_empty(backend):
     assert x0.grad.shape == x0.shape and torch.equal(a.grad, torch.zeros_like(a))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ROUTES)
 def test_frozen_weight_gets_a_gradient_only_when_asked(backend):
     x, w, b, a, bb = _inputs(dtype=F64)
     w.requires_grad_(True)
@@ -120,7 +118,7 @@ def test_frozen_weight_gets_a_gradient_only_when_asked(backend):
     torch.testing.assert_close(w.grad, torch.ones(w.shape[0], x.shape[0], dtype=F64, device=DEVICE) @ x)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ROUTES)
 def test_inputs_are_not_modified(backend):
     x, w, b, a, bb = _inputs()
     before = [t.clone() for t in (x, w, b, a, bb)]
@@ -141,7 +139,7 @@ def test_no_grad_path_matches_autograd_path():
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_auto_backend_uses_torch_on_cpu_and_triton_on_cuda():
-    from fastlora.ops import _resolve_backend
+    from fastlora.routes import resolve
     x = torch.zeros(2, 3, device=DEVICE)
-    assert _resolve_backend("auto", x, 8) == ("triton" if DEVICE == "cuda" else "torch")
-    assert _resolve_backend("auto", x, 10_000) == "torch"  # past the kernels' largest rank
+    assert resolve("auto", x, 8) == ("triton" if DEVICE == "cuda" else "torch")
+    assert resolve("auto", x, 10_000) == "torch"  # past the kernels' largest rank

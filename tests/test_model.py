@@ -7,52 +7,8 @@ import torch
 from torch import nn
 
 import fastlora
-from conftest import BACKENDS, DEVICE
+from helpers import BACKENDS, DEVICE, Net, lora_paths, with_random_B
 from hf_tiny import peft_twin, tiny_llama
-
-
-class Block(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.q_proj = nn.Linear(d, d)
-        self.v_proj = nn.Linear(d, d // 2, bias=False)
-        self.out_proj = nn.Linear(d // 2, d)
-        self.norm = nn.LayerNorm(d)
-
-    def forward(self, x):
-        return self.norm(x + self.out_proj(torch.tanh(self.v_proj(self.q_proj(x)))))
-
-
-class Net(nn.Module):
-    """Two blocks and an output head, reachable through get_output_embeddings as in transformers."""
-
-    def __init__(self, d=16, vocab=24):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList([Block(d), Block(d)])
-        self.lm_head = nn.Linear(d, vocab, bias=False)
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def forward(self, ids):
-        h = self.embed(ids)
-        for block in self.blocks:
-            h = block(h)
-        return self.lm_head(h)
-
-
-def lora_paths(model):
-    return sorted(p for p, m in model.named_modules() if isinstance(m, fastlora.LoRALinear))
-
-
-def with_random_B(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, fastlora.LoRALinear):
-                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
-    return model
 
 
 def test_apply_lora_by_name_shares_weights_and_freezes_the_rest():

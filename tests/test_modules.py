@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fastlora
-from conftest import BACKENDS, DEVICE
+from helpers import BACKENDS, DEVICE
 from fastlora.reference import LoRALinearReference, lora_linear_reference
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastlora
-from conftest import BACKENDS, DEVICE
+from helpers import BACKENDS, DEVICE
 from hf_tiny import (TARGETS, assert_same_as_peft, input_ids, logits_and_lora_grads, lora_key,
                      max_err, peft_twin, randomize_lora_B, require_hf, tiny_llama)
 from fastlora import peft_interop
@@ -243,7 +243,7 @@ def test_copies_stay_fused_on_their_own_parameters(fused_calls):
 def test_errors():
     with pytest.raises(ValueError, match="has no PEFT LoRA layers"):
         fastlora.from_peft(tiny_llama())
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'torch'\), got 'cuda'"):
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'fused', 'split', 'torch'\), got 'cuda'"):
         fastlora.from_peft(peft_twin(tiny_llama()), backend="cuda")
     with pytest.raises(TypeError, match="from_peft: peft_model must be a torch.nn.Module, got str"):
         fastlora.from_peft("model")

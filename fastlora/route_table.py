@@ -1,0 +1,94 @@
+"""Which Triton route runs a pass, from measured data.
+
+``route_table.json`` (beside this file) holds runs of ``benchmarks/tune_routes.py``: each names the
+GPU, torch and triton versions, the date and the command, and lists for every problem it timed
+the faster route (and the fused route's best launch config). A problem is keyed by
+
+    (GPU generation, dtype, M bucket, out_features N, in_features K, rank bucket, dropout on/off,
+     pass: "fwd" or "bwd")
+
+with M rounded up to a power of two and the rank to its kernel block (rank_block). Where several
+runs cover a key, the newest wins. A problem the table does not hold falls back to ``RULE``.
+The table is read once, when a Triton route first asks.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+TABLE_PATH = os.path.join(os.path.dirname(__file__), "route_table.json")
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+               torch.float64: "fp64"}
+# Below this M the fused route's single launch wins, at or above it cuBLAS's main loop does: on
+# the one H100 measured (benchmarks/results/h100-bench-2026-11-26.json, bf16, r=16) the fused
+# route ran decode shapes (M <= 16) at 0.71-0.81x PEFT's time, and M=8192 training steps at
+# 1.07-1.28x PEFT's, whose steps are cuBLAS plus rank-r products.
+SPLIT_FROM_M = 256
+
+
+def RULE(M: int) -> str:
+    """The route for a problem the table does not hold."""
+    return "split" if M >= SPLIT_FROM_M else "fused"
+
+
+@dataclass(frozen=True)
+class Choice:
+    route: str                       # "fused" or "split"
+    gemm: Optional[dict] = None      # the fused route's measured launch config (GemmConfig fields)
+    measured: bool = False           # False: from RULE
+
+
+def generation(device: torch.device) -> str:
+    """"sm90" for a compute capability 9.0 GPU; "interpreter" for Triton's CPU interpreter."""
+    if device.type != "cuda":
+        return "interpreter"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_generation(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_generation(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm{major}{minor}"
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (max(n, 1) - 1).bit_length())
+
+
+def key(gen: str, dtype: str, M: int, N: int, K: int, R: int, dropout: bool, pass_: str) -> tuple:
+    """The table key of a problem (M and R bucketed as the kernels bucket them)."""
+    return (gen, dtype, _pow2(M), N, K, max(16, _pow2(R)), bool(dropout), pass_)
+
+
+@functools.lru_cache(maxsize=4)
+def load(path: str = TABLE_PATH) -> dict[tuple, dict]:
+    """The table's entries by key, newest run last (so it wins)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if data.get("format") != 1:
+        raise ValueError(f"fastlora: {path} has route-table format {data.get('format')!r}, expected 1")
+    entries = {}
+    for run in sorted(data.get("runs", []), key=lambda r: r["date"]):
+        for e in run["entries"]:
+            k = key(run["generation"], e["dtype"], e["M"], e["N"], e["K"], e["rank"], e["dropout"],
+                    e["pass"])
+            entries[k] = e
+    return entries
+
+
+def choose(pass_: str, device: torch.device, dtype: torch.dtype, M: int, N: int, K: int, R: int,
+           dropout: bool) -> Choice:
+    """The route (and, where measured, the fused route's config) for one pass of one problem."""
+    name = DTYPE_NAMES.get(dtype)
+    entry = load(TABLE_PATH).get(key(generation(device), name, M, N, K, R, dropout, pass_))
+    if entry is None:
+        return Choice(RULE(M))
+    return Choice(entry["route"], entry.get("gemm"), measured=True)

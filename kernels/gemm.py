@@ -1,0 +1,256 @@
+"""The fused LoRA GEMM: one launch for y = x op(W) + bias + s * D o (xa op(V)).
+
+It serves the forward and the backward's dX through the layout of W (fastlora/autograd.py derives
+both):
+
+* forward (``grad_input=False``): y = x W^T + bias + s * xa B^T, W [N, K] and B [N, R] as stored,
+  xa = drop(x) A^T either computed in the K loop from the same x tiles (A [R, K]) or read;
+* dX (``grad_input=True``): dx = dy W + s * D o ((dy B) A), W [N_out, K_in] and A [R, K_in] as
+  stored (the kernel's K is N_out, its N is K_in), dy B read from the pass over dY, and D the
+  dropout mask of x (scaled by 1/(1-p)) applied to the low-rank term in the epilogue.
+
+Output tiles are visited in grouped order (GROUP_M row blocks share each column of W tiles while
+it sits in L2). Where the operands' strides allow TMA (sm_90+), they come through tensor
+descriptors, the grid is persistent (one program per SM walking tiles) and the accumulator leaves
+through a TMA store, in two halves when subtiled; otherwise through pointers with any strides,
+one program per tile.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .common import (INTERPRETED, acc_dtype, alloc, check_device, dot_precision, dropout_keep,
+                     max_offset, needs_int64, tl_acc_dtype, tma_ready, torch_dtype,
+                     widened, wrapped_offsets)
+from .configs import GemmConfig, device_info, gemm_config, rank_block
+
+
+@triton.jit
+def tile_coords(tile, n_tiles_m, n_tiles_n, GROUP_M: tl.constexpr):
+    """(i_m, i_n) of output tile number ``tile`` in grouped order."""
+    per_group = GROUP_M * n_tiles_n
+    first_m = (tile // per_group) * GROUP_M
+    group_size = min(n_tiles_m - first_m, GROUP_M)
+    i_m = first_m + (tile % per_group) % group_size
+    i_n = (tile % per_group) // group_size
+    return i_m, i_n
+
+
+@triton.jit
+def _lora_tile(
+    tile, tile_out, X, W, U, V, BIAS, Y, XA, seed,
+    M, N, K, R, stride_xm, stride_wk, stride_wn, stride_vr, stride_vn, stride_ym, scaling, dropout_p,
+    W_NK: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    EPILOGUE_SUBTILE: tl.constexpr, USE_TMA: tl.constexpr, XA_IN_LOOP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT_OUT: tl.constexpr, EVEN_K: tl.constexpr,
+    R_PADDED: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    CHUNKED_ACC: tl.constexpr,
+):
+    """One output tile: the main loop over K for tile number ``tile``, the epilogue for tile number
+    ``tile_out`` (the same tile; a persistent loop counts the two apart so that the software
+    pipeline may start the next tile's loads under this one's epilogue)."""
+    n_tiles_m = tl.cdiv(M, BLOCK_M)
+    n_tiles_n = tl.cdiv(N, BLOCK_N)
+    if USE_TMA:
+        DOT_DTYPE = X.dtype
+    else:
+        DOT_DTYPE = X.dtype.element_ty
+    o_r = tl.arange(0, BLOCK_R)
+    m_r = o_r < R
+
+    i_m, i_n = tile_coords(tile, n_tiles_m, n_tiles_n, GROUP_M)
+    if not USE_TMA:
+        rows = wrapped_offsets(i_m * BLOCK_M + tl.arange(0, BLOCK_M), M, INT64)
+        cols = wrapped_offsets(i_n * BLOCK_N + tl.arange(0, BLOCK_N), N, INT64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    b_xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+    for i_k in range(tl.cdiv(K, BLOCK_K)):
+        o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        if USE_TMA:
+            b_x = X.load([i_m * BLOCK_M, i_k * BLOCK_K])                      # [BM, BK]
+            if W_NK:
+                b_w = W.load([i_n * BLOCK_N, i_k * BLOCK_K]).T                # [BK, BN]
+            else:
+                b_w = W.load([i_k * BLOCK_K, i_n * BLOCK_N])                  # [BK, BN]
+        else:
+            p_x = X + rows[:, None] * stride_xm + o_k[None, :]
+            p_w = W + o_k[:, None] * stride_wk + cols[None, :] * stride_wn
+            if EVEN_K:
+                b_x = tl.load(p_x)                                            # [BM, BK]
+                b_w = tl.load(p_w)                                            # [BK, BN]
+            else:
+                b_x = tl.load(p_x, mask=(o_k < K)[None, :], other=0.0)
+                b_w = tl.load(p_w, mask=(o_k < K)[:, None], other=0.0)
+        if CHUNKED_ACC:
+            # float32/64: each K block sums on its own before joining the total, so rounding
+            # grows with K / BLOCK_K rather than K (cuBLAS-level accuracy at large K)
+            acc += tl.dot(b_x, b_w, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        else:
+            acc = tl.dot(b_x, b_w, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        if XA_IN_LOOP:
+            p_u = U + o_r[None, :] * K + o_k[:, None]
+            b_u = tl.load(p_u, mask=m_r[None, :] & (o_k < K)[:, None], other=0.0)      # [BK, BR]
+            b_xa = tl.dot(b_x, b_u.to(DOT_DTYPE), b_xa, input_precision=PRECISION,
+                          out_dtype=ACC_DTYPE)
+
+    # epilogue: the low-rank term, rounded to the compute dtype as torch would round XA
+    e_m, e_n = tile_coords(tile_out, n_tiles_m, n_tiles_n, GROUP_M)
+    o_m = e_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_n = e_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_m = o_m < M
+    m_n = o_n < N
+    om = widened(o_m, INT64)
+    on = widened(o_n, INT64)
+    p_xa = XA + om[:, None] * R + o_r[None, :]
+    if XA_IN_LOOP:
+        if e_n == 0:  # the side output, written once per row block
+            tl.store(p_xa, b_xa.to(XA.dtype.element_ty), mask=m_m[:, None] & m_r[None, :])
+    else:
+        b_xa = tl.load(p_xa, mask=m_m[:, None] & m_r[None, :], other=0.0).to(ACC_DTYPE)
+    p_v = V + o_r[:, None] * stride_vr + on[None, :] * stride_vn
+    b_v = tl.load(p_v, mask=m_r[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)      # [BR, BN]
+    b_xas = (b_xa * tl.full((1, 1), scaling, ACC_DTYPE)).to(DOT_DTYPE)
+    if R_PADDED:
+        # lanes r >= R hold x * 0 from U's zero padding, NaN where x is +-Inf; V's zero padding
+        # would carry that NaN into every output of the row
+        b_xas = tl.where(m_r[None, :], b_xas, 0.0)
+    if DROPOUT_OUT:
+        b_low = tl.dot(b_xas, b_v, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE),
+                       input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        keep = dropout_keep(seed, o_m[:, None], o_n[None, :], tl.full((1, 1), dropout_p, tl.float32))
+        acc += tl.where(keep, b_low / (1.0 - tl.full((1, 1), dropout_p, ACC_DTYPE)), 0.0)
+    else:
+        acc = tl.dot(b_xas, b_v, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + on, mask=m_n, other=0.0).to(ACC_DTYPE)[None, :]
+    if USE_TMA:
+        if EPILOGUE_SUBTILE:
+            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+            acc0, acc1 = tl.split(halves)
+            Y.store([e_m * BLOCK_M, e_n * BLOCK_N], acc0.to(Y.dtype))
+            Y.store([e_m * BLOCK_M, e_n * BLOCK_N + BLOCK_N // 2], acc1.to(Y.dtype))
+        else:
+            Y.store([e_m * BLOCK_M, e_n * BLOCK_N], acc.to(Y.dtype))
+    else:
+        p_y = Y + om[:, None] * stride_ym + on[None, :]
+        tl.store(p_y, acc.to(Y.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+
+
+@triton.heuristics({
+    "USE_TMA": lambda a: isinstance(a["X"], TensorDescriptor),
+    "XA_IN_LOOP": lambda a: a["U"] is not None,
+    "HAS_BIAS": lambda a: a["BIAS"] is not None,
+    "DROPOUT_OUT": lambda a: a["SEED"] is not None,
+    "EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0,
+    "R_PADDED": lambda a: a["R"] < a["BLOCK_R"],
+    "ACC_DTYPE": lambda a: tl_acc_dtype(a["X"]),
+    "PRECISION": lambda a: dot_precision(a["X"]),
+    "CHUNKED_ACC": lambda a: torch_dtype(a["X"]) in (torch.float32, torch.float64),
+})
+@triton.jit(do_not_specialize=["M"])
+def _lora_gemm_kernel(
+    X, W, U, V, BIAS, Y, XA, SEED,
+    M, N, K, R,
+    stride_xm, stride_wk, stride_wn, stride_vr, stride_vn, stride_ym,
+    scaling: "fp64", dropout_p: "fp64",
+    W_NK: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr,
+    USE_TMA: tl.constexpr, XA_IN_LOOP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DROPOUT_OUT: tl.constexpr, EVEN_K: tl.constexpr, R_PADDED: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, CHUNKED_ACC: tl.constexpr,
+):
+    """Y = X op(W) + BIAS + s * D o (XA op(V)), XA = X U^T (in the loop, written to XA) or read.
+
+    X [M, K]; op(W) [K, N] is W^T of W [N, K] (W_NK) or W [K, N] itself; U [R, K]; op(V) [R, N]
+    through (stride_vr, stride_vn); XA [M, R] contiguous; Y [M, N]. With USE_TMA, X, W and Y are
+    tensor descriptors (edges zero-filled on load, clipped on store) and the grid is persistent:
+    min(#tiles, NUM_SMS) programs walk the tiles NUM_SMS apart. Otherwise pointers, one tile a
+    program (a persistent loop costs the pointer path registers it has no use for), rows and columns
+    past the edges wrapped onto valid ones (never stored) and K masked unless EVEN_K.
+    """
+    seed = tl.load(SEED) if DROPOUT_OUT else 0
+    i_pid = tl.program_id(0)
+    if USE_TMA:
+        n_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        tile_out = i_pid - NUM_SMS
+        for tile in tl.range(i_pid, n_tiles, NUM_SMS, flatten=True):
+            tile_out += NUM_SMS
+            _lora_tile(tile, tile_out, X, W, U, V, BIAS, Y, XA, seed, M, N, K, R, stride_xm,
+                       stride_wk, stride_wn, stride_vr, stride_vn, stride_ym, scaling, dropout_p,
+                       W_NK, INT64, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M, EPILOGUE_SUBTILE,
+                       USE_TMA, XA_IN_LOOP, HAS_BIAS, DROPOUT_OUT, EVEN_K, R_PADDED, ACC_DTYPE,
+                       PRECISION, CHUNKED_ACC)
+    else:
+        _lora_tile(i_pid, i_pid, X, W, U, V, BIAS, Y, XA, seed, M, N, K, R, stride_xm,
+                   stride_wk, stride_wn, stride_vr, stride_vn, stride_ym, scaling, dropout_p,
+                   W_NK, INT64, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M, EPILOGUE_SUBTILE,
+                   USE_TMA, XA_IN_LOOP, HAS_BIAS, DROPOUT_OUT, EVEN_K, R_PADDED, ACC_DTYPE,
+                   PRECISION, CHUNKED_ACC)
+
+
+def lora_gemm(x: torch.Tensor, w: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+              scaling: float, *, grad_input: bool = False, u: torch.Tensor | None = None,
+              xa: torch.Tensor | None = None, dropout: tuple[torch.Tensor, float] | None = None,
+              config: GemmConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, xa) with y = x op(w) + bias + scaling * D o (xa op(v)).
+
+    Forward (``grad_input=False``): x [M, K], w [N, K], v = B [N, R]; op transposes.
+    dX (``grad_input=True``): x = dY [M, K], w [K, N] (the base weight as stored), v = A [R, N].
+    ``u`` [R, K] (the forward's A): xa = x u^T is computed in the K loop and returned; otherwise
+    ``xa`` [M, R] (any float dtype) is read. ``dropout=(seed, p)`` multiplies the low-rank term by
+    the dropout mask of output element (m, n) over 1 - p (the dX epilogue). Any strides; a fresh
+    contiguous y.
+    """
+    check_device(x, w, v, bias, u, xa)
+    M, K = x.shape
+    N = w.shape[1] if grad_input else w.shape[0]
+    R = v.shape[0] if grad_input else v.shape[1]
+    if (u is None) == (xa is None):
+        raise ValueError("lora_gemm: pass exactly one of u (x u^T in the loop) and xa")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if u is not None:
+        # u's [BLOCK_K, BLOCK_R] tiles feed the in-loop dot with unit stride along K
+        u = u.contiguous()
+        xa = alloc((M, R), x, acc_dtype(x.dtype))
+    else:
+        xa = xa.contiguous()
+    y = alloc((M, N), x, x.dtype)
+    if M == 0:
+        return y, xa
+    cfg = config or gemm_config(M, N, K, R, x.dtype, x.device, grad_input=grad_input,
+                                dropout=dropout is not None)
+    info = device_info(x.device)
+    w_kn = (w.stride(0), w.stride(1)) if grad_input else (w.stride(1), w.stride(0))
+    v_rn = (v.stride(0), v.stride(1)) if grad_input else (v.stride(1), v.stride(0))
+    use_tma = (cfg.tma and (INTERPRETED or info.capability[0] >= 9)
+               and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and tma_ready(x, w, y))
+    if use_tma:
+        x_arg = TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k])
+        w_arg = TensorDescriptor.from_tensor(w, [cfg.block_k, cfg.block_n] if grad_input
+                                             else [cfg.block_n, cfg.block_k])
+        y_arg = TensorDescriptor.from_tensor(
+            y, [cfg.block_m, cfg.block_n // 2 if cfg.epilogue_subtile else cfg.block_n])
+    else:
+        x_arg, w_arg, y_arg = x, w, y
+    block_r = rank_block(R)
+    n_tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    programs = min(n_tiles, info.sms) if use_tma else n_tiles
+    seed, p = dropout if dropout is not None else (None, 0.0)
+    int64 = needs_int64(max_offset(x), max_offset(w), max_offset(y), M * block_r, max_offset(v))
+    _lora_gemm_kernel[(programs,)](
+        x_arg, w_arg, u, v, bias, y_arg, xa, seed,
+        M, N, K, R,
+        x.stride(0), w_kn[0], w_kn[1], v_rn[0], v_rn[1], y.stride(0),
+        float(scaling), float(p),
+        W_NK=not grad_input, INT64=int64,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
+        GROUP_M=cfg.group_m, NUM_SMS=info.sms, EPILOGUE_SUBTILE=cfg.epilogue_subtile and use_tma,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y, xa

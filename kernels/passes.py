@@ -1,0 +1,265 @@
+"""The memory-bound passes: the rank-r products that read a large operand once.
+
+* ``xa_pass``: xa = drop(x) A^T, one pass over x by row blocks;
+* ``dy_pass``: dY B and dB = s dY^T xa together, one pass over dY;
+* ``x_pass``:  dA = s (dY B)^T drop(x) and, if asked, dx0 = s D o ((dY B) A) (the low-rank part
+  of dX, which cuBLAS then accumulates onto), one pass over x with one mask draw for both.
+
+fastlora/autograd.py derives these products. Every reduction is split into a fixed number of
+chunks, each reduced in a fixed order by one program, and the chunks are summed in a fixed order
+afterwards: deterministic, no float atomics.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (acc_dtype, alloc, check_device, dot_precision, dropout_keep, max_offset,
+                     needs_int64, tl_acc_dtype, widened, wrapped_offsets)
+from .configs import PassConfig, rank_block, reduce_config, xa_config
+
+
+@triton.heuristics({
+    "HAS_DROPOUT": lambda a: a["SEED"] is not None,
+    "ACC_DTYPE": lambda a: tl_acc_dtype(a["X"]),
+    "PRECISION": lambda a: dot_precision(a["X"]),
+})
+@triton.jit(do_not_specialize=["M"])
+def _xa_kernel(
+    X, A, XA, SEED,
+    M, K, R, stride_xm,
+    scale: "fp64", dropout_p: "fp64",
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, INT64: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """XA[s] = scale * drop(X)[:, chunk s] A[:, chunk s]^T for X [M, K], A [R, K] (contiguous),
+    XA [SPLITS, M, R]. Program (i_m, s): BLOCK_M rows, the s-th chunk of K."""
+    i_m = tl.program_id(0)
+    i_s = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    blocks_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), n_split)
+    k_start = i_s * blocks_per_split * BLOCK_K
+    k_end = min(K, k_start + blocks_per_split * BLOCK_K)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = wrapped_offsets(o_m, M, INT64)
+    o_r = tl.arange(0, BLOCK_R)
+    m_r = o_r < R
+    DOT_DTYPE = X.dtype.element_ty
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+        p = tl.full((1, 1), dropout_p, tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < k_end
+        b_x = tl.load(X + rows[:, None] * stride_xm + o_k[None, :], mask=m_k[None, :], other=0.0)  # [BM, BK]
+        if HAS_DROPOUT:
+            b_x = tl.where(dropout_keep(seed, o_m[:, None], o_k[None, :], p), b_x, 0.0)
+        b_a = tl.load(A + o_r[:, None] * K + o_k[None, :], mask=m_r[:, None] & m_k[None, :],
+                      other=0.0).to(DOT_DTYPE)                                                  # [BR, BK]
+        acc = tl.dot(b_x, tl.trans(b_a), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    om = widened(o_m, INT64)
+    p_xa = XA + i_s * M * R + om[:, None] * R + o_r[None, :]
+    acc = acc * tl.full((1, 1), scale, ACC_DTYPE)
+    tl.store(p_xa, acc.to(XA.dtype.element_ty), mask=(o_m < M)[:, None] & m_r[None, :])
+
+
+@triton.heuristics({
+    "HAS_DROPOUT": lambda a: a["SEED"] is not None,
+    "REDUCE": lambda a: a["C"] is not None,
+    "RANK_OUT": lambda a: a["Z"] is not None,
+    "EXPAND_OUT": lambda a: a["O"] is not None,
+    "ACC_DTYPE": lambda a: tl_acc_dtype(a["L"]),
+    "PRECISION": lambda a: dot_precision(a["L"]),
+})
+@triton.jit(do_not_specialize=["T"])
+def _reduce_kernel(
+    L, S, E, F, C, Z, O, SEED,
+    T, P, R, stride_lt,
+    c_scale: "fp64", o_scale: "fp64", dropout_p: "fp64",
+    BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, INT64: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, REDUCE: tl.constexpr, RANK_OUT: tl.constexpr,
+    EXPAND_OUT: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Over the rows of L [T, P]; program (i_p, c) owns BLOCK_P columns and the c-th chunk of rows:
+
+        C[c]   = c_scale * drop(L)^T S              [P, R], the chunk's rows reduced (REDUCE)
+        Z[i_p] = L[:, cols] E[cols]                  [T, R], one partial per column block (RANK_OUT)
+        O      = o_scale * D o (S F[:, cols])        [T, P]  (EXPAND_OUT)
+
+    S [T, R], E [P, R], F [R, P], C [SPLITS, P, R], Z [P_BLOCKS, T, R] and O [T, P] contiguous; D
+    is the dropout mask of element (t, p) of L, which is x under dropout.
+    """
+    i_p = tl.program_id(0)
+    i_c = tl.program_id(1)
+    n_chunks = tl.num_programs(1)
+    blocks_per_chunk = tl.cdiv(tl.cdiv(T, BLOCK_T), n_chunks)
+    t_start = i_c * blocks_per_chunk * BLOCK_T
+    t_end = min(T, t_start + blocks_per_chunk * BLOCK_T)
+    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_p = o_p < P
+    op = widened(o_p, INT64)
+    o_r = tl.arange(0, BLOCK_R)
+    m_r = o_r < R
+    DOT_DTYPE = L.dtype.element_ty
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+        p = tl.full((1, 1), dropout_p, tl.float32)
+    if RANK_OUT:
+        b_e = tl.load(E + op[:, None] * R + o_r[None, :], mask=m_p[:, None] & m_r[None, :],
+                      other=0.0).to(DOT_DTYPE)                                           # [BP, BR]
+    if EXPAND_OUT:
+        b_f = tl.load(F + o_r[:, None] * P + op[None, :], mask=m_r[:, None] & m_p[None, :],
+                      other=0.0).to(DOT_DTYPE)                                           # [BR, BP]
+    acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=ACC_DTYPE)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        o_t = t0 + tl.arange(0, BLOCK_T)
+        m_t = o_t < t_end
+        ot = widened(o_t, INT64)
+        m_tp = m_t[:, None] & m_p[None, :]
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, o_t[:, None], o_p[None, :], p)
+        if REDUCE or EXPAND_OUT:
+            b_s = tl.load(S + ot[:, None] * R + o_r[None, :], mask=m_t[:, None] & m_r[None, :],
+                          other=0.0).to(DOT_DTYPE)                                       # [BT, BR]
+        if REDUCE or RANK_OUT:
+            b_l = tl.load(L + ot[:, None] * stride_lt + op[None, :], mask=m_tp, other=0.0)  # [BT, BP]
+            if RANK_OUT:
+                b_z = tl.dot(b_l, b_e, input_precision=PRECISION, out_dtype=ACC_DTYPE)  # [BT, BR]
+                p_z = Z + i_p * T * R + ot[:, None] * R + o_r[None, :]
+                tl.store(p_z, b_z.to(Z.dtype.element_ty), mask=m_t[:, None] & m_r[None, :])
+            if REDUCE:
+                if HAS_DROPOUT:
+                    b_l = tl.where(keep, b_l, 0.0)
+                acc = tl.dot(tl.trans(b_l), b_s, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        if EXPAND_OUT:
+            b_o = tl.dot(b_s, b_f, input_precision=PRECISION, out_dtype=ACC_DTYPE)       # [BT, BP]
+            b_o = b_o * tl.full((1, 1), o_scale, ACC_DTYPE)
+            if HAS_DROPOUT:
+                b_o = tl.where(keep, b_o, 0.0)
+            tl.store(O + ot[:, None] * P + op[None, :], b_o.to(O.dtype.element_ty), mask=m_tp)
+    if REDUCE:
+        p_c = C + i_c * P * R + op[:, None] * R + o_r[None, :]
+        acc = acc * tl.full((1, 1), c_scale, ACC_DTYPE)
+        tl.store(p_c, acc.to(C.dtype.element_ty), mask=m_p[:, None] & m_r[None, :])
+
+
+def _fixed_order_sum(parts: torch.Tensor) -> torch.Tensor:
+    return parts[0] if parts.shape[0] == 1 else parts.sum(0)
+
+
+def xa_pass(x: torch.Tensor, a: torch.Tensor, *, dropout: tuple[torch.Tensor, float] | None = None,
+            config: PassConfig | None = None) -> torch.Tensor:
+    """xa = drop(x) a^T [M, R] in the accumulator dtype, for x [M, K] (unit stride along K) and
+    a [R, K]; ``dropout=(seed, p)`` applies the dropout mask of x and 1/(1-p)."""
+    check_device(x, a)
+    M, K = x.shape
+    R = a.shape[0]
+    acc = acc_dtype(x.dtype)
+    if M == 0:
+        return torch.zeros((0, R), device=x.device, dtype=acc)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    a = a.contiguous()
+    cfg = config or xa_config(M, K, R, x.dtype, x.device, dropout=dropout is not None)
+    ws = alloc((cfg.splits, M, R), x, acc)
+    seed, p = dropout if dropout is not None else (None, 0.0)
+    _xa_kernel[(triton.cdiv(M, cfg.block_rows), cfg.splits)](
+        x, a, ws, seed, M, K, R, x.stride(0), 1.0 / (1.0 - p), float(p),
+        BLOCK_M=cfg.block_rows, BLOCK_K=cfg.block_cols, BLOCK_R=rank_block(R),
+        INT64=needs_int64(max_offset(x), ws.numel()),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return _fixed_order_sum(ws)
+
+
+def _reduce(l, s, e, f, scaling, dropout, *, reduce: bool, rank_out: bool, expand_out: bool,
+            out_dtype, config):
+    """Launch ``_reduce_kernel``; returns (C summed [P, R] | None, Z summed [T, R] | None, O | None)."""
+    T, P = l.shape
+    R = (s if s is not None else e).shape[1]
+    acc = acc_dtype(l.dtype)
+    cfg = config or reduce_config(T, P, R, l.dtype, l.device, dropout=dropout is not None,
+                                  expand=expand_out, rank_out=rank_out)
+    p_blocks = triton.cdiv(P, cfg.block_cols)
+    c = alloc((cfg.splits, P, R), l, acc) if reduce else None
+    z = alloc((p_blocks, T, R), l, acc) if rank_out else None
+    o = alloc((T, P), l, out_dtype) if expand_out else None
+    seed, p = dropout if dropout is not None else (None, 0.0)
+    keep_scale = 1.0 / (1.0 - p)
+    int64 = needs_int64(max_offset(l), T * P, p_blocks * T * R, cfg.splits * P * R)
+    _reduce_kernel[(p_blocks, cfg.splits)](
+        l, s, e, f, c, z, o, seed, T, P, R, l.stride(0),
+        float(scaling) * keep_scale, float(scaling) * keep_scale, float(p),
+        BLOCK_T=cfg.block_rows, BLOCK_P=cfg.block_cols, BLOCK_R=rank_block(R), INT64=int64,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return (_fixed_order_sum(c) if reduce else None, _fixed_order_sum(z) if rank_out else None, o)
+
+
+def dy_pass(dy: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, scaling: float, *,
+            need_dyb: bool = True, need_db: bool = True,
+            config: PassConfig | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dy b [M, R], scaling * dy^T xa [N, R]), both in the accumulator dtype, from one pass over
+    dy [M, N]; xa [M, R], b [N, R]. What is not needed is neither computed nor returned."""
+    check_device(dy, xa, b)
+    M, N = dy.shape
+    R = b.shape[1]
+    acc = acc_dtype(dy.dtype)
+    if M == 0:
+        zeros = torch.zeros((N, R), device=dy.device, dtype=acc)
+        return (torch.zeros((0, R), device=dy.device, dtype=acc) if need_dyb else None,
+                zeros if need_db else None)
+    if dy.stride(1) != 1:
+        dy = dy.contiguous()
+    db, dyb, _ = _reduce(dy, xa.contiguous() if need_db else None, b.contiguous() if need_dyb else None,
+                         None, scaling, None, reduce=need_db, rank_out=need_dyb, expand_out=False,
+                         out_dtype=None, config=config)
+    return dyb, db
+
+
+def x_pass(x: torch.Tensor, dyb: torch.Tensor, a: torch.Tensor, scaling: float, *,
+           dropout: tuple[torch.Tensor, float] | None = None, need_dx: bool = False,
+           need_da: bool = True,
+           config: PassConfig | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dx0 [M, K] in x's dtype, dA [R, K] in the accumulator dtype) from one pass over x [M, K]:
+
+        dx0 = scaling * D o (dyb a)        dA = scaling * dyb^T (D o x)
+
+    with D the dropout mask of x over 1 - p (``dropout=(seed, p)``; ones without). dyb [M, R],
+    a [R, K]. What is not needed is neither computed nor returned."""
+    check_device(x, dyb, a)
+    M, K = x.shape
+    R = a.shape[0]
+    if M == 0:
+        return (alloc((0, K), x, x.dtype) if need_dx else None,
+                torch.zeros((R, K), device=x.device, dtype=acc_dtype(x.dtype)) if need_da else None)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    da_t, _, dx0 = _reduce(x, dyb.contiguous(), None, a.contiguous() if need_dx else None, scaling,
+                           dropout, reduce=need_da, rank_out=False, expand_out=need_dx,
+                           out_dtype=x.dtype, config=config)
+    return dx0, (da_t.T if need_da else None)
+
+
+@triton.jit
+def _dropout_mask_kernel(OUT, SEED, M, K, dropout_p: "fp64", BLOCK_M: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    """OUT[m, k] = keep(seed; m, k): the mask the other kernels regenerate, for tests and checks."""
+    o_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = dropout_keep(tl.load(SEED), o_m[:, None], o_k[None, :], tl.full((1, 1), dropout_p, tl.float32))
+    mask = (o_m[:, None] < M) & (o_k[None, :] < K)
+    tl.store(OUT + o_m[:, None].to(tl.int64) * K + o_k[None, :], keep.to(tl.int8), mask=mask)
+
+
+def dropout_mask(seed: torch.Tensor, shape: tuple[int, int], p: float) -> torch.Tensor:
+    """The [M, K] boolean keep-mask that the kernels derive from ``seed`` for an x of ``shape``."""
+    check_device(seed)
+    M, K = shape
+    out = torch.empty((M, K), device=seed.device, dtype=torch.int8)
+    if M and K:
+        _dropout_mask_kernel[(triton.cdiv(M, 32), triton.cdiv(K, 64))](out, seed, M, K, float(p),
+                                                                       BLOCK_M=32, BLOCK_K=64)
+    return out.bool()
