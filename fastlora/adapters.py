@@ -340,7 +340,8 @@ def _safetensors(caller: str):
     try:
         import safetensors.torch
     except ImportError as err:
-        raise ImportError(f"{caller} needs the safetensors package: pip install fastlora[peft]") from err
+        raise ImportError(f"{caller} needs the safetensors package: pip install safetensors (or, from "
+                          f"a fastlora checkout, pip install -e '.[peft]')") from err
     return safetensors.torch
 
 
