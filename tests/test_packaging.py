@@ -33,3 +33,10 @@ def test_no_install_line_names_a_pypi_package_called_fastlora():
              for m in pattern.finditer(f.read_text(errors="replace"))]
     assert not found, found
 
+
+def test_triton_is_not_a_base_dependency():
+    """The CPU path never needs triton (a ~290 MB wheel); CUDA builds of torch bring it, and the
+    test extra installs it for the interpreter tests."""
+    meta = project()
+    assert not [d for d in meta["dependencies"] if re.match(r"triton\b", d)]
+    assert [d for d in meta["optional-dependencies"]["test"] if re.match(r"triton\b", d)]
