@@ -10,11 +10,19 @@ and without the adapter name; its base layer is one level down (``base_layer``):
     <other>.bias (bias="all")               base_model.model.<other>.bias
 
 Only safetensors is read: a pickle (``adapter_model.bin``) can run code when loaded, so it is
-refused. Both files are written to a temporary file in the target directory and renamed over the
-old one, so an interrupted save never leaves a truncated file.
+refused.
+
+A save is atomic per adapter, as far as two files can be: the config is serialized (and so checked)
+before anything is written, both files are written to temporaries in the target directory and
+flushed before either replaces the old one, and the weights file's metadata holds a fingerprint of
+the config fields that decide what the tensors compute. A save that dies between the two renames
+leaves new weights beside the old config; ``load_adapter`` refuses that pair instead of loading it
+with the wrong scaling. PEFT's files have no fingerprint and load as before.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
@@ -33,6 +41,12 @@ from .modules import LoRALinear
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 PREFIX = "base_model.model."
+# Key, in the weights file's metadata, of the fingerprint of the config it was saved with.
+FINGERPRINT_KEY = "fastlora.config_fingerprint"
+# The config fields that decide what the tensors compute. Descriptive ones (base_model_name_or_path,
+# task_type, inference_mode, ...) are left out, so that editing them by hand keeps the pair loadable.
+_FINGERPRINTED = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "target_modules",
+                  "exclude_modules", "lora_dropout", "bias")
 
 # LoraConfig fields for features fastlora does not implement; an adapter that sets one is refused
 # rather than loaded into something that would compute a different function.
@@ -48,7 +62,11 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, *, bias: s
     (and ``load_adapter``) loads.
 
     ``bias``: which biases belong to the adapter, as ``mark_only_lora_as_trainable``.
-    ``base_model_name_or_path`` defaults to ``model.config._name_or_path`` when the model has one.
+    ``base_model_name_or_path`` (a str or a path) defaults to ``model.config._name_or_path`` when
+    the model has one.
+
+    Everything is checked before anything is written; both files replace the old ones only once
+    both are written (see the module's docstring for what a crash between the two renames leaves).
     """
     st = _safetensors("save_adapter")
     _check_model("save_adapter", model)
@@ -58,6 +76,7 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, *, bias: s
         raise ValueError(f"save_adapter: save_directory {save_directory!r} exists and is not a directory")
     layers = lora_layers(model, "save_adapter")
     config = _config_of(model, layers, bias, base_model_name_or_path)
+    config_text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n"
     tensors = {}
     for path, layer in layers.items():
         tensors[_peft_key(path, "lora_A.weight")] = layer.lora_A
@@ -67,15 +86,17 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, *, bias: s
     # safetensors wants contiguous CPU tensors that share no memory
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
-    os.makedirs(save_directory, exist_ok=True)
-    _atomic_write(os.path.join(save_directory, WEIGHTS_NAME),
-                  lambda tmp: st.save_file(tensors, tmp, metadata={"format": "pt"}))
+    metadata = {"format": "pt", FINGERPRINT_KEY: _fingerprint(config)}
 
     def write_config(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
-    _atomic_write(os.path.join(save_directory, CONFIG_NAME), write_config)
+            f.write(config_text)
+
+    os.makedirs(save_directory, exist_ok=True)
+    # weights first: new weights beside the old config are caught by the fingerprint, while an old
+    # weights file (from PEFT or an older fastlora) beside a new config might have none
+    _replace_files(save_directory, {WEIGHTS_NAME: lambda tmp: st.save_file(tensors, tmp, metadata=metadata),
+                                    CONFIG_NAME: write_config})
 
 
 def load_adapter(model: nn.Module, adapter_directory: str | os.PathLike, *,
@@ -88,8 +109,10 @@ def load_adapter(model: nn.Module, adapter_directory: str | os.PathLike, *,
     trained on, with the same scaling.
 
     Every tensor of the file must have a place in the model and every place a tensor (errors name
-    the first offender), with the same shape and dtype. Everything is checked before anything is
-    written, so a refused adapter leaves the model as it was. Returns ``model``.
+    the first offender), with the same shape and dtype. A weights file written by ``save_adapter``
+    must have been written with the config beside it (a fingerprint in its metadata; PEFT's files
+    have none). Everything is checked before anything is written, so a refused adapter leaves the
+    model as it was. Returns ``model``.
     """
     st = _safetensors("load_adapter")
     _check_model("load_adapter", model)
@@ -110,9 +133,17 @@ def load_adapter(model: nn.Module, adapter_directory: str | os.PathLike, *,
         raise ValueError(f"load_adapter: {weights_file!r} not found{extra}")
     try:
         state = st.load_file(weights_file, device="cpu")
+        with st.safe_open(weights_file, framework="pt") as f:
+            metadata = f.metadata() or {}
     except Exception as err:  # safetensors' own error type is not a stable import
         raise ValueError(f"load_adapter: cannot read {weights_file!r} as safetensors (truncated, "
                          f"corrupt or not a safetensors file): {err}") from None
+    saved_with = metadata.get(FINGERPRINT_KEY)
+    if saved_with is not None and saved_with != _fingerprint(config):
+        raise ValueError(f"load_adapter: {weights_file!r} was saved with another {CONFIG_NAME} than "
+                         f"the one beside it (they differ in one of {', '.join(_FINGERPRINTED)}): "
+                         f"a save interrupted between writing the two files, or an edited config; "
+                         f"save the adapter again")
 
     existing = {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
     if existing:
@@ -163,8 +194,15 @@ def _config_of(model, layers: dict[str, LoRALinear], bias: str, base_name) -> di
                              f"a PEFT adapter config holds one value")
     r = Counter(layer.r for layer in layers.values()).most_common(1)[0][0]
     alpha = Counter(layer.alpha for layer in layers.values()).most_common(1)[0][0]
+    where = "base_model_name_or_path"
     if base_name is None:
+        where = "base_model_name_or_path (from model.config._name_or_path)"
         base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    if isinstance(base_name, os.PathLike):
+        base_name = os.fspath(base_name)
+    if base_name is not None and not isinstance(base_name, str):
+        raise TypeError(f"save_adapter: {where} must be a str, a path or None, got "
+                        f"{type(base_name).__name__}")
     first = next(iter(layers.values()))
     return {
         "peft_type": "LORA",
@@ -186,6 +224,12 @@ def _config_of(model, layers: dict[str, LoRALinear], bias: str, base_name) -> di
         "use_dora": False,
         "lora_bias": False,
     }
+
+
+def _fingerprint(config: dict) -> str:
+    """A hash of the config fields that decide what the adapter's tensors compute."""
+    fields = {key: config.get(key) for key in _FINGERPRINTED}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def _pattern(path: str) -> str:
@@ -345,16 +389,21 @@ def _safetensors(caller: str):
     return safetensors.torch
 
 
-def _atomic_write(path: str, write) -> None:
-    """``write(tmp)`` to a temporary file next to ``path``, flush it to disk, rename it over ``path``."""
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+def _replace_files(directory: str, writers: dict) -> None:
+    """For each ``name: write`` in order, ``write(tmp)`` to a temporary file in ``directory`` and
+    flush it to disk; only once all are written, rename each over ``directory/name``, in order.
+    A failure before the renames replaces nothing; no temporary file is left behind."""
+    tmps = {}
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        for name, write in writers.items():
+            tmps[name] = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+            write(tmps[name])
+            with open(tmps[name], "rb+") as f:
+                os.fsync(f.fileno())
+        for name, tmp in tmps.items():
+            os.replace(tmp, os.path.join(directory, name))
+    finally:
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                with contextlib.suppress(OSError):  # keep the error that brought us here
+                    os.unlink(tmp)

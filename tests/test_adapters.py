@@ -3,6 +3,7 @@ with a message naming the file and the first offending tensor."""
 import copy
 import json
 import os
+import pathlib
 import pickle
 
 import pytest
@@ -112,6 +113,86 @@ def test_an_interrupted_save_leaves_the_old_adapter_whole(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         fastlora.save_adapter(adapted(seed=1), tmp_path)
     assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before  # no temp file left
+
+
+def files(directory):
+    return {f: (directory / f).read_bytes() for f in sorted(os.listdir(directory))}
+
+
+def alpha16(seed=1):
+    """An adapter whose scaling (4) differs from adapted()'s (2): mixing its files with adapted()'s
+    would compute something neither trained."""
+    torch.manual_seed(seed)
+    return with_random_B(fastlora.apply_lora(Net(), ["q_proj", "v_proj"], r=4, alpha=16), seed)
+
+
+def test_a_config_that_cannot_be_written_is_refused_before_any_file_changes(tmp_path):
+    saved(tmp_path)
+    before = files(tmp_path)
+    with pytest.raises(TypeError, match="save_adapter: base_model_name_or_path must be a str, a path "
+                                        "or None, got object"):
+        fastlora.save_adapter(alpha16(), tmp_path, base_model_name_or_path=object())
+    assert files(tmp_path) == before
+    fastlora.save_adapter(alpha16(), tmp_path, base_model_name_or_path=pathlib.Path("models/llama"))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == "models/llama"
+
+
+def test_a_config_write_that_fails_leaves_the_old_adapter_whole(tmp_path, monkeypatch):
+    """A full disk while the config is written: nothing replaced, no temporary file left."""
+    saved(tmp_path)
+    before = files(tmp_path)
+    real_open = open
+
+    def disk_full(file, mode="r", *args, **kwargs):
+        if "adapter_config.json" in os.fspath(file) and "w" in mode:
+            raise OSError(28, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        fastlora.save_adapter(alpha16(), tmp_path)
+    monkeypatch.undo()
+    assert files(tmp_path) == before
+
+
+def test_files_from_two_different_saves_are_refused_at_load(tmp_path, monkeypatch):
+    """A save that dies between replacing the weights and replacing the config (the directory made
+    read-only, a crash) leaves new weights beside the old config: load_adapter must refuse the pair,
+    not load it with the old config's scaling."""
+    saved(tmp_path)
+    real_replace = os.replace
+
+    def read_only_after_first(src, dst):
+        if os.fspath(dst).endswith("adapter_config.json"):
+            raise PermissionError(13, "Read-only file system")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", read_only_after_first)
+    with pytest.raises(PermissionError):
+        fastlora.save_adapter(alpha16(), tmp_path)
+    monkeypatch.undo()
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors' was saved with another "
+                                         r"adapter_config.json than the one beside it"):
+        fastlora.load_adapter(Net(), tmp_path)
+
+
+def test_a_hand_edited_description_still_loads(tmp_path):
+    """The pair check covers the fields that decide what the tensors compute, not descriptive ones
+    such as base_model_name_or_path, which people fix by hand."""
+    model = saved(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "base_model_name_or_path": "elsewhere/llama",
+                                       "inference_mode": False}))
+    ids = torch.randint(0, 24, (2, 5))
+    base = Net()
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if "lora" not in k})
+    loaded = fastlora.load_adapter(base, tmp_path)
+    torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
+    config_file.write_text(json.dumps({**config, "lora_alpha": 16}))
+    with pytest.raises(ValueError, match="was saved with another adapter_config.json"):
+        fastlora.load_adapter(Net(), tmp_path)
 
 
 def test_a_truncated_file_is_refused_naming_it(tmp_path):
