@@ -36,7 +36,7 @@ from torch import nn
 
 from .model import (BIAS_MODES, _bias_parameters, _check_bias, _check_model, _inject, _join,
                     _select, lora_layers)
-from .modules import LoRALinear
+from .modules import LoRALinear, is_finite_number
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -241,10 +241,15 @@ def _r_alpha(config: dict, path: str) -> tuple[int, float]:
     key that matches the end of the path (as peft.utils.other.get_pattern_key), else r / lora_alpha."""
     def lookup(patterns: dict, default):
         for key, value in patterns.items():
-            if re.match(rf"(.*\.)?({key})$", path):
+            if re.match(_key_regex(key), path):
                 return value
         return default
     return lookup(config["rank_pattern"], config["r"]), lookup(config["alpha_pattern"], config["lora_alpha"])
+
+
+def _key_regex(key: str) -> str:
+    """The regex PEFT matches a rank_pattern / alpha_pattern key with, against a module path."""
+    return rf"(.*\.)?({key})$"
 
 
 def _read_config(file: str) -> dict:
@@ -255,6 +260,8 @@ def _read_config(file: str) -> dict:
             config = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"load_adapter: cannot read {file!r} as JSON: {err}") from None
+    except RecursionError:
+        raise ValueError(f"load_adapter: cannot read {file!r} as JSON: nested too deeply") from None
     if not isinstance(config, dict):
         raise ValueError(f"load_adapter: {file!r} must hold a JSON object, got {type(config).__name__}")
     where = f"load_adapter: {file!r}"
@@ -275,7 +282,7 @@ def _read_config(file: str) -> dict:
     r, alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"{where}: r must be a positive int, got {r!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+    if not is_finite_number(alpha):
         raise ValueError(f"{where}: lora_alpha must be a finite number, got {alpha!r}")
     if config["bias"] not in BIAS_MODES:
         raise ValueError(f"{where}: bias must be one of {BIAS_MODES}, got {config['bias']!r}")
@@ -284,6 +291,17 @@ def _read_config(file: str) -> dict:
     for field in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config[field], dict):
             raise ValueError(f"{where}: {field} must be an object, got {config[field]!r}")
+        for key, value in config[field].items():
+            try:
+                re.compile(_key_regex(key))
+            except re.error as err:
+                raise ValueError(f"{where}: {field} key {key!r} is not a valid regular expression: "
+                                 f"{err}") from None
+            if field == "rank_pattern" and not (isinstance(value, int) and not isinstance(value, bool)
+                                                and value >= 1):
+                raise ValueError(f"{where}: rank_pattern[{key!r}] must be a positive int, got {value!r}")
+            if field == "alpha_pattern" and not is_finite_number(value):
+                raise ValueError(f"{where}: alpha_pattern[{key!r}] must be a finite number, got {value!r}")
     targets = config.get("target_modules")
     if not targets or not (isinstance(targets, str) or
                            (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
@@ -296,13 +314,16 @@ def _check_scaling(layers: dict[str, LoRALinear], config: dict) -> None:
     """Existing layers must scale as the adapter was trained: the scaling is in no tensor."""
     for path, layer in layers.items():
         r, alpha = _r_alpha(config, path)
-        scaling = alpha / math.sqrt(r) if config["use_rslora"] else alpha / r
+        # another r is refused before the scaling is computed: the file's r may be beyond a float
+        scaling = layer.scaling if layer.r != r else (alpha / math.sqrt(r) if config["use_rslora"]
+                                                      else alpha / r)
         if layer.r != r or not math.isclose(layer.scaling, scaling, rel_tol=1e-12):
+            trained = f" (scaling {scaling:g})" if layer.r == r else ""
             raise ValueError(
                 f"load_adapter: layer {path!r} has r={layer.r}, alpha={layer.alpha:g}, "
                 f"use_rslora={layer.use_rslora} (scaling {layer.scaling:g}) but the adapter was "
-                f"trained with r={r}, lora_alpha={alpha:g}, use_rslora={config['use_rslora']} "
-                f"(scaling {scaling:g}); apply_lora with those values")
+                f"trained with r={r}, lora_alpha={alpha:g}, use_rslora={config['use_rslora']}"
+                f"{trained}; apply_lora with those values")
 
 
 # ---------------------------------------------------------------------------------------------

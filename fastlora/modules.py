@@ -48,8 +48,10 @@ class LoRALinear(nn.Module):
     def _setup(self, weight, bias, r, alpha, dropout, use_rslora, init_lora_weights, backend):
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise ValueError(f"LoRALinear: r must be a positive int, got {r!r}")
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        if not is_finite_number(alpha):
             raise ValueError(f"LoRALinear: alpha must be a finite number, got {alpha!r}")
+        if not isinstance(use_rslora, bool):  # a truthy "no" must not switch rsLoRA on
+            raise ValueError(f"LoRALinear: use_rslora must be True or False, got {use_rslora!r}")
         if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRALinear: dropout must be in [0, 1), got {dropout!r}")
         if backend not in BACKENDS:
@@ -134,6 +136,17 @@ class LoRALinear(nn.Module):
                 f"alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}, "
                 f"bias={self.bias is not None}, use_rslora={self.use_rslora}, backend={self.backend!r}"
                 + (", merged=True" if self.merged else ""))
+
+
+def is_finite_number(value) -> bool:
+    """True for an int or float (not a bool) that a float holds as a finite value; an int too large
+    for a float (math.isfinite would raise OverflowError) is not."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 class ParameterCount(NamedTuple):

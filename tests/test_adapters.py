@@ -294,6 +294,51 @@ def test_bad_configs_and_states_are_refused(tmp_path):
         fastlora.save_adapter(model, tmp_path / "adapter_config.json")
 
 
+@pytest.mark.parametrize("change,match", [
+    ({"rank_pattern": {"q_proj(": 2}}, r"rank_pattern key 'q_proj\(' is not a valid regular expression"),
+    ({"alpha_pattern": {"[v": 2}}, r"alpha_pattern key '\[v' is not a valid regular expression"),
+    ({"rank_pattern": {"q_proj": "2"}}, r"rank_pattern\['q_proj'\] must be a positive int, got '2'"),
+    ({"rank_pattern": {"q_proj": 2.0}}, r"rank_pattern\['q_proj'\] must be a positive int, got 2.0"),
+    ({"rank_pattern": {"q_proj": True}}, r"rank_pattern\['q_proj'\] must be a positive int, got True"),
+    ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\] must be a positive int, got 0"),
+    ({"alpha_pattern": {"q_proj": "8"}}, r"alpha_pattern\['q_proj'\] must be a finite number, got '8'"),
+    ({"alpha_pattern": {"q_proj": 10 ** 400}}, r"alpha_pattern\['q_proj'\] must be a finite number, got 1000"),
+    ({"lora_alpha": 10 ** 400}, r"lora_alpha must be a finite number, got 1000"),
+    ({"lora_alpha": "8"}, r"lora_alpha must be a finite number, got '8'"),
+    ({"rank_pattern": ["q_proj"]}, r"rank_pattern must be an object"),
+], ids=["rank-regex", "alpha-regex", "rank-str", "rank-float", "rank-bool", "rank-0", "alpha-str",
+        "alpha-overflow", "lora_alpha-overflow", "lora_alpha-str", "rank-list"])
+@pytest.mark.parametrize("into", ["fresh model", "apply_lora model"])
+def test_a_bad_pattern_or_number_in_the_config_names_the_field(tmp_path, change, match, into):
+    saved(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **change}))
+    model = Net() if into == "fresh model" else fastlora.apply_lora(Net(), ["q_proj", "v_proj"], r=4, alpha=8)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=match):
+        fastlora.load_adapter(model, tmp_path)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_huge_rank_with_rslora_is_a_scaling_mismatch_not_an_overflow(tmp_path):
+    saved(tmp_path)
+    rewrite(tmp_path, tensors(tmp_path))  # no fingerprint, as PEFT writes it
+    config_file = tmp_path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "r": 10 ** 400, "use_rslora": True}))
+    model = fastlora.apply_lora(Net(), ["q_proj", "v_proj"], r=4, alpha=8, use_rslora=True)
+    with pytest.raises(ValueError, match=r"layer 'blocks.0.q_proj' has r=4, .* but the adapter was trained with r=1000"):
+        fastlora.load_adapter(model, tmp_path)
+
+
+def test_deeply_nested_json_is_a_value_error(tmp_path):
+    saved(tmp_path)
+    depth = 100_000
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "x": ' + "[" * depth + "]" * depth + "}")
+    with pytest.raises(ValueError, match="cannot read .*adapter_config.json' as JSON: nested too deeply"):
+        fastlora.load_adapter(Net(), tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Against real PEFT
 

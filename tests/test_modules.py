@@ -49,6 +49,22 @@ def test_from_linear_shares_weights_and_freezes_them():
         fastlora.LoRALinear.from_linear(nn.Conv1d(3, 3, 1))
 
 
+@pytest.mark.parametrize("kw,match", [(dict(use_rslora=1), "use_rslora must be True or False, got 1"),
+                                      (dict(use_rslora="yes"), "use_rslora must be True or False, got 'yes'"),
+                                      (dict(use_rslora=None), "use_rslora must be True or False, got None"),
+                                      (dict(alpha=10 ** 400), "alpha must be a finite number, got 1000")])
+def test_use_rslora_must_be_a_bool_and_alpha_a_float(kw, match):
+    """As load_adapter demands of adapter_config.json: a truthy "yes" must not switch rsLoRA on."""
+    with pytest.raises(ValueError, match=match):
+        fastlora.LoRALinear(8, 4, **kw)
+    with pytest.raises(ValueError, match=match):
+        fastlora.LoRALinear.from_linear(nn.Linear(8, 4), **kw)
+    lin = nn.Linear(8, 4)
+    with pytest.raises(ValueError, match=match):
+        fastlora.apply_lora(lin, "all-linear", **kw)
+    assert lin.weight.requires_grad  # untouched
+
+
 def test_base_checkpoint_loads_unchanged():
     lin = nn.Linear(12, 6)
     layer = fastlora.LoRALinear(12, 6, r=2)
