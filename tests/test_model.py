@@ -223,6 +223,65 @@ def test_merge_refuses_a_non_finite_result_and_undoes_the_layers_before():
             assert torch.equal(p, weights[n]), n
 
 
+def tied(model, *pairs):
+    """``model`` with each (a, b) pair of module paths sharing a's weight Parameter (tied weights)."""
+    for a, b in pairs:
+        model.get_submodule(b).weight = model.get_submodule(a).weight
+    return model
+
+
+@pytest.mark.parametrize("how", ["merge", "merge_and_unload"])
+@pytest.mark.parametrize("targets,pair,match", [
+    (["q_proj"], ("blocks.0.q_proj", "blocks.1.q_proj"), r"'blocks.0.q_proj' shares its weight with blocks.1.q_proj.weight"),
+    (["lm_head"], ("embed", "lm_head"), r"'lm_head' shares its weight with embed.weight"),
+], ids=["two-lora-layers", "lora-layer-and-embedding"])
+def test_merge_refuses_tied_weights_before_changing_anything(how, targets, pair, match):
+    """Merging writes s B A into the weight in place: with a tied weight, both layers' updates would
+    land in the one tensor (and unmerge could not restore it), or the other module would compute
+    with this layer's update."""
+    torch.manual_seed(0)
+    model = with_random_B(fastlora.apply_lora(tied(Net(), pair), targets, r=4, alpha=8, backend="torch"))
+    ids = torch.randint(0, 24, (2, 5))
+    expected = model(ids)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
+    paths = lora_paths(model)
+    with pytest.raises(ValueError, match=rf"{how}: layer {match} \(tied weights\)"):
+        getattr(fastlora, how)(model)
+    assert lora_paths(model) == paths and not any(m.merged for m in model.modules()
+                                                  if isinstance(m, fastlora.LoRALinear))
+    for n, p in model.named_parameters(remove_duplicate=False):
+        assert torch.equal(p, weights[n]), n
+    torch.testing.assert_close(model(ids), expected, rtol=0, atol=0)
+
+
+def test_a_layer_reached_by_two_paths_is_not_tied():
+    """A reused block (one module at two paths) has one LoRA layer, one update: it merges."""
+    torch.manual_seed(0)
+    model = Net()
+    model.blocks[1] = model.blocks[0]
+    model = with_random_B(fastlora.apply_lora(model, ["q_proj"], r=4, alpha=8, backend="torch"))
+    ids = torch.randint(0, 24, (2, 5))
+    w0, expected = model.blocks[0].q_proj.weight.detach().clone(), model(ids)
+    fastlora.merge(model)
+    torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=1e-5)
+    fastlora.unmerge(model)
+    assert torch.equal(model.blocks[1].q_proj.weight, w0)
+
+
+def test_weights_that_are_slices_of_one_tensor_but_do_not_overlap_merge():
+    """Views into one fused tensor (a split qkv, say) share storage but not elements: not tied."""
+    torch.manual_seed(0)
+    model = Net()
+    fused = torch.randn(32, 16)
+    model.blocks[0].q_proj.weight = nn.Parameter(fused[:16])
+    model.blocks[1].q_proj.weight = nn.Parameter(fused[16:])
+    model = with_random_B(fastlora.apply_lora(model, ["q_proj"], r=4, alpha=8, backend="torch"))
+    before = fused.clone()
+    fastlora.merge(model)
+    fastlora.unmerge(model)
+    assert torch.equal(fused, before)
+
+
 def test_merge_and_unload_gives_plain_linears_with_the_same_output():
     torch.manual_seed(0)
     model = with_random_B(fastlora.apply_lora(Net(), ["q_proj", "v_proj"], backend="torch"))
