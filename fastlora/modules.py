@@ -21,6 +21,10 @@ class LoRALinear(nn.Module):
 
     ``merge()`` folds ``s B A`` into ``weight`` so that the forward is the plain GEMM; ``unmerge()``
     restores the weight bit-exactly from a copy kept while merged (one extra weight-sized tensor).
+    Merging is invisible to checkpoints: the state dict of a merged layer holds the weight from
+    before the merge (so it loads into an unmerged layer without counting the adapter twice), and
+    loading into a merged layer loads into the unmerged one and merges again. For a checkpoint with
+    the adapter folded in, use ``fastlora.merge_and_unload``.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 8,
@@ -124,6 +128,25 @@ class LoRALinear(nn.Module):
             return
         self.weight.copy_(self._weight_before_merge)
         self._weight_before_merge = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            w = self._weight_before_merge
+            destination[prefix + "weight"] = w if keep_vars else w.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        touched = any(prefix + name in state_dict for name in ("weight", "lora_A", "lora_B"))
+        if not (self.merged and touched):
+            return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.unmerge()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        try:
+            self.merge()
+        except ValueError as err:
+            raise ValueError(f"load_state_dict: LoRALinear {prefix.rstrip('.') or '<root>'!r} was "
+                             f"merged; its new tensors were loaded but cannot be merged, so it is "
+                             f"left unmerged: {err}") from None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:

@@ -223,6 +223,44 @@ def test_merge_refuses_a_non_finite_result_and_undoes_the_layers_before():
             assert torch.equal(p, weights[n]), n
 
 
+def test_a_state_dict_taken_while_merged_is_the_unmerged_one():
+    """A merged model's state dict holds the weight from before the merge: loaded into an unmerged
+    model (strict, every key matching) it must not count the adapter twice."""
+    torch.manual_seed(0)
+    model = with_random_B(fastlora.apply_lora(Net(), ["q_proj", "v_proj"], r=4, alpha=8, backend="torch"))
+    ids = torch.randint(0, 24, (2, 5))
+    expected, unmerged_state = model(ids), copy.deepcopy(model.state_dict())
+    fastlora.merge(model)
+    state = model.state_dict()
+    assert list(state) == list(unmerged_state)
+    assert all(torch.equal(state[k], unmerged_state[k]) for k in state)
+    fresh = fastlora.apply_lora(Net(), ["q_proj", "v_proj"], r=4, alpha=8, backend="torch")
+    fresh.load_state_dict(state, strict=True)
+    torch.testing.assert_close(fresh(ids), expected, rtol=0, atol=0)
+    lora = fastlora.lora_state_dict(model)  # A, B: the same merged or not
+    assert all(torch.equal(lora[k], unmerged_state[k]) for k in lora)
+
+
+@pytest.mark.parametrize("what", ["state_dict", "lora_state_dict"])
+def test_loading_into_a_merged_model_merges_what_was_loaded(what):
+    """Loading adapters into a merged layer must not leave it computing with the old merge (and
+    unmerge must still restore the base weight)."""
+    torch.manual_seed(0)
+    model = with_random_B(fastlora.apply_lora(Net(), ["q_proj", "v_proj"], r=4, alpha=8, backend="torch"), 0)
+    other = copy.deepcopy(model)
+    with_random_B(other, seed=1)
+    ids = torch.randint(0, 24, (2, 5))
+    base_weight = model.blocks[0].q_proj.weight.detach().clone()
+    fastlora.merge(model)
+    state = other.state_dict() if what == "state_dict" else fastlora.lora_state_dict(other)
+    model.load_state_dict(state, strict=what == "state_dict")
+    assert model.blocks[0].q_proj.merged
+    torch.testing.assert_close(model(ids), other(ids), rtol=1e-5, atol=1e-5)
+    fastlora.unmerge(model)
+    assert torch.equal(model.blocks[0].q_proj.weight, base_weight)
+    torch.testing.assert_close(model(ids), other(ids), rtol=0, atol=0)
+
+
 def tied(model, *pairs):
     """``model`` with each (a, b) pair of module paths sharing a's weight Parameter (tied weights)."""
     for a, b in pairs:
