@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .modules import LoRALinear
+from .modules import LoRALinear, has_own_forward
 
 BIAS_MODES = ("none", "all", "lora_only")
 ALL_LINEAR = "all-linear"
@@ -214,6 +214,12 @@ def _select(model: nn.Module, target_modules, exclude_modules, caller: str) -> l
         raise TypeError(f"{caller}: target_modules matched linear layers whose weight is not a plain "
                         f"floating-point tensor (quantized?): {', '.join(packed[:5])}; fastlora "
                         f"needs a float16/bfloat16/float32/float64 weight")
+    own = [f"{p or '<root>'} ({type(modules[p]).__qualname__})" for p in picked
+           if has_own_forward(modules[p])]
+    if own:
+        raise TypeError(f"{caller}: target_modules matched nn.Linear subclasses with a forward of their "
+                        f"own, which a LoRALinear (F.linear) would drop: {', '.join(own[:5])}"
+                        f"{' ...' if len(own) > 5 else ''}; exclude them (exclude_modules)")
     return picked
 
 

@@ -39,10 +39,17 @@ class LoRALinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                     use_rslora: bool = False, init_lora_weights: bool | str = True,
                     backend: str = "auto") -> "LoRALinear":
-        """Wrap ``linear``: its weight and bias Parameters are shared (not copied) and frozen."""
+        """Wrap ``linear``: its weight and bias Parameters are shared (not copied) and frozen.
+
+        An nn.Linear subclass whose forward is not nn.Linear's is refused: the LoRALinear computes
+        F.linear, so its forward would be dropped silently."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LoRALinear.from_linear: linear must be an nn.Linear, got "
                             f"{type(linear).__name__}")
+        if has_own_forward(linear):
+            raise TypeError(f"LoRALinear.from_linear: linear is a {type(linear).__qualname__}, whose "
+                            f"forward is not nn.Linear's; a LoRALinear computes F.linear and would "
+                            f"drop it")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._setup(linear.weight, linear.bias, r, alpha, dropout, use_rslora, init_lora_weights,
@@ -159,6 +166,12 @@ class LoRALinear(nn.Module):
                 f"alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}, "
                 f"bias={self.bias is not None}, use_rslora={self.use_rslora}, backend={self.backend!r}"
                 + (", merged=True" if self.merged else ""))
+
+
+def has_own_forward(linear: nn.Linear) -> bool:
+    """True when ``linear``'s class overrides nn.Linear.forward (a LoRALinear in its place, which
+    computes F.linear, would change the output)."""
+    return type(linear).forward is not nn.Linear.forward
 
 
 def is_finite_number(value) -> bool:

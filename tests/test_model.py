@@ -148,6 +148,20 @@ def test_bad_arguments_name_themselves():
     assert lora_paths(model) == []
 
 
+def test_apply_lora_refuses_a_linear_subclass_with_its_own_forward():
+    """Replacing it would change the model's output at initialisation."""
+    from test_modules import DoubledLinear, TaggedLinear
+
+    model = Net()
+    model.blocks[1].q_proj = DoubledLinear(16, 16)
+    model.blocks[0].q_proj = TaggedLinear(16, 16)
+    with pytest.raises(TypeError, match=r"apply_lora: target_modules matched nn.Linear subclasses "
+                                        r"with a forward of their own.*: blocks.1.q_proj \(DoubledLinear\)"):
+        fastlora.apply_lora(model, ["q_proj", "v_proj"])
+    assert lora_paths(model) == []
+    assert lora_paths(fastlora.apply_lora(model, ["blocks.0.q_proj"])) == ["blocks.0.q_proj"]
+
+
 def test_apply_lora_on_a_bare_linear_returns_the_new_layer():
     lin = nn.Linear(8, 4)
     layer = fastlora.apply_lora(lin, "all-linear", r=2)

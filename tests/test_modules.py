@@ -65,6 +65,26 @@ def test_use_rslora_must_be_a_bool_and_alpha_a_float(kw, match):
     assert lin.weight.requires_grad  # untouched
 
 
+class DoubledLinear(nn.Linear):
+    """An nn.Linear subclass with its own forward, which a LoRALinear (F.linear) would drop."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class TaggedLinear(nn.Linear):
+    """A subclass that keeps nn.Linear's forward."""
+
+
+def test_from_linear_refuses_a_subclass_with_its_own_forward():
+    with pytest.raises(TypeError, match=r"LoRALinear.from_linear: linear is a DoubledLinear, whose "
+                                        r"forward is not nn.Linear's"):
+        fastlora.LoRALinear.from_linear(DoubledLinear(8, 4))
+    lin = TaggedLinear(8, 4)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(fastlora.LoRALinear.from_linear(lin)(x), lin(x), rtol=0, atol=0)
+
+
 def test_base_checkpoint_loads_unchanged():
     lin = nn.Linear(12, 6)
     layer = fastlora.LoRALinear(12, 6, r=2)
