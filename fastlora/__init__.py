@@ -4,7 +4,7 @@
 
 Triton kernels on CUDA (one pass over x and W forward, a hand-written backward), plain PyTorch
 elsewhere. ``import fastlora`` does not need triton; the adapter files need safetensors and
-``from_peft`` needs peft (``pip install fastlora[peft]``), imported when called.
+``from_peft`` needs peft (from a checkout: ``pip install -e ".[peft]"``), imported when called.
 """
 from .modules import LoRALinear, ParameterCount, count_parameters
 from .functional import lora_linear

@@ -10,11 +10,19 @@ and without the adapter name; its base layer is one level down (``base_layer``):
     <other>.bias (bias="all")               base_model.model.<other>.bias
 
 Only safetensors is read: a pickle (``adapter_model.bin``) can run code when loaded, so it is
-refused. Both files are written to a temporary file in the target directory and renamed over the
-old one, so an interrupted save never leaves a truncated file.
+refused.
+
+A save is atomic per adapter, as far as two files can be: the config is serialized (and so checked)
+before anything is written, both files are written to temporaries in the target directory and
+flushed before either replaces the old one, and the weights file's metadata holds a fingerprint of
+the config fields that decide what the tensors compute. A save that dies between the two renames
+leaves new weights beside the old config; ``load_adapter`` refuses that pair instead of loading it
+with the wrong scaling. PEFT's files have no fingerprint and load as before.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
@@ -28,12 +36,18 @@ from torch import nn
 
 from .model import (BIAS_MODES, _bias_parameters, _check_bias, _check_model, _inject, _join,
                     _select, lora_layers)
-from .arguments import lora_scaling
+from .arguments import is_finite_number, lora_scaling
 from .modules import LoRALinear
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 PREFIX = "base_model.model."
+# Key, in the weights file's metadata, of the fingerprint of the config it was saved with.
+FINGERPRINT_KEY = "fastlora.config_fingerprint"
+# The config fields that decide what the tensors compute. Descriptive ones (base_model_name_or_path,
+# task_type, inference_mode, ...) are left out, so that editing them by hand keeps the pair loadable.
+_FINGERPRINTED = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "target_modules",
+                  "exclude_modules", "lora_dropout", "bias")
 
 # LoraConfig fields for features fastlora does not implement; an adapter that sets one is refused
 # rather than loaded into something that would compute a different function.
@@ -49,7 +63,11 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, *, bias: s
     (and ``load_adapter``) loads.
 
     ``bias``: which biases belong to the adapter, as ``mark_only_lora_as_trainable``.
-    ``base_model_name_or_path`` defaults to ``model.config._name_or_path`` when the model has one.
+    ``base_model_name_or_path`` (a str or a path) defaults to ``model.config._name_or_path`` when
+    the model has one.
+
+    Everything is checked before anything is written; both files replace the old ones only once
+    both are written (see the module's docstring for what a crash between the two renames leaves).
     """
     st = _safetensors("save_adapter")
     _check_model("save_adapter", model)
@@ -59,6 +77,7 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, *, bias: s
         raise ValueError(f"save_adapter: save_directory {save_directory!r} exists and is not a directory")
     layers = lora_layers(model, "save_adapter")
     config = _config_of(model, layers, bias, base_model_name_or_path)
+    config_text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n"
     tensors = {}
     for path, layer in layers.items():
         tensors[_peft_key(path, "lora_A.weight")] = layer.lora_A
@@ -68,15 +87,17 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, *, bias: s
     # safetensors wants contiguous CPU tensors that share no memory
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
-    os.makedirs(save_directory, exist_ok=True)
-    _atomic_write(os.path.join(save_directory, WEIGHTS_NAME),
-                  lambda tmp: st.save_file(tensors, tmp, metadata={"format": "pt"}))
+    metadata = {"format": "pt", FINGERPRINT_KEY: _fingerprint(config)}
 
     def write_config(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
-    _atomic_write(os.path.join(save_directory, CONFIG_NAME), write_config)
+            f.write(config_text)
+
+    os.makedirs(save_directory, exist_ok=True)
+    # weights first: new weights beside the old config are caught by the fingerprint, while an old
+    # weights file (from PEFT or an older fastlora) beside a new config might have none
+    _replace_files(save_directory, {WEIGHTS_NAME: lambda tmp: st.save_file(tensors, tmp, metadata=metadata),
+                                    CONFIG_NAME: write_config})
 
 
 def load_adapter(model: nn.Module, adapter_directory: str | os.PathLike, *,
@@ -89,8 +110,10 @@ def load_adapter(model: nn.Module, adapter_directory: str | os.PathLike, *,
     trained on, with the same scaling.
 
     Every tensor of the file must have a place in the model and every place a tensor (errors name
-    the first offender), with the same shape and dtype. Everything is checked before anything is
-    written, so a refused adapter leaves the model as it was. Returns ``model``.
+    the first offender), with the same shape and dtype. A weights file written by ``save_adapter``
+    must have been written with the config beside it (a fingerprint in its metadata; PEFT's files
+    have none). Everything is checked before anything is written, so a refused adapter leaves the
+    model as it was. Returns ``model``.
     """
     st = _safetensors("load_adapter")
     _check_model("load_adapter", model)
@@ -111,9 +134,17 @@ def load_adapter(model: nn.Module, adapter_directory: str | os.PathLike, *,
         raise ValueError(f"load_adapter: {weights_file!r} not found{extra}")
     try:
         state = st.load_file(weights_file, device="cpu")
+        with st.safe_open(weights_file, framework="pt") as f:
+            metadata = f.metadata() or {}
     except Exception as err:  # safetensors' own error type is not a stable import
         raise ValueError(f"load_adapter: cannot read {weights_file!r} as safetensors (truncated, "
                          f"corrupt or not a safetensors file): {err}") from None
+    saved_with = metadata.get(FINGERPRINT_KEY)
+    if saved_with is not None and saved_with != _fingerprint(config):
+        raise ValueError(f"load_adapter: {weights_file!r} was saved with another {CONFIG_NAME} than "
+                         f"the one beside it (they differ in one of {', '.join(_FINGERPRINTED)}): "
+                         f"a save interrupted between writing the two files, or an edited config; "
+                         f"save the adapter again")
 
     existing = {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
     if existing:
@@ -164,8 +195,15 @@ def _config_of(model, layers: dict[str, LoRALinear], bias: str, base_name) -> di
                              f"a PEFT adapter config holds one value")
     r = Counter(layer.r for layer in layers.values()).most_common(1)[0][0]
     alpha = Counter(layer.alpha for layer in layers.values()).most_common(1)[0][0]
+    where = "base_model_name_or_path"
     if base_name is None:
+        where = "base_model_name_or_path (from model.config._name_or_path)"
         base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    if isinstance(base_name, os.PathLike):
+        base_name = os.fspath(base_name)
+    if base_name is not None and not isinstance(base_name, str):
+        raise TypeError(f"save_adapter: {where} must be a str, a path or None, got "
+                        f"{type(base_name).__name__}")
     first = next(iter(layers.values()))
     return {
         "peft_type": "LORA",
@@ -189,6 +227,12 @@ def _config_of(model, layers: dict[str, LoRALinear], bias: str, base_name) -> di
     }
 
 
+def _fingerprint(config: dict) -> str:
+    """A hash of the config fields that decide what the adapter's tensors compute."""
+    fields = {key: config.get(key) for key in _FINGERPRINTED}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
 def _pattern(path: str) -> str:
     return "^" + re.escape(path)
 
@@ -198,10 +242,15 @@ def _r_alpha(config: dict, path: str) -> tuple[int, float]:
     key that matches the end of the path (as peft.utils.other.get_pattern_key), else r / lora_alpha."""
     def lookup(patterns: dict, default):
         for key, value in patterns.items():
-            if re.match(rf"(.*\.)?({key})$", path):
+            if re.match(_key_regex(key), path):
                 return value
         return default
     return lookup(config["rank_pattern"], config["r"]), lookup(config["alpha_pattern"], config["lora_alpha"])
+
+
+def _key_regex(key: str) -> str:
+    """The regex PEFT matches a rank_pattern / alpha_pattern key with, against a module path."""
+    return rf"(.*\.)?({key})$"
 
 
 def _read_config(file: str) -> dict:
@@ -212,6 +261,8 @@ def _read_config(file: str) -> dict:
             config = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"load_adapter: cannot read {file!r} as JSON: {err}") from None
+    except RecursionError:
+        raise ValueError(f"load_adapter: cannot read {file!r} as JSON: nested too deeply") from None
     if not isinstance(config, dict):
         raise ValueError(f"load_adapter: {file!r} must hold a JSON object, got {type(config).__name__}")
     where = f"load_adapter: {file!r}"
@@ -232,7 +283,7 @@ def _read_config(file: str) -> dict:
     r, alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"{where}: r must be a positive int, got {r!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+    if not is_finite_number(alpha):
         raise ValueError(f"{where}: lora_alpha must be a finite number, got {alpha!r}")
     if config["bias"] not in BIAS_MODES:
         raise ValueError(f"{where}: bias must be one of {BIAS_MODES}, got {config['bias']!r}")
@@ -241,6 +292,17 @@ def _read_config(file: str) -> dict:
     for field in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config[field], dict):
             raise ValueError(f"{where}: {field} must be an object, got {config[field]!r}")
+        for key, value in config[field].items():
+            try:
+                re.compile(_key_regex(key))
+            except re.error as err:
+                raise ValueError(f"{where}: {field} key {key!r} is not a valid regular expression: "
+                                 f"{err}") from None
+            if field == "rank_pattern" and not (isinstance(value, int) and not isinstance(value, bool)
+                                                and value >= 1):
+                raise ValueError(f"{where}: rank_pattern[{key!r}] must be a positive int, got {value!r}")
+            if field == "alpha_pattern" and not is_finite_number(value):
+                raise ValueError(f"{where}: alpha_pattern[{key!r}] must be a finite number, got {value!r}")
     targets = config.get("target_modules")
     if not targets or not (isinstance(targets, str) or
                            (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
@@ -253,13 +315,15 @@ def _check_scaling(layers: dict[str, LoRALinear], config: dict) -> None:
     """Existing layers must scale as the adapter was trained: the scaling is in no tensor."""
     for path, layer in layers.items():
         r, alpha = _r_alpha(config, path)
-        scaling = lora_scaling(alpha, r, config["use_rslora"])
+        # another r is refused before the scaling is computed: the file's r may be beyond a float
+        scaling = layer.scaling if layer.r != r else lora_scaling(alpha, r, config["use_rslora"])
         if layer.r != r or not math.isclose(layer.scaling, scaling, rel_tol=1e-12):
+            trained = f" (scaling {scaling:g})" if layer.r == r else ""
             raise ValueError(
                 f"load_adapter: layer {path!r} has r={layer.r}, alpha={layer.alpha:g}, "
                 f"use_rslora={layer.use_rslora} (scaling {layer.scaling:g}) but the adapter was "
-                f"trained with r={r}, lora_alpha={alpha:g}, use_rslora={config['use_rslora']} "
-                f"(scaling {scaling:g}); apply_lora with those values")
+                f"trained with r={r}, lora_alpha={alpha:g}, use_rslora={config['use_rslora']}"
+                f"{trained}; apply_lora with those values")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,20 +405,26 @@ def _safetensors(caller: str):
     try:
         import safetensors.torch
     except ImportError as err:
-        raise ImportError(f"{caller} needs the safetensors package: pip install fastlora[peft]") from err
+        raise ImportError(f"{caller} needs the safetensors package: pip install safetensors (or, from "
+                          f"a fastlora checkout, pip install -e '.[peft]')") from err
     return safetensors.torch
 
 
-def _atomic_write(path: str, write) -> None:
-    """``write(tmp)`` to a temporary file next to ``path``, flush it to disk, rename it over ``path``."""
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+def _replace_files(directory: str, writers: dict) -> None:
+    """For each ``name: write`` in order, ``write(tmp)`` to a temporary file in ``directory`` and
+    flush it to disk; only once all are written, rename each over ``directory/name``, in order.
+    A failure before the renames replaces nothing; no temporary file is left behind."""
+    tmps = {}
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        for name, write in writers.items():
+            tmps[name] = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+            write(tmps[name])
+            with open(tmps[name], "rb+") as f:
+                os.fsync(f.fileno())
+        for name, tmp in tmps.items():
+            os.replace(tmp, os.path.join(directory, name))
+    finally:
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                with contextlib.suppress(OSError):  # keep the error that brought us here
+                    os.unlink(tmp)

@@ -17,17 +17,22 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "triton", "fused", "split", "torch")
 
 
-def finite_number(value, name: str, caller: str) -> float:
-    """``value`` as a finite float: any real number (numpy scalars too), not a bool."""
+def is_finite_number(value) -> bool:
+    """True for a real number (numpy scalars too; not a bool) that a float holds as a finite
+    value; an int too large for a float is not."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{caller}: {name} must be a finite number, got {value!r}")
+        return False
     try:
-        f = float(value)
+        return math.isfinite(float(value))
     except OverflowError:
-        f = math.inf
-    if not math.isfinite(f):
+        return False
+
+
+def finite_number(value, name: str, caller: str) -> float:
+    """``value`` as a finite float (``is_finite_number``), else a ValueError naming it."""
+    if not is_finite_number(value):
         raise ValueError(f"{caller}: {name} must be a finite number, got {value!r}")
-    return f
+    return float(value)
 
 
 def positive_int(value, name: str, caller: str) -> int:

@@ -147,7 +147,7 @@ def provider_available(provider: str, device: torch.device) -> str | None:
         try:
             import peft  # noqa: F401
         except ImportError:
-            return "peft not installed (pip install fastlora[bench])"
+            return "peft not installed (pip install peft, or from a fastlora checkout pip install -e '.[bench]')"
     if provider == "compiled" and device.type == "cuda":
         try:
             import triton  # noqa: F401
@@ -446,7 +446,8 @@ def plot(path: str, rows: list[Row]) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise RuntimeError("--plot needs matplotlib (pip install fastlora[bench])") from e
+        raise RuntimeError("--plot needs matplotlib (pip install matplotlib, or from a fastlora "
+                           "checkout pip install -e '.[bench]')") from e
     panels = sorted({(r.in_features, r.out_features, r.rank, r.dtype, r.mode) for r in rows})
     cols = min(3, len(panels)) or 1
     nrows = math.ceil(len(panels) / cols) or 1

@@ -1,17 +1,22 @@
-"""The ``fastlora`` command: ``demo`` (default), ``bench`` and ``check``."""
+"""The ``fastlora`` command: ``demo`` (default), ``bench`` and ``check``.
+
+Every argument is checked when the command line is parsed, before any work: a bad one is a one-line
+``fastlora COMMAND: error: ...`` on stderr and exit code 2.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
 import time
 
 import torch
 
 
-def _device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _device(device: torch.device | None) -> torch.device:
+    """``--device`` as parsed, or the default: cuda if present, else cpu."""
+    return device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -62,10 +67,7 @@ def bench(args) -> int:
     cuda = device.type == "cuda"
     dtype = B.DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     if args.shape:
-        shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape]
-        bad = [s for s in shapes if len(s) != 3 or min(s) < 1]
-        if bad:
-            raise SystemExit(f"fastlora bench: --shape takes M,IN,OUT with positive ints, got {bad}")
+        shapes = args.shape
     else:
         preset = args.preset or ("llama" if cuda else "small")
         ms = args.M or ([1, 16, 256, 2048, 8192] if cuda else [256, 2048])
@@ -98,13 +100,17 @@ CHECK_SHAPES = [(1, 97, 40, 1), (63, 97, 40, 3), (97, 45, 70, 16), (63, 33, 40, 
 CHECK_SHAPES_GPU = [(1, 4096, 4096, 16), (97, 1000, 600, 16), (2048, 4096, 11008, 16), (300, 512, 700, 128)]
 
 
+def _default_check_backend(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" else "torch"
+
+
 def check(args) -> int:
     from . import checks
     from .checks import Case, gradcheck
 
     device = _device(args.device)
     cuda = device.type == "cuda"
-    backend = args.backend or ("triton" if cuda else "torch")
+    backend = args.backend or _default_check_backend(device)
     dtypes = [torch.float64, torch.float32, torch.float16] + ([torch.bfloat16] if cuda else [])
     shapes = CHECK_SHAPES + (CHECK_SHAPES_GPU if cuda else [])
     cases = [Case(M, K, N, r, dt) for M, K, N, r in shapes for dt in dtypes]
@@ -145,37 +151,129 @@ def check(args) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
+# Argument types: each turns a string into the value or raises ArgumentTypeError, which argparse
+# reports as "argument --NAME: MESSAGE".
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
+    return value
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    parts = text.split(",")
+    try:
+        shape = tuple(int(v) for v in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected M,IN,OUT (three positive ints), got {text!r}")
+    return shape
+
+
+def _device_arg(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here (torch "
+                                         f"{torch.__version__}); use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} "
+                                         f"CUDA device(s)")
+    return device
+
+
+def _output_file(text: str) -> str:
+    """A path to write after the run: its directory must exist now, so a long run is not lost."""
+    directory = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(directory):
+        raise argparse.ArgumentTypeError(f"directory {directory!r} does not exist (for {text!r})")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file name")
+    return text
+
+
+def _plot_file(text: str) -> str:
+    if importlib.util.find_spec("matplotlib") is None:
+        raise argparse.ArgumentTypeError("needs matplotlib (pip install matplotlib, or from a "
+                                         "fastlora checkout pip install -e '.[bench]')")
+    return _output_file(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose error is one line, ``PROG: error: MESSAGE``, and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastlora", description="Fused LoRA linear layers: demo, benchmark, check.")
+    p = _Parser(prog="fastlora", description="Fused LoRA linear layers: demo, benchmark, check.")
     sub = p.add_subparsers(dest="command")
+    device_help = "cpu, cuda or cuda:N (default: cuda if present)"
 
     d = sub.add_parser("demo", help="wrap a linear layer and train its adapters for a few steps (default)")
-    d.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
-    d.add_argument("--steps", type=int, default=60)
+    d.add_argument("--device", type=_device_arg, help=device_help)
+    d.add_argument("--steps", type=_positive_int, default=60)
 
     b = sub.add_parser("bench", help="time LoRA layers against the frozen base F.linear and peers")
     b.add_argument("--preset", choices=["llama-7b", "llama3-8b", "llama", "small"],
                    help="projection shapes of a model (default: llama on GPU, small on CPU)")
-    b.add_argument("--M", type=int, nargs="+", help="rows (batch x sequence) for the preset shapes")
-    b.add_argument("--shape", action="append", help="M,IN,OUT (repeatable); overrides --preset")
-    b.add_argument("--rank", type=int, nargs="+", help="LoRA ranks (default 16)")
+    rows = b.add_mutually_exclusive_group()  # --M sets the rows of the preset shapes, --shape its own
+    rows.add_argument("--M", type=_positive_int, nargs="+", help="rows (batch x sequence) for the preset shapes")
+    rows.add_argument("--shape", type=_shape, action="append",
+                      help="M,IN,OUT (repeatable); overrides --preset")
+    b.add_argument("--rank", type=_positive_int, nargs="+", help="LoRA ranks (default 16)")
     b.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "fp64"], help="default: bf16 on GPU, fp32 on CPU")
     b.add_argument("--mode", choices=["fwd", "bwd", "full"], nargs="+", help="default: fwd full")
-    b.add_argument("--dropout", type=float, default=0.0)
+    b.add_argument("--dropout", type=_probability, default=0.0)
     b.add_argument("--providers", nargs="+", choices=["base", "reference", "peft", "compiled", "fastlora"],
                    help="default: base reference peft fastlora ('compiled' compiles per shape: slow)")
-    b.add_argument("--device")
-    b.add_argument("--rounds", type=int, default=15, help="CPU: interleaved timing rounds")
-    b.add_argument("--json", help="write the rows as JSON")
-    b.add_argument("--csv", help="write the rows as CSV")
-    b.add_argument("--plot", help="draw ratio-to-base against M (needs matplotlib)")
+    b.add_argument("--device", type=_device_arg, help=device_help)
+    b.add_argument("--rounds", type=_positive_int, default=15, help="CPU: interleaved timing rounds")
+    b.add_argument("--json", type=_output_file, help="write the rows as JSON")
+    b.add_argument("--csv", type=_output_file, help="write the rows as CSV")
+    b.add_argument("--plot", type=_plot_file, help="draw ratio-to-base against M (needs matplotlib)")
     b.add_argument("--quiet", action="store_true", help="no progress line")
 
     c = sub.add_parser("check", help="correctness checks on this device; exits non-zero on any failure")
-    c.add_argument("--device")
+    c.add_argument("--device", type=_device_arg, help=device_help)
     c.add_argument("--backend", choices=["triton", "torch"],
                    help="default: triton on CUDA, torch on CPU (triton on CPU needs TRITON_INTERPRET=1)")
+    c.set_defaults(check_parser=c)
     return p
+
+
+def _backend_problem(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run on ``device`` (the operator's own message, whole), or None. An
+    empty input resolves the backend and launches nothing."""
+    import fastlora
+
+    t = torch.zeros(1, 1, device=device)
+    try:
+        fastlora.lora_linear(torch.zeros(0, 1, device=device), t, None, t, t, 1.0, backend=backend)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,8 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in ("demo", "bench", "check", "-h", "--help"):
         argv = ["demo", *argv]  # demo is the default command
     args = build_parser().parse_args(argv)
-    if args.command == "bench" and not 0.0 <= args.dropout < 1.0:
-        raise SystemExit(f"fastlora bench: --dropout must be in [0, 1), got {args.dropout}")
+    if args.command == "check":
+        device = _device(args.device)
+        problem = _backend_problem(args.backend or _default_check_backend(device), device)
+        if problem:
+            args.check_parser.error(problem)
     return {"demo": demo, "bench": bench, "check": check}[args.command](args)
 
 

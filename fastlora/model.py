@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .modules import LoRALinear
+from .modules import LoRALinear, has_own_forward
 
 BIAS_MODES = ("none", "all", "lora_only")
 ALL_LINEAR = "all-linear"
@@ -79,19 +79,14 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Ten
 
 def merge(model: nn.Module) -> None:
     """Fold every LoRA layer's ``s B A`` into its weight (see LoRALinear.merge); all or nothing:
-    if one layer's merged weight is not finite, the layers merged before it are unmerged again."""
+    if one layer's merged weight is not finite, the layers merged before it are unmerged again.
+
+    A LoRA layer whose weight shares memory with another parameter or buffer of the model (tied
+    weights) is refused before anything changes: the merge writes into the weight in place, so the
+    other module would compute with this layer's update, and two LoRA layers' updates would land in
+    the one tensor, which unmerge could not undo."""
     _check_model("merge", model)
-    done = []
-    for path, layer in lora_layers(model, "merge").items():
-        if layer.merged:
-            continue
-        try:
-            layer.merge()
-        except ValueError as err:
-            for merged in reversed(done):
-                merged.unmerge()
-            raise ValueError(f"merge: layer {path or '<root>'!r}: {err}") from None
-        done.append(layer)
+    _merge(model, lora_layers(model, "merge"), "merge")
 
 
 def unmerge(model: nn.Module) -> None:
@@ -110,7 +105,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """
     _check_model("merge_and_unload", model)
     layers = lora_layers(model, "merge_and_unload")
-    merge(model)
+    _merge(model, layers, "merge_and_unload")
     for path, layer in layers.items():
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                            device="meta")
@@ -119,6 +114,54 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         layer._weight_before_merge = None
         model = _replace(model, path, linear)
     return model
+
+
+def _merge(model: nn.Module, layers: dict[str, LoRALinear], caller: str) -> None:
+    _check_untied(model, layers, caller)
+    done = []
+    for path, layer in layers.items():
+        if layer.merged:
+            continue
+        try:
+            layer.merge()
+        except ValueError as err:
+            for merged in reversed(done):
+                merged.unmerge()
+            raise ValueError(f"{caller}: layer {path or '<root>'!r}: {err}") from None
+        done.append(layer)
+
+
+def _check_untied(model: nn.Module, layers: dict[str, LoRALinear], caller: str) -> None:
+    """A ValueError if a LoRA layer's weight overlaps in memory with any other named parameter or
+    buffer of ``model`` (the same Parameter under two names, or views of one tensor that overlap).
+    One layer reached by two paths (a reused block) is one update, not a tie."""
+    def span(t):  # the bytes t's elements occupy
+        extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1
+        return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+    by_storage = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False),
+                    *model.named_buffers(remove_duplicate=False)]:
+        if t.numel() and t.device.type != "meta":
+            by_storage.setdefault((t.device, t.untyped_storage().data_ptr()), []).append((name, t))
+    own_names = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, LoRALinear):
+            own_names.setdefault(id(module), set()).add(_join(path, "weight"))
+    for path, layer in layers.items():
+        w = layer.weight
+        if not w.numel() or w.device.type == "meta":
+            continue
+        start, end = span(w)
+        others = [name for name, t in by_storage.get((w.device, w.untyped_storage().data_ptr()), [])
+                  if name not in own_names[id(layer)] and span(t)[0] < end and start < span(t)[1]]
+        if others:
+            raise ValueError(
+                f"{caller}: layer {path or '<root>'!r} shares its weight with {', '.join(others[:3])}"
+                f"{' ...' if len(others) > 3 else ''} (tied weights): merging writes into the weight "
+                f"in place, so the update would reach the other module too and could not be undone "
+                f"exactly; nothing was merged. Keep the model unmerged, or untie the weights (give "
+                f"each module its own copy) before apply_lora")
 
 
 def lora_layers(model: nn.Module, caller: str = "lora_layers") -> dict[str, LoRALinear]:
@@ -171,6 +214,12 @@ def _select(model: nn.Module, target_modules, exclude_modules, caller: str) -> l
         raise TypeError(f"{caller}: target_modules matched linear layers whose weight is not a plain "
                         f"floating-point tensor (quantized?): {', '.join(packed[:5])}; fastlora "
                         f"needs a float16/bfloat16/float32/float64 weight")
+    own = [f"{p or '<root>'} ({type(modules[p]).__qualname__})" for p in picked
+           if has_own_forward(modules[p])]
+    if own:
+        raise TypeError(f"{caller}: target_modules matched nn.Linear subclasses with a forward of their "
+                        f"own, which a LoRALinear (F.linear) would drop: {', '.join(own[:5])}"
+                        f"{' ...' if len(own) > 5 else ''}; exclude them (exclude_modules)")
     return picked
 
 

@@ -22,6 +22,10 @@ class LoRALinear(nn.Module):
 
     ``merge()`` folds ``s B A`` into ``weight`` so that the forward is the plain GEMM; ``unmerge()``
     restores the weight bit-exactly from a copy kept while merged (one extra weight-sized tensor).
+    Merging is invisible to checkpoints: the state dict of a merged layer holds the weight from
+    before the merge (so it loads into an unmerged layer without counting the adapter twice), and
+    loading into a merged layer loads into the unmerged one and merges again. For a checkpoint with
+    the adapter folded in, use ``fastlora.merge_and_unload``.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 8,
@@ -36,10 +40,17 @@ class LoRALinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                     use_rslora: bool = False, init_lora_weights: bool | str = True,
                     backend: str = "auto") -> "LoRALinear":
-        """Wrap ``linear``: its weight and bias Parameters are shared (not copied) and frozen."""
+        """Wrap ``linear``: its weight and bias Parameters are shared (not copied) and frozen.
+
+        An nn.Linear subclass whose forward is not nn.Linear's is refused: the LoRALinear computes
+        F.linear, so its forward would be dropped silently."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LoRALinear.from_linear: linear must be an nn.Linear, got "
                             f"{type(linear).__name__}")
+        if has_own_forward(linear):
+            raise TypeError(f"LoRALinear.from_linear: linear is a {type(linear).__qualname__}, whose "
+                            f"forward is not nn.Linear's; a LoRALinear computes F.linear and would "
+                            f"drop it")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._setup(linear.weight, linear.bias, r, alpha, dropout, use_rslora, init_lora_weights,
@@ -51,6 +62,8 @@ class LoRALinear(nn.Module):
         # numpy scalars become Python numbers; a plain int or float is kept as given
         alpha = alpha if type(alpha) in (int, float) else finite_number(alpha, "alpha", "LoRALinear")
         finite_number(alpha, "alpha", "LoRALinear")
+        if not isinstance(use_rslora, bool):  # a truthy "no" must not switch rsLoRA on
+            raise ValueError(f"LoRALinear: use_rslora must be True or False, got {use_rslora!r}")
         dropout = probability(dropout, "dropout", "LoRALinear")
         check_backend(backend, "LoRALinear")
         init_ok = init_lora_weights is True or init_lora_weights is False or init_lora_weights == "gaussian"
@@ -122,6 +135,25 @@ class LoRALinear(nn.Module):
         self.weight.copy_(self._weight_before_merge)
         self._weight_before_merge = None
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            w = self._weight_before_merge
+            destination[prefix + "weight"] = w if keep_vars else w.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        touched = any(prefix + name in state_dict for name in ("weight", "lora_A", "lora_B"))
+        if not (self.merged and touched):
+            return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.unmerge()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        try:
+            self.merge()
+        except ValueError as err:
+            raise ValueError(f"load_state_dict: LoRALinear {prefix.rstrip('.') or '<root>'!r} was "
+                             f"merged; its new tensors were loaded but cannot be merged, so it is "
+                             f"left unmerged: {err}") from None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
@@ -133,6 +165,12 @@ class LoRALinear(nn.Module):
                 f"alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}, "
                 f"bias={self.bias is not None}, use_rslora={self.use_rslora}, backend={self.backend!r}"
                 + (", merged=True" if self.merged else ""))
+
+
+def has_own_forward(linear: nn.Linear) -> bool:
+    """True when ``linear``'s class overrides nn.Linear.forward (a LoRALinear in its place, which
+    computes F.linear, would change the output)."""
+    return type(linear).forward is not nn.Linear.forward
 
 
 class ParameterCount(NamedTuple):

@@ -129,5 +129,6 @@ def _peft_lora(caller: str):
     try:
         from peft.tuners import lora
     except ImportError as err:
-        raise ImportError(f"{caller} needs the peft package: pip install fastlora[peft]") from err
+        raise ImportError(f"{caller} needs the peft package: pip install peft (or, from a fastlora "
+                          f"checkout, pip install -e '.[peft]')") from err
     return lora

@@ -71,3 +71,14 @@ def with_random_B(model, seed=0):
             if isinstance(layer, fastlora.LoRALinear):
                 layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
     return model
+
+
+class DoubledLinear(nn.Linear):
+    """An nn.Linear subclass with its own forward, which a LoRALinear (F.linear) would drop."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class TaggedLinear(nn.Linear):
+    """A subclass that keeps nn.Linear's forward."""

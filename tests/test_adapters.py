@@ -3,6 +3,7 @@ with a message naming the file and the first offending tensor."""
 import copy
 import json
 import os
+import pathlib
 import pickle
 
 import pytest
@@ -113,6 +114,86 @@ def test_an_interrupted_save_leaves_the_old_adapter_whole(tmp_path, monkeypatch)
     assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before  # no temp file left
 
 
+def files(directory):
+    return {f: (directory / f).read_bytes() for f in sorted(os.listdir(directory))}
+
+
+def alpha16(seed=1):
+    """An adapter whose scaling (4) differs from adapted()'s (2): mixing its files with adapted()'s
+    would compute something neither trained."""
+    torch.manual_seed(seed)
+    return with_random_B(fastlora.apply_lora(Net(), ["q_proj", "v_proj"], r=4, alpha=16), seed)
+
+
+def test_a_config_that_cannot_be_written_is_refused_before_any_file_changes(tmp_path):
+    saved(tmp_path)
+    before = files(tmp_path)
+    with pytest.raises(TypeError, match="save_adapter: base_model_name_or_path must be a str, a path "
+                                        "or None, got object"):
+        fastlora.save_adapter(alpha16(), tmp_path, base_model_name_or_path=object())
+    assert files(tmp_path) == before
+    fastlora.save_adapter(alpha16(), tmp_path, base_model_name_or_path=pathlib.Path("models/llama"))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == "models/llama"
+
+
+def test_a_config_write_that_fails_leaves_the_old_adapter_whole(tmp_path, monkeypatch):
+    """A full disk while the config is written: nothing replaced, no temporary file left."""
+    saved(tmp_path)
+    before = files(tmp_path)
+    real_open = open
+
+    def disk_full(file, mode="r", *args, **kwargs):
+        if "adapter_config.json" in os.fspath(file) and "w" in mode:
+            raise OSError(28, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        fastlora.save_adapter(alpha16(), tmp_path)
+    monkeypatch.undo()
+    assert files(tmp_path) == before
+
+
+def test_files_from_two_different_saves_are_refused_at_load(tmp_path, monkeypatch):
+    """A save that dies between replacing the weights and replacing the config (the directory made
+    read-only, a crash) leaves new weights beside the old config: load_adapter must refuse the pair,
+    not load it with the old config's scaling."""
+    saved(tmp_path)
+    real_replace = os.replace
+
+    def read_only_after_first(src, dst):
+        if os.fspath(dst).endswith("adapter_config.json"):
+            raise PermissionError(13, "Read-only file system")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", read_only_after_first)
+    with pytest.raises(PermissionError):
+        fastlora.save_adapter(alpha16(), tmp_path)
+    monkeypatch.undo()
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors' was saved with another "
+                                         r"adapter_config.json than the one beside it"):
+        fastlora.load_adapter(Net(), tmp_path)
+
+
+def test_a_hand_edited_description_still_loads(tmp_path):
+    """The pair check covers the fields that decide what the tensors compute, not descriptive ones
+    such as base_model_name_or_path, which people fix by hand."""
+    model = saved(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "base_model_name_or_path": "elsewhere/llama",
+                                       "inference_mode": False}))
+    ids = torch.randint(0, 24, (2, 5))
+    base = Net()
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if "lora" not in k})
+    loaded = fastlora.load_adapter(base, tmp_path)
+    torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
+    config_file.write_text(json.dumps({**config, "lora_alpha": 16}))
+    with pytest.raises(ValueError, match="was saved with another adapter_config.json"):
+        fastlora.load_adapter(Net(), tmp_path)
+
+
 def test_a_truncated_file_is_refused_naming_it(tmp_path):
     saved(tmp_path)
     path = tmp_path / "adapter_model.safetensors"
@@ -210,6 +291,51 @@ def test_bad_configs_and_states_are_refused(tmp_path):
         fastlora.save_adapter(Net(), tmp_path)
     with pytest.raises(ValueError, match="exists and is not a directory"):
         fastlora.save_adapter(model, tmp_path / "adapter_config.json")
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"rank_pattern": {"q_proj(": 2}}, r"rank_pattern key 'q_proj\(' is not a valid regular expression"),
+    ({"alpha_pattern": {"[v": 2}}, r"alpha_pattern key '\[v' is not a valid regular expression"),
+    ({"rank_pattern": {"q_proj": "2"}}, r"rank_pattern\['q_proj'\] must be a positive int, got '2'"),
+    ({"rank_pattern": {"q_proj": 2.0}}, r"rank_pattern\['q_proj'\] must be a positive int, got 2.0"),
+    ({"rank_pattern": {"q_proj": True}}, r"rank_pattern\['q_proj'\] must be a positive int, got True"),
+    ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\] must be a positive int, got 0"),
+    ({"alpha_pattern": {"q_proj": "8"}}, r"alpha_pattern\['q_proj'\] must be a finite number, got '8'"),
+    ({"alpha_pattern": {"q_proj": 10 ** 400}}, r"alpha_pattern\['q_proj'\] must be a finite number, got 1000"),
+    ({"lora_alpha": 10 ** 400}, r"lora_alpha must be a finite number, got 1000"),
+    ({"lora_alpha": "8"}, r"lora_alpha must be a finite number, got '8'"),
+    ({"rank_pattern": ["q_proj"]}, r"rank_pattern must be an object"),
+], ids=["rank-regex", "alpha-regex", "rank-str", "rank-float", "rank-bool", "rank-0", "alpha-str",
+        "alpha-overflow", "lora_alpha-overflow", "lora_alpha-str", "rank-list"])
+@pytest.mark.parametrize("into", ["fresh model", "apply_lora model"])
+def test_a_bad_pattern_or_number_in_the_config_names_the_field(tmp_path, change, match, into):
+    saved(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **change}))
+    model = Net() if into == "fresh model" else fastlora.apply_lora(Net(), ["q_proj", "v_proj"], r=4, alpha=8)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=match):
+        fastlora.load_adapter(model, tmp_path)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_huge_rank_with_rslora_is_a_scaling_mismatch_not_an_overflow(tmp_path):
+    saved(tmp_path)
+    rewrite(tmp_path, tensors(tmp_path))  # no fingerprint, as PEFT writes it
+    config_file = tmp_path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "r": 10 ** 400, "use_rslora": True}))
+    model = fastlora.apply_lora(Net(), ["q_proj", "v_proj"], r=4, alpha=8, use_rslora=True)
+    with pytest.raises(ValueError, match=r"layer 'blocks.0.q_proj' has r=4, .* but the adapter was trained with r=1000"):
+        fastlora.load_adapter(model, tmp_path)
+
+
+def test_deeply_nested_json_is_a_value_error(tmp_path):
+    saved(tmp_path)
+    depth = 100_000
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "x": ' + "[" * depth + "]" * depth + "}")
+    with pytest.raises(ValueError, match="cannot read .*adapter_config.json' as JSON: nested too deeply"):
+        fastlora.load_adapter(Net(), tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """The command line: argument handling, --json/--csv content, exit codes (CPU)."""
 import csv
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
+from helpers import HAS_TRITON
 from fastlora import cli
 from fastlora.checks import Result
 
@@ -52,12 +55,57 @@ def test_bench_reports_a_wrong_provider_instead_of_timing_it(monkeypatch, tmp_pa
     assert row["status"] == "wrong" and row["ms"] is None
 
 
-@pytest.mark.parametrize("argv,msg", [(["bench", "--shape", "64,32"], "M,IN,OUT"),
-                                      (["bench", "--shape", "0,32,32"], "M,IN,OUT"),
-                                      (["bench", "--dropout", "1.5"], "--dropout")])
-def test_bench_rejects_bad_arguments(argv, msg):
-    with pytest.raises(SystemExit, match=msg):
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+BAD_ARGS = [
+    (["bench", "--shape", "a,b,c"], "fastlora bench: error: argument --shape: expected M,IN,OUT (three positive ints), got 'a,b,c'"),
+    (["bench", "--shape", "64,32"], "argument --shape: expected M,IN,OUT (three positive ints), got '64,32'"),
+    (["bench", "--shape", "0,32,32"], "argument --shape: expected M,IN,OUT"),
+    (["bench", "--rounds", "0"], "fastlora bench: error: argument --rounds: must be a positive int, got '0'"),
+    (["bench", "--rank", "0"], "argument --rank: must be a positive int, got '0'"),
+    (["bench", "--rank", "16", "x"], "argument --rank: must be a positive int, got 'x'"),
+    (["bench", "--M", "-4"], "argument --M: must be a positive int, got '-4'"),
+    (["bench", "--dropout", "1.5"], "argument --dropout: must be in [0, 1), got '1.5'"),
+    (["bench", "--dropout", "nan"], "argument --dropout: must be in [0, 1), got 'nan'"),
+    (["bench", "--M", "16", "--shape", "16,32,32"], "argument --shape: not allowed with argument --M"),
+    (["bench", "--device", "tpu"], "argument --device: unknown device 'tpu'; expected cpu, cuda or cuda:N"),
+    (["bench", "--device", "meta"], "argument --device: expected cpu, cuda or cuda:N, got 'meta'"),
+    (["bench", "--json", "/no/such/dir/b.json"], "argument --json: directory '/no/such/dir' does not exist"),
+    (["bench", "--csv", "/no/such/dir/b.csv"], "argument --csv: directory '/no/such/dir' does not exist"),
+    (["bench", "--plot", "/no/such/dir/b.png"], "argument --plot: directory '/no/such/dir' does not exist"),
+    (["demo", "--steps", "-1"], "fastlora demo: error: argument --steps: must be a positive int, got '-1'"),
+    (["--steps", "0"], "fastlora demo: error: argument --steps: must be a positive int, got '0'"),
+    (["check", "--device", "cpu:x"], "fastlora check: error: argument --device: unknown device 'cpu:x'"),
+    pytest.param(["bench", "--device", "cuda"], "argument --device: 'cuda': CUDA is not available here",
+                 marks=NO_CUDA),
+    pytest.param(["demo", "--device", "cuda:0"], "argument --device: 'cuda:0': CUDA is not available here",
+                 marks=NO_CUDA),
+]
+
+
+@pytest.mark.parametrize("argv,msg", BAD_ARGS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_a_bad_argument_is_a_one_line_error_and_exit_2_before_any_work(argv, msg, capsys, monkeypatch):
+    def work(args):
+        raise AssertionError("the command started before its arguments were checked")
+
+    for command in ("demo", "bench", "check"):
+        monkeypatch.setattr(cli, command, work)
+    with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and msg in err, err
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_check_with_triton_on_cpu_without_the_interpreter_prints_the_whole_hint():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "fastlora", "check", "--device", "cpu", "--backend", "triton"],
+                         env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 2 and out.stdout == "", out.stdout + out.stderr
+    assert out.stderr.count("\n") == 1, out.stderr
+    assert ("fastlora check: error: lora_linear: backend='triton' needs CUDA tensors, got x on cpu (set "
+            "TRITON_INTERPRET=1 before importing fastlora to run the kernels on the CPU through "
+            "Triton's interpreter); or use backend='torch'") in out.stderr
 
 
 def test_bench_rejects_unknown_provider(capsys):

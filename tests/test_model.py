@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fastlora
-from helpers import BACKENDS, DEVICE, Net, lora_paths, with_random_B
+from helpers import BACKENDS, DEVICE, DoubledLinear, Net, TaggedLinear, lora_paths, with_random_B
 from hf_tiny import peft_twin, tiny_llama
 
 
@@ -104,6 +104,18 @@ def test_bad_arguments_name_themselves():
     assert lora_paths(model) == []
 
 
+def test_apply_lora_refuses_a_linear_subclass_with_its_own_forward():
+    """Replacing it would change the model's output at initialisation."""
+    model = Net()
+    model.blocks[1].q_proj = DoubledLinear(16, 16)
+    model.blocks[0].q_proj = TaggedLinear(16, 16)
+    with pytest.raises(TypeError, match=r"apply_lora: target_modules matched nn.Linear subclasses "
+                                        r"with a forward of their own.*: blocks.1.q_proj \(DoubledLinear\)"):
+        fastlora.apply_lora(model, ["q_proj", "v_proj"])
+    assert lora_paths(model) == []
+    assert lora_paths(fastlora.apply_lora(model, ["blocks.0.q_proj"])) == ["blocks.0.q_proj"]
+
+
 def test_apply_lora_on_a_bare_linear_returns_the_new_layer():
     lin = nn.Linear(8, 4)
     layer = fastlora.apply_lora(lin, "all-linear", r=2)
@@ -177,6 +189,103 @@ def test_merge_refuses_a_non_finite_result_and_undoes_the_layers_before():
     for n, p in model.named_parameters():
         if "lora" not in n:
             assert torch.equal(p, weights[n]), n
+
+
+def test_a_state_dict_taken_while_merged_is_the_unmerged_one():
+    """A merged model's state dict holds the weight from before the merge: loaded into an unmerged
+    model (strict, every key matching) it must not count the adapter twice."""
+    torch.manual_seed(0)
+    model = with_random_B(fastlora.apply_lora(Net(), ["q_proj", "v_proj"], r=4, alpha=8, backend="torch"))
+    ids = torch.randint(0, 24, (2, 5))
+    expected, unmerged_state = model(ids), copy.deepcopy(model.state_dict())
+    fastlora.merge(model)
+    state = model.state_dict()
+    assert list(state) == list(unmerged_state)
+    assert all(torch.equal(state[k], unmerged_state[k]) for k in state)
+    fresh = fastlora.apply_lora(Net(), ["q_proj", "v_proj"], r=4, alpha=8, backend="torch")
+    fresh.load_state_dict(state, strict=True)
+    torch.testing.assert_close(fresh(ids), expected, rtol=0, atol=0)
+    lora = fastlora.lora_state_dict(model)  # A, B: the same merged or not
+    assert all(torch.equal(lora[k], unmerged_state[k]) for k in lora)
+
+
+@pytest.mark.parametrize("what", ["state_dict", "lora_state_dict"])
+def test_loading_into_a_merged_model_merges_what_was_loaded(what):
+    """Loading adapters into a merged layer must not leave it computing with the old merge (and
+    unmerge must still restore the base weight)."""
+    torch.manual_seed(0)
+    model = with_random_B(fastlora.apply_lora(Net(), ["q_proj", "v_proj"], r=4, alpha=8, backend="torch"), 0)
+    other = copy.deepcopy(model)
+    with_random_B(other, seed=1)
+    ids = torch.randint(0, 24, (2, 5))
+    base_weight = model.blocks[0].q_proj.weight.detach().clone()
+    fastlora.merge(model)
+    state = other.state_dict() if what == "state_dict" else fastlora.lora_state_dict(other)
+    model.load_state_dict(state, strict=what == "state_dict")
+    assert model.blocks[0].q_proj.merged
+    torch.testing.assert_close(model(ids), other(ids), rtol=1e-5, atol=1e-5)
+    fastlora.unmerge(model)
+    assert torch.equal(model.blocks[0].q_proj.weight, base_weight)
+    torch.testing.assert_close(model(ids), other(ids), rtol=0, atol=0)
+
+
+def tied(model, *pairs):
+    """``model`` with each (a, b) pair of module paths sharing a's weight Parameter (tied weights)."""
+    for a, b in pairs:
+        model.get_submodule(b).weight = model.get_submodule(a).weight
+    return model
+
+
+@pytest.mark.parametrize("how", ["merge", "merge_and_unload"])
+@pytest.mark.parametrize("targets,pair,match", [
+    (["q_proj"], ("blocks.0.q_proj", "blocks.1.q_proj"), r"'blocks.0.q_proj' shares its weight with blocks.1.q_proj.weight"),
+    (["lm_head"], ("embed", "lm_head"), r"'lm_head' shares its weight with embed.weight"),
+], ids=["two-lora-layers", "lora-layer-and-embedding"])
+def test_merge_refuses_tied_weights_before_changing_anything(how, targets, pair, match):
+    """Merging writes s B A into the weight in place: with a tied weight, both layers' updates would
+    land in the one tensor (and unmerge could not restore it), or the other module would compute
+    with this layer's update."""
+    torch.manual_seed(0)
+    model = with_random_B(fastlora.apply_lora(tied(Net(), pair), targets, r=4, alpha=8, backend="torch"))
+    ids = torch.randint(0, 24, (2, 5))
+    expected = model(ids)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
+    paths = lora_paths(model)
+    with pytest.raises(ValueError, match=rf"{how}: layer {match} \(tied weights\)"):
+        getattr(fastlora, how)(model)
+    assert lora_paths(model) == paths and not any(m.merged for m in model.modules()
+                                                  if isinstance(m, fastlora.LoRALinear))
+    for n, p in model.named_parameters(remove_duplicate=False):
+        assert torch.equal(p, weights[n]), n
+    torch.testing.assert_close(model(ids), expected, rtol=0, atol=0)
+
+
+def test_a_layer_reached_by_two_paths_is_not_tied():
+    """A reused block (one module at two paths) has one LoRA layer, one update: it merges."""
+    torch.manual_seed(0)
+    model = Net()
+    model.blocks[1] = model.blocks[0]
+    model = with_random_B(fastlora.apply_lora(model, ["q_proj"], r=4, alpha=8, backend="torch"))
+    ids = torch.randint(0, 24, (2, 5))
+    w0, expected = model.blocks[0].q_proj.weight.detach().clone(), model(ids)
+    fastlora.merge(model)
+    torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=1e-5)
+    fastlora.unmerge(model)
+    assert torch.equal(model.blocks[1].q_proj.weight, w0)
+
+
+def test_weights_that_are_slices_of_one_tensor_but_do_not_overlap_merge():
+    """Views into one fused tensor (a split qkv, say) share storage but not elements: not tied."""
+    torch.manual_seed(0)
+    model = Net()
+    fused = torch.randn(32, 16)
+    model.blocks[0].q_proj.weight = nn.Parameter(fused[:16])
+    model.blocks[1].q_proj.weight = nn.Parameter(fused[16:])
+    model = with_random_B(fastlora.apply_lora(model, ["q_proj"], r=4, alpha=8, backend="torch"))
+    before = fused.clone()
+    fastlora.merge(model)
+    fastlora.unmerge(model)
+    assert torch.equal(fused, before)
 
 
 def test_merge_and_unload_gives_plain_linears_with_the_same_output():

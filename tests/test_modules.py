@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fastlora
-from helpers import BACKENDS, DEVICE
+from helpers import BACKENDS, DEVICE, DoubledLinear, TaggedLinear
 from fastlora.reference import LoRALinearReference, lora_linear_reference
 
 
@@ -47,6 +47,31 @@ def test_from_linear_shares_weights_and_freezes_them():
     assert nobias.bias is None
     with pytest.raises(TypeError, match="linear must be an nn.Linear"):
         fastlora.LoRALinear.from_linear(nn.Conv1d(3, 3, 1))
+
+
+@pytest.mark.parametrize("kw,match", [(dict(use_rslora=1), "use_rslora must be True or False, got 1"),
+                                      (dict(use_rslora="yes"), "use_rslora must be True or False, got 'yes'"),
+                                      (dict(use_rslora=None), "use_rslora must be True or False, got None"),
+                                      (dict(alpha=10 ** 400), "alpha must be a finite number, got 1000")])
+def test_use_rslora_must_be_a_bool_and_alpha_a_float(kw, match):
+    """As load_adapter demands of adapter_config.json: a truthy "yes" must not switch rsLoRA on."""
+    with pytest.raises(ValueError, match=match):
+        fastlora.LoRALinear(8, 4, **kw)
+    with pytest.raises(ValueError, match=match):
+        fastlora.LoRALinear.from_linear(nn.Linear(8, 4), **kw)
+    lin = nn.Linear(8, 4)
+    with pytest.raises(ValueError, match=match):
+        fastlora.apply_lora(lin, "all-linear", **kw)
+    assert lin.weight.requires_grad  # untouched
+
+
+def test_from_linear_refuses_a_subclass_with_its_own_forward():
+    with pytest.raises(TypeError, match=r"LoRALinear.from_linear: linear is a DoubledLinear, whose "
+                                        r"forward is not nn.Linear's"):
+        fastlora.LoRALinear.from_linear(DoubledLinear(8, 4))
+    lin = TaggedLinear(8, 4)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(fastlora.LoRALinear.from_linear(lin)(x), lin(x), rtol=0, atol=0)
 
 
 def test_base_checkpoint_loads_unchanged():
