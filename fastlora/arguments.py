@@ -65,13 +65,17 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+_LARGEST = {dtype: torch.finfo(dtype).max for dtype in FLOAT_DTYPES}
+
+
 def check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
                     backend) -> tuple[float, float]:
-    """Every mistake a caller of lora_linear can make; returns (scaling, dropout_p) as floats."""
+    """Every mistake a caller of lora_linear can make; returns (scaling, dropout_p) as floats.
+    (On every call: the common case takes the cheap branches.)"""
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"lora_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in FLOAT_DTYPES:
+        if t.dtype not in _LARGEST:
             raise TypeError(f"lora_linear: {name} must be float16, bfloat16, float32 or float64, "
                             f"got {t.dtype}")
     if bias is not None and not isinstance(bias, torch.Tensor):
@@ -79,11 +83,12 @@ def check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
     # Under autocast x, weight and bias are cast to one dtype first, as nn.Linear does: compare
     # the dtypes they will have.
     x_dtype = compute_dtype(x)
-    if compute_dtype(weight) != x_dtype:
-        raise TypeError(f"lora_linear: x and weight must share a dtype, got x {x.dtype} and "
-                        f"weight {weight.dtype}")
-    if bias is not None and compute_dtype(bias) != x_dtype:
-        raise TypeError(f"lora_linear: bias must have x's dtype {x.dtype}, got {bias.dtype}")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype) or x_dtype != x.dtype:
+        if compute_dtype(weight) != x_dtype:
+            raise TypeError(f"lora_linear: x and weight must share a dtype, got x {x.dtype} and "
+                            f"weight {weight.dtype}")
+        if bias is not None and compute_dtype(bias) != x_dtype:
+            raise TypeError(f"lora_linear: bias must have x's dtype {x.dtype}, got {bias.dtype}")
     if x.dim() < 1:
         raise ValueError("lora_linear: x must have at least one dimension [..., in_features], got a scalar")
     if weight.dim() != 2:
@@ -100,21 +105,24 @@ def check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
         raise ValueError(f"lora_linear: lora_A must be [r, in_features] = [r >= 1, {in_f}], got shape "
                          f"{tuple(lora_A.shape)}")
     r = lora_A.shape[0]
-    if lora_B.dim() != 2 or tuple(lora_B.shape) != (out_f, r):
+    if lora_B.dim() != 2 or lora_B.shape[0] != out_f or lora_B.shape[1] != r:
         raise ValueError(f"lora_linear: lora_B must be [out_features, r] = [{out_f}, {r}], got shape "
                          f"{tuple(lora_B.shape)}")
-    if bias is not None and tuple(bias.shape) != (out_f,):
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_f):
         raise ValueError(f"lora_linear: bias must be [out_features] = [{out_f}], got shape "
                          f"{tuple(bias.shape)}")
+    device = x.device
     for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"lora_linear: {name} is on {t.device} but x is on {x.device}; "
+        if t is not None and t.device != device:
+            raise ValueError(f"lora_linear: {name} is on {t.device} but x is on {device}; "
                              f"all tensors must be on one device")
-    scaling = finite_number(scaling, "scaling", "lora_linear")
-    largest = torch.finfo(x_dtype).max
-    if abs(scaling) > largest:
+    if not (type(scaling) is float and math.isfinite(scaling)):
+        scaling = finite_number(scaling, "scaling", "lora_linear")
+    if abs(scaling) > _LARGEST[x_dtype]:
         raise ValueError(f"lora_linear: scaling must fit the compute dtype {x_dtype} (|scaling| <= "
-                         f"{largest:g}), got {scaling!r}")
-    dropout_p = probability(dropout_p, "dropout_p", "lora_linear")
-    check_backend(backend, "lora_linear")
+                         f"{_LARGEST[x_dtype]:g}), got {scaling!r}")
+    if not (type(dropout_p) is float and 0.0 <= dropout_p < 1.0):
+        dropout_p = probability(dropout_p, "dropout_p", "lora_linear")
+    if backend not in BACKENDS:
+        check_backend(backend, "lora_linear")
     return scaling, dropout_p

@@ -68,7 +68,8 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tens
     """The gradients of (x, weight, bias, lora_A, lora_B) flagged in ``needs``, in that order
     (see the module docstring); each in its input's dtype."""
     need_x, need_w, need_bias, need_a, need_b = needs
-    dy = dy.to(x.dtype)
+    if dy.dtype != x.dtype:
+        dy = dy.to(x.dtype)
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
     dx = dw = dbias = da = db = None
@@ -80,13 +81,20 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tens
         route = get_route(resolve(backend, x, lora_A.shape[0]))
         dx, da, db = route.backward(dy, x, weight, lora_A, lora_B, xa, scaling,
                                     _dropout(seed, dropout_p), Needs(need_x, need_a, need_b))
-        da = da.to(lora_A.dtype).contiguous() if need_a else None
-        db = db.to(lora_B.dtype).contiguous() if need_b else None
+        da = _as_param(da, lora_A) if need_a else None
+        db = _as_param(db, lora_B) if need_b else None
     if need_bias:
         dbias = dy.sum(0, dtype=acc_dtype(dy.dtype)).to(x.dtype)
     if need_w:
         dw = (dy.T @ x).to(weight.dtype)
     return [g for g in (dx, dw, dbias, da, db) if g is not None]
+
+
+def _as_param(grad: Tensor, param: Tensor) -> Tensor:
+    """``grad`` in ``param``'s dtype and contiguous (what autograd accumulates best)."""
+    if grad.dtype != param.dtype:
+        grad = grad.to(param.dtype)
+    return grad if grad.is_contiguous() else grad.contiguous()
 
 
 @dataclass(frozen=True)
@@ -135,9 +143,22 @@ class LoRALinearFunction(torch.autograd.Function):
 
 
 def run_eager(*args) -> Tensor:
-    """y for the nine operator arguments, through the Function, under nn.Linear's autocast rule."""
+    """y for the nine operator arguments under nn.Linear's autocast rule: through the Function,
+    or, for a torch-route problem bound by host time, through the forward's own ops, which
+    PyTorch's autograd differentiates (fastlora/torch_route.py)."""
     device_type = args[0].device.type
     if autocast_on(device_type):
         with torch.autocast(device_type, enabled=False):
-            return LoRALinearFunction.apply(*autocast_cast(device_type, args[:5]), *args[5:])
-    return LoRALinearFunction.apply(*args)
+            return _run(*autocast_cast(device_type, args[:5]), *args[5:])
+    return _run(*args)
+
+
+def _run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend) -> Tensor:
+    # the route, resolved once for both passes (resolve takes a resolved name back unchanged)
+    name = resolve(backend, x, lora_A.shape[0])
+    if name == "torch" and x.shape[0] > 0:
+        route = get_route(name)
+        if route.host_bound(x, weight):
+            return route.autograd_forward(x, weight, bias, lora_A, lora_B, scaling,
+                                          _dropout(seed, dropout_p))
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, name)

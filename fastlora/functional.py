@@ -34,7 +34,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """
     scaling, dropout_p = check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend)
     p = dropout_p if training else 0.0
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()  # the routes take any row stride, but need unit stride along K
     # The seed is drawn here, from torch's generator, not inside the operator: torch.compile then

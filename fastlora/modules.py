@@ -103,7 +103,7 @@ class LoRALinear(nn.Module):
 
     @property
     def merged(self) -> bool:
-        return self._weight_before_merge is not None
+        return self._buffers["_weight_before_merge"] is not None  # (read on every forward)
 
     @torch.no_grad()
     def _merged_weight(self) -> torch.Tensor:
@@ -155,9 +155,10 @@ class LoRALinear(nn.Module):
                              f"left unmerged: {err}") from None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self._parameters  # read directly: nn.Module's attribute lookup costs host time per call
         if self.merged:
-            return F.linear(x, self.weight, self.bias)
-        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+            return F.linear(x, p["weight"], p["bias"])
+        return lora_linear(x, p["weight"], p["bias"], p["lora_A"], p["lora_B"], self.scaling,
                            dropout_p=self.dropout, training=self.training, backend=self.backend)
 
     def extra_repr(self) -> str:

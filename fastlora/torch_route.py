@@ -5,6 +5,11 @@ no [M, N] temporaries beyond y and dx. The low-rank term is written first and th
 accumulates onto it (addmm_ with beta=1): BLAS then reads the output once inside a compute-bound
 GEMM instead of a memory-bound rank-r update re-reading and re-writing all of y or dx
 (benchmarks/NOTES.md has the measurement). fastlora/autograd.py derives what is computed.
+
+Problems of at most ``AUTOGRAD_FROM`` multiply-adds (M K N) are bound by host time, not by the
+products: there eager calls run ``autograd_forward``, the same forward ops recorded by PyTorch's
+autograd, whose C++ nodes compute the same backward without the Python of a hand-written one
+(benchmarks/NOTES.md: 0.72x the time at 64x64x64, 1.02x at 256x1024x1024, on the 2-core CPU).
 """
 from __future__ import annotations
 
@@ -29,22 +34,45 @@ def _draw_keep(seed: int, p: float, shape: tuple[int, ...], device: torch.device
     return torch.rand(shape, generator=gen, device=device) >= p
 
 
-def addmm_scaled(base: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    """base + alpha * (a @ b) as a new tensor (base may be None: zero). With alpha == 0 BLAS
-    skips the product, which would hide the NaN and Inf that alpha * (a @ b) holds where a or b
-    does: the product is then computed and scaled, as the reference computes it."""
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` (a no-op ``.to`` costs host time on every call)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def addmm_scaled(base: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, alpha: float, *,
+                 scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """base + alpha * (a @ b) as a new tensor (base may be None: zero; ``scratch``, any tensor of
+    a's dtype and device, then stands in as addmm's ignored input). With alpha == 0 BLAS skips the
+    product, which would hide the NaN and Inf that alpha * (a @ b) holds where a or b does: the
+    product is then computed and scaled, as the reference computes it."""
     if alpha == 0:
         out = (a @ b).mul_(0.0)
         return out if base is None else out.add_(base)
-    if base is None:
-        return torch.addmm(a.new_zeros(()), a, b, beta=0, alpha=alpha)
+    if base is None:  # beta=0: the input is ignored, NaN in it included
+        return torch.addmm(a.new_empty(()) if scratch is None else scratch, a, b, beta=0, alpha=alpha)
     return torch.addmm(base, a, b, alpha=alpha)
+
+
+# M * K * N up to which eager calls take ``autograd_forward`` (the crossover measured on the CPU).
+AUTOGRAD_FROM = 2**27
 
 
 class TorchRoute:
     """Plain PyTorch; see the module docstring."""
 
     name = "torch"
+
+    @staticmethod
+    def host_bound(x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """True when a call on x [M, K] is small enough for ``autograd_forward``."""
+        return x.shape[0] * weight.shape[0] * weight.shape[1] <= AUTOGRAD_FROM
+
+    def autograd_forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout):
+        """y from the forward's own ops, for PyTorch's autograd to differentiate (the dropout mask
+        is drawn once and kept by autograd, with drop(x): small problems only)."""
+        xa = torch.nn.functional.linear(self._drop(x, dropout), as_dtype(lora_A, x.dtype))
+        y = addmm_scaled(bias, xa, as_dtype(lora_B, x.dtype).T, scaling)
+        return y.addmm_(x, weight.T)
 
     @staticmethod
     def xa_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -72,19 +100,20 @@ class TorchRoute:
         return (x * self.keep_mask(dropout, x.shape, x.device)).div_(1.0 - dropout.p)
 
     def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout):
-        xa = self._drop(x, dropout) @ lora_A.to(x.dtype).T
-        y = addmm_scaled(bias, xa, lora_B.to(x.dtype).T, scaling)
+        xa = self._drop(x, dropout) @ as_dtype(lora_A, x.dtype).T
+        y = addmm_scaled(bias, xa, as_dtype(lora_B, x.dtype).T, scaling)
         return y.addmm_(x, weight.T), xa
 
     def backward(self, dy, x, weight, lora_A, lora_B, xa, scaling, dropout, needs: Needs) -> Grads:
         dx = da = db = None
+        scratch = dy.new_empty(())  # addmm's ignored input, for the three products below
         if needs.x or needs.lora_A:
-            dyb = dy @ lora_B.to(dy.dtype)
+            dyb = dy @ as_dtype(lora_B, dy.dtype)
         keep = (self.keep_mask(dropout, x.shape, x.device)
                 if dropout is not None and (needs.x or needs.lora_A) else None)
         scale = scaling if dropout is None else scaling / (1.0 - dropout.p)
         if needs.x:
-            dx = addmm_scaled(None, dyb, lora_A.to(dy.dtype), scale)
+            dx = addmm_scaled(None, dyb, as_dtype(lora_A, dy.dtype), scale, scratch=scratch)
             if keep is not None:
                 dx.mul_(keep)
             dx = dx.addmm_(dy, weight)
@@ -93,8 +122,9 @@ class TorchRoute:
         # the adapters' dtype costs up to an ulp more, past PyTorch's own error.
         if needs.lora_A:
             xd = x if keep is None else x * keep  # x * keep is exact; 1/(1-p) joins the scaling
-            da = addmm_scaled(None, dyb.T.to(x.dtype), xd, scale).to(acc_dtype(x.dtype))
+            da = as_dtype(addmm_scaled(None, dyb.T, xd, scale, scratch=scratch), acc_dtype(x.dtype))
         if needs.lora_B:
             # (xa^T dy)^T: BLAS streams dy row-major this way round
-            db = addmm_scaled(None, xa.to(dy.dtype).T, dy, scaling).T.to(acc_dtype(dy.dtype))
+            db = as_dtype(addmm_scaled(None, as_dtype(xa, dy.dtype).T, dy, scaling,
+                                       scratch=scratch).T, acc_dtype(dy.dtype))
         return Grads(dx, da, db)

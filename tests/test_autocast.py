@@ -123,7 +123,9 @@ def test_float64_is_not_cast():
 
 def test_autocast_under_compile():
     """The autocast rule is a dispatcher kernel, so torch.compile traces the casts: the compiled
-    layer under autocast gives eager's dtype and (within bfloat16 rounding) eager's numbers."""
+    layer under autocast gives eager's dtype and (within bfloat16 rounding) eager's numbers. (Two
+    correct bfloat16 computations: the compiled operator's hand-written backward, and at this size
+    eager autograd's, round their partial sums differently, by up to an ulp of the largest.)"""
     torch._dynamo.reset()
     layer = _layer("torch")
     compiled = torch.compile(layer, fullgraph=True, backend="inductor")
@@ -133,5 +135,5 @@ def test_autocast_under_compile():
     assert y_c.dtype == BF16 and da_c.dtype == db_c.dtype == F32
     torch.testing.assert_close(y_c, y_e)  # bf16 tolerance
     for gc, ge in ((dx_c, dx_e), (da_c, da_e), (db_c, db_e)):
-        torch.testing.assert_close(gc, ge, rtol=1.6e-2, atol=1e-5 * ge.abs().max().item())
+        torch.testing.assert_close(gc, ge, rtol=1.6e-2, atol=2**-8 * ge.abs().max().item())
     torch._dynamo.reset()

@@ -44,10 +44,14 @@ def test_opcheck(backend, M, dtype, p, bias):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("p", [0.0, 0.3], ids=["nodrop", "drop0.3"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
-def test_eager_function_equals_the_operator(backend, p, autocast):
+def test_eager_function_equals_the_operator(backend, p, autocast, monkeypatch):
     """Eager calls go through a plain autograd.Function, compiled ones through the operator; both
     wrap the same forward and backward, so outputs and all five gradients agree exactly, under
-    autocast too (the operator's autocast kernel and the eager path cast the same way)."""
+    autocast too (the operator's autocast kernel and the eager path cast the same way). (Torch-
+    route problems of a host-bound size, as this one, otherwise skip the Function in eager mode:
+    tests/test_lora_linear.py holds that path to the bound.)"""
+    from fastlora import torch_route
+    monkeypatch.setattr(torch_route, "AUTOGRAD_FROM", -1)
     torch.manual_seed(0)
     x = _rand(7, 8, grad=True)
     w, b = _rand(6, 8, grad=True), _rand(6, grad=True)

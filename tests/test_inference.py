@@ -53,12 +53,13 @@ def test_nothing_saved_without_grad(backend, mode):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_training_saves_for_backward(backend):
-    """The positive control: the counter sees the operator's saved tensors (x, weight, A, B, xa and
-    the dropout seed) when the adapters train."""
+    """The positive control: the counter sees what the backward keeps when the adapters train (the
+    Function's x, weight, A, B, xa and seed; for a small torch-route call, what autograd keeps of
+    the forward's products for the adapters' gradients: drop(x), xa, B)."""
     layer = _layer(backend)
     with SaveCounter()() as counter:
         y = layer(torch.randn(3, 5, 16, device=DEVICE))
-    assert counter.saved >= 6 and y.grad_fn is not None
+    assert counter.saved >= 3 and y.grad_fn is not None
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -71,7 +71,8 @@ def test_dropout_is_reproducible_from_torch_seed(backend):
 
 def test_torch_backend_dropout_mask_statistics_and_one_draw_per_pass(monkeypatch):
     """The fallback's keep-mask keeps 1 - p of the elements, follows its seed, and is drawn once in
-    the forward and once in the backward (which needs it for dx and for dA)."""
+    the forward and, through the hand-written backward, once in the backward (which needs it for
+    dx and for dA)."""
     from fastlora.routes import Dropout
     from fastlora.torch_route import TorchRoute as TORCH
     seed = torch.tensor([7], dtype=torch.int64)
@@ -92,10 +93,14 @@ def test_torch_backend_dropout_mask_statistics_and_one_draw_per_pass(monkeypatch
     x, w, b, a, bb = _inputs()
     x.requires_grad_(True)
     a.requires_grad_(True)
-    y = fastlora.lora_linear(x, w, b, a, bb, 0.5, dropout_p=0.3, backend="torch")
-    assert len(draws) == 1
-    torch.autograd.grad(y, [x, a], torch.ones_like(y))
-    assert len(draws) == 2
+    # small: autograd keeps the forward's mask; else the backward draws it again, once for dx and dA
+    for autograd_from, total in ((2**27, 1), (-1, 2)):
+        monkeypatch.setattr(torch_route, "AUTOGRAD_FROM", autograd_from)
+        draws.clear()
+        y = fastlora.lora_linear(x, w, b, a, bb, 0.5, dropout_p=0.3, backend="torch")
+        assert len(draws) == 1
+        torch.autograd.grad(y, [x, a], torch.ones_like(y))
+        assert len(draws) == total
 
 
 @pytest.mark.parametrize("backend", ROUTES)
@@ -143,3 +148,35 @@ def test_auto_backend_uses_torch_on_cpu_and_triton_on_cuda():
     x = torch.zeros(2, 3, device=DEVICE)
     assert resolve("auto", x, 8) == ("triton" if DEVICE == "cuda" else "torch")
     assert resolve("auto", x, 10_000) == "torch"  # past the kernels' largest rank
+
+
+@pytest.fixture
+def handwritten_torch_backward(monkeypatch):
+    """The torch route through its hand-written backward whatever the size (problems of a
+    host-bound size otherwise let PyTorch's autograd differentiate the forward's ops)."""
+    from fastlora import torch_route
+    monkeypatch.setattr(torch_route, "AUTOGRAD_FROM", -1)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_three_way_bound_handwritten_torch_backward(case, handwritten_torch_backward):
+    assert_within_bound(three_way(case, "torch", device=DEVICE))
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.4], ids=["nodrop", "drop0.4"])
+def test_gradcheck_float64_handwritten_torch_backward(dropout_p, handwritten_torch_backward):
+    assert gradcheck("torch", device=DEVICE, dropout_p=dropout_p)
+
+
+def test_small_torch_problems_take_autograd_and_large_ones_the_function(monkeypatch):
+    from fastlora import autograd, torch_route
+    applied = []
+    apply = autograd.LoRALinearFunction.apply
+    monkeypatch.setattr(autograd.LoRALinearFunction, "apply",
+                        lambda *a: applied.append(a[0].shape) or apply(*a))
+    x, w, b, a, bb = _inputs()
+    y = fastlora.lora_linear(x, w, b, a.requires_grad_(True), bb, 0.5, backend="torch")
+    assert applied == [] and y.grad_fn.name() == "AddmmBackward0"
+    monkeypatch.setattr(torch_route, "AUTOGRAD_FROM", x.shape[0] * w.shape[0] * w.shape[1] - 1)
+    y = fastlora.lora_linear(x, w, b, a, bb, 0.5, backend="torch")
+    assert applied == [x.shape] and "LoRALinearFunction" in y.grad_fn.name()
