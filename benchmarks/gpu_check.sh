@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# One prepared run on a GPU machine (torch and triton preinstalled, no network):
-#   install fastlora without dependencies, run the GPU kernel tests, `fastlora check` and the
-#   default `fastlora bench` (issue 3's run); with MORE=1 also the production GPU tests
-#   (torch.compile, autocast, checkpointing on CUDA) and the r=64 and dropout-0.1 headline rows
-#   (issue 6); with SWEEP=1 the config sweep. Everything lands in the folder $1, in at most 8 files
-#   (what the device tool brings back): machine.txt (with the diagnostics), gpu_tests.log,
-#   check.log, bench.json, bench.png, bench.log (every bench table), bench_r64.json, sweep.log.
-# Time: the steps' timeouts add up to 5.7 minutes, 8.5 with MORE=1, 10 with both (one device
-# call's limit: lower the others then). On the H100 of 2026-11-26 the kernel tests took 70 s.
-# TEST_TIMEOUT, COMPILE_TIMEOUT, MORE_TIMEOUT and SWEEP_TIMEOUT fit it to the device budget left.
-# Usage: [MORE=1] [SWEEP=1] benchmarks/gpu_check.sh OUTDIR
+# The prepared GPU run (torch and triton preinstalled, no network): one device call of at most
+# 8 minutes writing at most 8 files to the folder $1. The cheapest, most wanted numbers come first,
+# so a run cut short still measures the newest state:
+#
+#   machine.txt       GPU, versions, diagnostics (ceilings, main loop vs cuBLAS, passes vs copy
+#                     bandwidth, host time and launches per call)
+#   bench.log         every table printed below
+#   bench_routes.json the layer bench per route at the headline shapes (bf16, r=16, M 2048/8192)
+#   route_table.json  benchmarks/tune_routes.py's table for this GPU (then used by the runs below)
+#   gpu_tests.log     pytest -m gpu (kernels at real sizes, compile/autocast/checkpoint on CUDA,
+#                     CUDA graph capture of a training step)
+#   check.log         fastlora check
+#   bench.json        the layer bench: M 1 16 256 2048 8192, 4096 -> 4096 / 14336, r 16 and 64,
+#                     dropout 0 and 0.1, every provider
+#   model.json        the model bench (Llama-3-8B-wide layers, 8192 tokens a step)
+#
+# Usage: benchmarks/gpu_check.sh OUTDIR   (each step has its own timeout; they add up to 470 s)
 set -uo pipefail
 OUT_DIR=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUT_DIR"
@@ -18,6 +24,7 @@ export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 PY=${PYTHON:-python3}
 status=0
 step() { echo; echo "=== $1 ($(date +%T))"; }
+BENCH="$PY -m fastlora bench --quiet --rep 40"
 
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT_DIR/machine.txt"
@@ -26,32 +33,36 @@ $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torc
 step "install (no deps, no network)"
 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -2
 
-step "diagnostics (operand layouts, launch overhead)"
+step "layer bench per route, headline shapes (bf16, r=16)"
+timeout 45 $BENCH --shape 8192,4096,4096 --shape 8192,4096,14336 --shape 2048,4096,4096 \
+  --providers base peft fastlora-torch fastlora-fused fastlora-split \
+  --json "$OUT_DIR/bench_routes.json" 2>&1 | tee "$OUT_DIR/bench.log" || status=1
+
+step "route table (benchmarks/tune_routes.py --quick)"
+cp fastlora/route_table.json "$OUT_DIR/route_table.json"
+timeout 110 $PY benchmarks/tune_routes.py --quick --rep 25 --out "$OUT_DIR/route_table.json" 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
+cp "$OUT_DIR/route_table.json" fastlora/route_table.json  # the runs below choose from it
+
+step "diagnostics"
 timeout 40 $PY benchmarks/gpu_diag.py >> "$OUT_DIR/machine.txt" 2>&1 || status=1
-tail -12 "$OUT_DIR/machine.txt"
+tail -16 "$OUT_DIR/machine.txt"
 
 step "GPU tests"
-timeout ${TEST_TIMEOUT:-100} $PY -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -25 || status=1
+timeout 100 $PY -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_compile.py 2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -25 || status=1
 
 step "fastlora check"
-timeout 60 $PY -m fastlora check > "$OUT_DIR/check.log" 2>&1 || status=1
+timeout 45 $PY -m fastlora check > "$OUT_DIR/check.log" 2>&1 || status=1
 grep -E "FAIL|failure" "$OUT_DIR/check.log" | tail -15
 
-step "fastlora bench (default)"
-timeout 140 $PY -m fastlora bench --quiet --json "$OUT_DIR/bench.json" --plot "$OUT_DIR/bench.png" 2>&1 | tee "$OUT_DIR/bench.log" || status=1
+step "layer bench, every provider"
+timeout 70 $BENCH --preset bars --M 1 16 256 2048 8192 --rank 16 64 \
+  --providers base peft fastlora fastlora-fused fastlora-split fastlora-torch \
+  --json "$OUT_DIR/bench.json" 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
+timeout 30 $BENCH --shape 8192,4096,4096 --shape 2048,4096,4096 --shape 8192,4096,14336 --dropout 0.1 \
+  --providers base peft fastlora fastlora-fused fastlora-split 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
 
-if [ "${MORE:-0}" = "1" ]; then
-  step "GPU tests of the production features (torch.compile, autocast, checkpointing on CUDA)"
-  timeout ${COMPILE_TIMEOUT:-100} $PY -m pytest -q -m gpu tests/test_gpu_compile.py 2>&1 | tee -a "$OUT_DIR/gpu_tests.log" | tail -25 || status=1
+step "model bench (Llama-3-8B-wide layers, 8192 tokens)"
+timeout 50 $BENCH --model llama3-8b --json "$OUT_DIR/model.json" 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
 
-  step "fastlora bench: r=64, then dropout 0.1 at r=16 (M=2048 and 8192, in=out=4096)"
-  timeout ${MORE_TIMEOUT:-35} $PY -m fastlora bench --quiet --preset llama-7b --M 2048 8192 --rank 64 --json "$OUT_DIR/bench_r64.json" 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
-  timeout ${MORE_TIMEOUT:-35} $PY -m fastlora bench --quiet --shape 2048,4096,4096 --shape 8192,4096,4096 --dropout 0.1 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
-fi
-
-if [ "${SWEEP:-0}" = "1" ]; then
-  step "config sweep"
-  timeout ${SWEEP_TIMEOUT:-90} $PY benchmarks/sweep_configs.py ${SWEEP_ARGS:-} > "$OUT_DIR/sweep.log" 2>&1 || status=1
-fi
 step "done, status $status"
 exit $status

@@ -1,59 +1,108 @@
-"""GPU diagnostics: operand layouts/configs of the GEMM kernel against an fp32 reference, and the
-host (launch) overhead of one training step at small M. Prints one line per probe."""
+"""GPU diagnostics: the two ceilings measured in this run, each piece against its ceiling, and host
+time. One line per probe (benchmarks/gpu_check.sh keeps them in machine.txt).
+
+- ceilings: device-to-device copy bandwidth (bytes read + written) and cuBLAS's bf16 GEMM rate;
+- the fused GEMM's main loop against cuBLAS (forward and dX, M=8192, 4096x4096, r=16);
+- the memory-bound passes (xa, dY, x with dx0) in GB/s against the copy bandwidth (the bar: 70%);
+- host time per call of lora_linear at M=16 for each route, against F.linear's, with the kernel
+  launches of one training step counted.
+"""
 import time
 
 import torch
+import triton
+import triton.testing
 
 import fastlora
-from fastlora.kernels import GemmConfig, lora_gemm, lora_skinny
+from fastlora import kernels as K
+
+DEV = "cuda"
+BF16 = torch.bfloat16
 
 
-def rel(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+def ms(fn):
+    return triton.testing.do_bench(fn, warmup=10, rep=60)
 
 
-def layouts():
-    dev = "cuda"
-    for dt in (torch.bfloat16, torch.float16):
-        for M, K, N, R in ((63, 1000, 600, 3), (63, 1024, 640, 3), (63, 1000, 600, 16), (300, 1000, 600, 3),
-                           (2048, 1000, 600, 3)):
-            g = torch.Generator(device=dev).manual_seed(0)
-            x = torch.randn(M, K, device=dev, dtype=dt, generator=g)
-            w = torch.randn(N, K, device=dev, dtype=dt, generator=g) * K ** -0.5
-            a = torch.randn(R, K, device=dev, dtype=dt, generator=g) * K ** -0.5
-            b = torch.randn(N, R, device=dev, dtype=dt, generator=g)
-            dy = torch.randn(M, N, device=dev, dtype=dt, generator=g)
-            ref_y = x.float() @ w.float().T + 0.5 * (x.float() @ a.float().T) @ b.float().T
-            ref_dx = dy.float() @ w.float() + 0.5 * (dy.float() @ b.float()) @ a.float()
-            for cfg in (None, GemmConfig(16, 32, 128, num_warps=4, num_stages=5),
-                        GemmConfig(64, 32, 128, num_warps=4, num_stages=5), GemmConfig(128, 128, 64, num_warps=8, num_stages=3)):
-                tag = "default" if cfg is None else f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}"
-                y, _ = lora_gemm(x, w, a, b, None, 0.5, config=cfg)
-                dx, dyb = lora_gemm(dy, w.T, b.T, a.T, None, 0.5, config=cfg)
-                xs = torch.randn(M, K + 5, device=dev, dtype=dt)[:, 2:K + 2]
-                xs.copy_(x)
-                ys, _ = lora_gemm(xs, w, a, b, None, 0.5, config=cfg)
-                print(f"layout {str(dt)[6:]} M{M} K{K} N{N} r{R} {tag:12s} y {rel(y, ref_y):.2e} "
-                      f"dx {rel(dx, ref_dx):.2e} dyb {rel(dyb, dy.float() @ b.float()):.2e} "
-                      f"y(sliced x) {rel(ys, ref_y):.2e}")
+def ceilings():
+    n = 1 << 30
+    a = torch.empty(n // 2, dtype=BF16, device=DEV)
+    b = torch.empty_like(a)
+    t = ms(lambda: b.copy_(a))
+    copy = 2 * a.numel() * 2 / (t * 1e-3) / 1e12
+    x = torch.randn(8192, 4096, device=DEV, dtype=BF16)
+    w = torch.randn(4096, 4096, device=DEV, dtype=BF16)
+    t = ms(lambda: torch.nn.functional.linear(x, w))
+    gemm = 2 * 8192 * 4096 * 4096 / (t * 1e-3) / 1e12
+    print(f"ceiling copy {copy:.2f} TB/s (read + write); cuBLAS bf16 8192x4096x4096 {gemm:.0f} TFLOP/s ({t:.4f} ms)")
+    return copy, t
 
 
-def overhead():
-    dev = "cuda"
-    for M in (16, 8192):
-        layer = fastlora.LoRALinear(4096, 4096, r=16, device=dev, dtype=torch.bfloat16, init_lora_weights=False)
-        x = torch.randn(M, 4096, device=dev, dtype=torch.bfloat16, requires_grad=True)
-        dy = torch.randn(M, 4096, device=dev, dtype=torch.bfloat16)
-        for name, fn in (
-            ("lora_linear fwd", lambda: layer(x)),
-            ("fwd+bwd", lambda: torch.autograd.grad(layer(x), [x, layer.lora_A, layer.lora_B], dy)),
-            ("F.linear fwd", lambda: torch.nn.functional.linear(x, layer.weight)),
-            ("lora_gemm launch", lambda: lora_gemm(x.detach(), layer.weight, layer.lora_A, layer.lora_B, None, 1.0)),
-            ("lora_skinny launch", lambda: lora_skinny(dy, dy[:, :16], 1.0)),
-        ):
+def main_loop(cublas_ms):
+    M, N, Kd, R = 8192, 4096, 4096, 16
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x = torch.randn(M, Kd, device=DEV, dtype=BF16, generator=g)
+    w = torch.randn(N, Kd, device=DEV, dtype=BF16, generator=g) * Kd ** -0.5
+    a = torch.randn(R, Kd, device=DEV, dtype=BF16, generator=g) * Kd ** -0.5
+    b = torch.randn(N, R, device=DEV, dtype=BF16, generator=g)
+    xa = x.float() @ a.float().T
+    dy = torch.randn(M, N, device=DEV, dtype=BF16, generator=g)
+    dyb = dy.float() @ b.float()
+    cfg = K.gemm_config(M, N, Kd, R, BF16, x.device)
+    for name, fn in (("fwd, xa read", lambda: K.lora_gemm(x, w, b, None, 1.0, xa=xa)),
+                     ("fwd, xa in loop", lambda: K.lora_gemm(x, w, b, None, 1.0, u=a)),
+                     ("dX", lambda: K.lora_gemm(dy, w, a, None, 1.0, grad_input=True, xa=dyb))):
+        t = ms(fn)
+        print(f"main loop {name:16s} {t:.4f} ms = {cublas_ms / t:.2f} of cuBLAS's rate  ({cfg})")
+
+
+def passes(copy_tbs):
+    M, N, Kd, R = 8192, 4096, 4096, 16
+    x = torch.randn(M, Kd, device=DEV, dtype=BF16)
+    a = torch.randn(R, Kd, device=DEV, dtype=BF16)
+    b = torch.randn(N, R, device=DEV, dtype=BF16)
+    dy = torch.randn(M, N, device=DEV, dtype=BF16)
+    xa = torch.randn(M, R, device=DEV)
+    dyb = torch.randn(M, R, device=DEV)
+    seed = torch.tensor([1], device=DEV)
+    for name, fn, nbytes in (
+        ("xa pass", lambda: K.xa_pass(x, a), x.numel() * 2),
+        ("xa pass, dropout", lambda: K.xa_pass(x, a, dropout=(seed, 0.1)), x.numel() * 2),
+        ("dY pass (dY B, dB)", lambda: K.dy_pass(dy, xa, b, 1.0), dy.numel() * 2),
+        ("x pass (dA)", lambda: K.x_pass(x, dyb, a, 1.0), x.numel() * 2),
+        ("x pass (dA, dx0)", lambda: K.x_pass(x, dyb, a, 1.0, need_dx=True), 2 * x.numel() * 2),
+        ("x pass (dA, dx0), dropout", lambda: K.x_pass(x, dyb, a, 1.0, need_dx=True, dropout=(seed, 0.1)),
+         2 * x.numel() * 2),
+    ):
+        t = ms(fn)
+        bw = nbytes / (t * 1e-3) / 1e12
+        print(f"pass {name:28s} {t:.4f} ms  {bw:.2f} TB/s = {bw / copy_tbs:.2f} of copy")
+
+
+def host_time():
+    """Host microseconds per call at M=16 (launch-bound), and kernel launches per training step."""
+    launches = []
+    for kernel in (K.gemm._lora_gemm_kernel, K.passes._xa_kernel, K.passes._reduce_kernel):
+        jit = kernel.fn if hasattr(kernel, "fn") else kernel
+        orig = jit.run
+
+        def counting(*args, _orig=orig, _name=jit.__name__, **kwargs):
+            launches.append(_name)
+            return _orig(*args, **kwargs)
+        jit.run = counting
+    for backend in ("torch", "fused", "split"):
+        layer = fastlora.LoRALinear(4096, 4096, r=16, device=DEV, dtype=BF16, init_lora_weights=False,
+                                    backend=backend)
+        x = torch.randn(16, 4096, device=DEV, dtype=BF16, requires_grad=True)
+        dy = torch.randn(16, 4096, device=DEV, dtype=BF16)
+        for name, fn in (("fwd", lambda: layer(x)),
+                         ("fwd+bwd", lambda: torch.autograd.grad(layer(x), [x, layer.lora_A, layer.lora_B], dy))):
             for _ in range(5):
                 fn()
             torch.cuda.synchronize()
+            launches.clear()
+            fn()
+            n_launch = len(launches)
             n = 200
             t0 = time.perf_counter()
             for _ in range(n):
@@ -61,9 +110,21 @@ def overhead():
             host = (time.perf_counter() - t0) / n * 1e6
             torch.cuda.synchronize()
             wall = (time.perf_counter() - t0) / n * 1e6
-            print(f"overhead M{M} {name:20s} host {host:8.1f} us/call  wall {wall:8.1f} us/call")
+            print(f"host M16 {backend:6s} {name:8s} {host:7.1f} us/call host, {wall:7.1f} wall, "
+                  f"{n_launch} Triton launches")
+    x = torch.randn(16, 4096, device=DEV, dtype=BF16)
+    w = torch.randn(4096, 4096, device=DEV, dtype=BF16)
+    for _ in range(5):
+        torch.nn.functional.linear(x, w)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(200):
+        torch.nn.functional.linear(x, w)
+    print(f"host M16 F.linear {(time.perf_counter() - t0) / 200 * 1e6:7.1f} us/call host")
 
 
 if __name__ == "__main__":
-    layouts()
-    overhead()
+    copy_tbs, cublas_ms = ceilings()
+    main_loop(cublas_ms)
+    passes(copy_tbs)
+    host_time()

@@ -36,8 +36,15 @@ PRESETS = {
     "llama3-8b": [(4096, 4096), (4096, 14336), (14336, 4096)],
     "llama": [(4096, 4096), (4096, 11008), (4096, 14336)],
     "small": [(1024, 1024)],
+    # the GPU-speed bars' shapes (in -> out)
+    "bars": [(4096, 4096), (4096, 14336)],
 }
-PROVIDERS = ("base", "reference", "peft", "compiled", "fastlora")
+PROVIDERS = ("base", "reference", "peft", "compiled", "fastlora", "fastlora-fused", "fastlora-split",
+             "fastlora-torch")
+# fastlora's providers and the backend each forces: "fastlora" is the default ("auto": on CUDA the
+# Triton route the route table picks per pass), the others one route each.
+FASTLORA_BACKENDS = {"fastlora": "auto", "fastlora-fused": "fused", "fastlora-split": "split",
+                     "fastlora-torch": "torch"}
 MODES = ("fwd", "bwd", "full")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 # Agreement with the float64 reference required before timing, relative to max |ref|.
@@ -111,9 +118,10 @@ def build(provider: str, w: Weights) -> tuple[Callable, list[torch.Tensor]]:
         _share(m, w)
         params = [m.lora_A, m.lora_B]
         return (torch.compile(m) if provider == "compiled" else m), params
-    if provider == "fastlora":
+    if provider in FASTLORA_BACKENDS:
         m = LoRALinear(K, N, r=r, alpha=w.scaling * r, dropout=w.dropout,
-                       device=w.weight.device, dtype=w.weight.dtype)
+                       backend=FASTLORA_BACKENDS[provider], device=w.weight.device,
+                       dtype=w.weight.dtype)
         _share(m, w)
         return m, [m.lora_A, m.lora_B]
     if provider == "peft":
@@ -148,6 +156,13 @@ def provider_available(provider: str, device: torch.device) -> str | None:
             import peft  # noqa: F401
         except ImportError:
             return "peft not installed (pip install peft, or from a fastlora checkout pip install -e '.[bench]')"
+    if provider in ("fastlora-fused", "fastlora-split"):
+        from .routes import triton_kernels
+        kernels = triton_kernels()
+        if kernels is None:
+            return "triton not installed"
+        if device.type != "cuda" and not kernels.INTERPRETED:
+            return "the Triton routes need CUDA (or TRITON_INTERPRET=1)"
     if provider == "compiled" and device.type == "cuda":
         try:
             import triton  # noqa: F401
@@ -165,7 +180,7 @@ def _stats(samples_ms: list[float]) -> tuple[float, float, float]:
     return statistics.median(samples_ms), q[1], q[7]
 
 
-def _time_cuda(fn: Callable, graph: bool) -> tuple[float, float, float]:
+def _time_cuda(fn: Callable, graph: bool, rep: float = 100) -> tuple[float, float, float]:
     import triton.testing
 
     if graph:
@@ -173,9 +188,9 @@ def _time_cuda(fn: Callable, graph: bool) -> tuple[float, float, float]:
         torch.cuda.synchronize()
         stream = torch.cuda.Stream()
         with torch.cuda.stream(stream):
-            ms = triton.testing.do_bench_cudagraph(fn, rep=100, quantiles=[0.5, 0.2, 0.8])
+            ms = triton.testing.do_bench_cudagraph(fn, rep=rep, quantiles=[0.5, 0.2, 0.8])
         return tuple(ms)
-    return tuple(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8]))
+    return tuple(triton.testing.do_bench(fn, warmup=25, rep=rep, quantiles=[0.5, 0.2, 0.8]))
 
 
 def _peak_mb(fn: Callable) -> float:
@@ -293,18 +308,19 @@ def _n_weight_sets(spec: Spec, device) -> int:
 
 def run(shapes: list[tuple[int, int, int]], ranks: list[int], dtype: torch.dtype, modes: list[str],
         providers: list[str], device: torch.device, dropout: float = 0.0, cpu_rounds: int = 15,
-        progress: Callable[[str], None] | None = None) -> list[Row]:
+        cuda_rep: float = 100, progress: Callable[[str], None] | None = None) -> list[Row]:
+    """One Row per (shape, rank, mode, provider). ``cuda_rep``: ms of timed repeats on CUDA."""
     rows: list[Row] = []
     jobs = [(s, r, m) for s in shapes for r in ranks for m in modes]
     for i, ((M, K, N), r, mode) in enumerate(jobs):
         spec = Spec(M, K, N, r, dtype, mode, dropout)
         if progress:
             progress(f"[{i + 1}/{len(jobs)}] M={M} {K}->{N} r={r} {mode}")
-        rows += _run_one(spec, providers, device, cpu_rounds)
+        rows += _run_one(spec, providers, device, cpu_rounds, cuda_rep)
     return rows
 
 
-def _run_one(spec: Spec, providers: list[str], device, cpu_rounds: int) -> list[Row]:
+def _run_one(spec: Spec, providers: list[str], device, cpu_rounds: int, cuda_rep: float) -> list[Row]:
     dname = next(k for k, v in DTYPES.items() if v == spec.dtype)
     base = dict(shape=f"{spec.M},{spec.K},{spec.N}", M=spec.M, in_features=spec.K, out_features=spec.N,
                 rank=spec.r, dtype=dname, mode=spec.mode, dropout=spec.dropout)
@@ -332,7 +348,7 @@ def _run_one(spec: Spec, providers: list[str], device, cpu_rounds: int) -> list[
 
     if device.type == "cuda":
         for p, (fn, inference) in timed.items():
-            med, p20, p80 = (t / (n_sets if inference else 1) for t in _time_cuda(fn, inference))
+            med, p20, p80 = (t / (n_sets if inference else 1) for t in _time_cuda(fn, inference, cuda_rep))
             rows[p].ms, rows[p].ms_p20, rows[p].ms_p80 = med, p20, p80
             rows[p].mem_over_base_mb = _peak_mb(fn)
         if "base" in timed:
@@ -439,8 +455,8 @@ def write_csv(path: str, rows: list[Row], env: dict) -> None:
             w.writerow({**dataclasses.asdict(r), **env})
 
 
-def plot(path: str, rows: list[Row]) -> None:
-    """Ratio to base against M, one panel per (shape, rank, dtype, mode), a line per provider."""
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display), or a RuntimeError saying how to get it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -448,12 +464,19 @@ def plot(path: str, rows: list[Row]) -> None:
     except ImportError as e:
         raise RuntimeError("--plot needs matplotlib (pip install matplotlib, or from a fastlora "
                            "checkout pip install -e '.[bench]')") from e
-    panels = sorted({(r.in_features, r.out_features, r.rank, r.dtype, r.mode) for r in rows})
+    return plt
+
+
+def plot(path: str, rows: list[Row]):
+    """Ratio to base against M, one panel per (shape, rank, dtype, mode, dropout), a line per
+    provider; saved to ``path``. Returns the figure."""
+    plt = pyplot()
+    panels = sorted({(r.in_features, r.out_features, r.rank, r.dtype, r.mode, r.dropout) for r in rows})
     cols = min(3, len(panels)) or 1
     nrows = math.ceil(len(panels) / cols) or 1
     fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
     for ax, key in zip(axes.flat, panels):
-        sel = [r for r in rows if (r.in_features, r.out_features, r.rank, r.dtype, r.mode) == key
+        sel = [r for r in rows if (r.in_features, r.out_features, r.rank, r.dtype, r.mode, r.dropout) == key
                and r.status == "ok" and not math.isnan(r.ratio_to_base)]
         for prov in PROVIDERS:
             pts = sorted((r.M, r.ratio_to_base) for r in sel if r.provider == prov)
@@ -461,7 +484,8 @@ def plot(path: str, rows: list[Row]) -> None:
                 ax.plot(*zip(*pts), marker="o", label=prov)
         ax.set_xscale("log", base=2)
         ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_title(f"{key[0]}->{key[1]} r={key[2]} {key[3]} {key[4]}", fontsize=9)
+        ax.set_title(f"{key[0]}->{key[1]} r={key[2]} {key[3]} {key[4]}"
+                     + (f" dropout {key[5]:g}" if key[5] else ""), fontsize=9)
         ax.set_xlabel("M (rows)")
         ax.set_ylabel("time / base F.linear")
         ax.legend(fontsize=7)
@@ -469,6 +493,7 @@ def plot(path: str, rows: list[Row]) -> None:
         ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return fig
 
 
 def progress_printer(stream=sys.stderr) -> Callable[[str], None]:

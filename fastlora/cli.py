@@ -66,6 +66,8 @@ def bench(args) -> int:
     device = _device(args.device)
     cuda = device.type == "cuda"
     dtype = B.DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
+    if args.model:
+        return bench_model(args, device, dtype)
     if args.shape:
         shapes = args.shape
     else:
@@ -74,10 +76,11 @@ def bench(args) -> int:
         shapes = [(m, k, n) for k, n in B.PRESETS[preset] for m in ms]
     ranks = args.rank or [16]
     modes = args.mode or (["fwd", "full"])
-    providers = args.providers or ["base", "reference", "peft", "fastlora"]
+    providers = args.providers or (["base", "reference", "peft", *B.FASTLORA_BACKENDS] if cuda
+                                   else ["base", "reference", "peft", "fastlora"])
     progress = B.progress_printer() if not args.quiet else None
     rows = B.run(shapes, ranks, dtype, modes, providers, device, dropout=args.dropout,
-                 cpu_rounds=args.rounds, progress=progress)
+                 cpu_rounds=args.rounds, cuda_rep=args.rep, progress=progress)
     if progress:
         progress("done")
         sys.stderr.write("\n")
@@ -90,6 +93,39 @@ def bench(args) -> int:
     if args.plot:
         B.plot(args.plot, rows)
     return 1 if any(r.status in ("wrong", "error") for r in rows) else 0
+
+
+def bench_model(args, device: torch.device, dtype: torch.dtype) -> int:
+    """``fastlora bench --model NAME``: a whole decoder's training step (fastlora/bench_model.py)."""
+    import json
+
+    from . import bench as B
+    from . import bench_model as BM
+
+    cuda = device.type == "cuda"
+    progress = B.progress_printer() if not args.quiet else None
+    rows = BM.run(args.model, args.providers or list(BM.PROVIDERS), device, dtype,
+                  tokens=args.tokens or (8192 if cuda else 512), seq=args.seq or (2048 if cuda else 128),
+                  rank=(args.rank or [16])[0], layers=args.layers, cpu_rounds=args.rounds,
+                  progress=progress)
+    if progress:
+        progress("done")
+        sys.stderr.write("\n")
+    env = B.environment(device)
+    print(BM.format_table(rows, env))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "rows": BM.as_dicts(rows)}, f, indent=1)
+    if args.csv:
+        import csv
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(BM.as_dicts(rows[:1])[0]) + list(env))
+            w.writeheader()
+            for r in BM.as_dicts(rows):
+                w.writerow({**r, **env})
+    if args.plot:
+        BM.plot(args.plot, rows)
+    return 1 if any(r.status != "ok" for r in rows) else 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=_positive_int, default=60)
 
     b = sub.add_parser("bench", help="time LoRA layers against the frozen base F.linear and peers")
-    b.add_argument("--preset", choices=["llama-7b", "llama3-8b", "llama", "small"],
+    b.add_argument("--preset", choices=["llama-7b", "llama3-8b", "llama", "small", "bars"],
                    help="projection shapes of a model (default: llama on GPU, small on CPU)")
     rows = b.add_mutually_exclusive_group()  # --M sets the rows of the preset shapes, --shape its own
     rows.add_argument("--M", type=_positive_int, nargs="+", help="rows (batch x sequence) for the preset shapes")
@@ -246,18 +282,29 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "fp64"], help="default: bf16 on GPU, fp32 on CPU")
     b.add_argument("--mode", choices=["fwd", "bwd", "full"], nargs="+", help="default: fwd full")
     b.add_argument("--dropout", type=_probability, default=0.0)
-    b.add_argument("--providers", nargs="+", choices=["base", "reference", "peft", "compiled", "fastlora"],
-                   help="default: base reference peft fastlora ('compiled' compiles per shape: slow)")
+    b.add_argument("--providers", nargs="+", metavar="PROVIDER",
+                   help="layer bench: base reference peft compiled fastlora fastlora-fused "
+                        "fastlora-split fastlora-torch (default: base reference peft fastlora, and on "
+                        "CUDA the three fastlora-ROUTE ones; 'compiled' compiles per shape: slow); "
+                        "--model: floor peft fastlora fastlora-from-peft (default: all)")
+    b.add_argument("--model", choices=["tiny", "llama3-8b"],
+                   help="time a whole decoder's training step instead (tiny: CPU-sized; llama3-8b: "
+                        "Llama-3-8B-wide layers, a few of them)")
+    b.add_argument("--tokens", type=_positive_int, help="--model: tokens a step (default 8192 on CUDA, 512 on CPU)")
+    b.add_argument("--seq", type=_positive_int, help="--model: sequence length (default 2048 on CUDA, 128 on CPU)")
+    b.add_argument("--layers", type=_positive_int, help="--model: decoder layers (default: the model's)")
+    b.add_argument("--rep", type=_positive_int, default=100, help="CUDA: ms of timed repeats a measurement")
     b.add_argument("--device", type=_device_arg, help=device_help)
     b.add_argument("--rounds", type=_positive_int, default=15, help="CPU: interleaved timing rounds")
     b.add_argument("--json", type=_output_file, help="write the rows as JSON")
     b.add_argument("--csv", type=_output_file, help="write the rows as CSV")
     b.add_argument("--plot", type=_plot_file, help="draw ratio-to-base against M (needs matplotlib)")
     b.add_argument("--quiet", action="store_true", help="no progress line")
+    b.set_defaults(bench_parser=b)
 
     c = sub.add_parser("check", help="correctness checks on this device; exits non-zero on any failure")
     c.add_argument("--device", type=_device_arg, help=device_help)
-    c.add_argument("--backend", choices=["triton", "torch"],
+    c.add_argument("--backend", choices=["triton", "fused", "split", "torch"],
                    help="default: triton on CUDA, torch on CPU (triton on CPU needs TRITON_INTERPRET=1)")
     c.set_defaults(check_parser=c)
     return p
@@ -276,11 +323,28 @@ def _backend_problem(backend: str, device: torch.device) -> str | None:
     return None
 
 
+def _check_providers(args) -> None:
+    """--providers names providers of the bench being run (the layer's or, with --model, the model's)."""
+    from . import bench as B
+    from . import bench_model as BM
+
+    known = BM.PROVIDERS if args.model else B.PROVIDERS
+    unknown = [p for p in args.providers or [] if p not in known]
+    if unknown:
+        args.bench_parser.error(f"argument --providers: {unknown[0]!r} is not a provider of the "
+                                f"{'model' if args.model else 'layer'} bench; choose from {', '.join(known)}")
+    if args.model and (args.shape or args.M or args.preset):
+        args.bench_parser.error("argument --model: times a whole model; --shape, --M and --preset "
+                                "are the layer bench's")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ("demo", "bench", "check", "-h", "--help"):
         argv = ["demo", *argv]  # demo is the default command
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        _check_providers(args)
     if args.command == "check":
         device = _device(args.device)
         problem = _backend_problem(args.backend or _default_check_backend(device), device)

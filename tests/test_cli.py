@@ -109,9 +109,15 @@ def test_check_with_triton_on_cpu_without_the_interpreter_prints_the_whole_hint(
 
 
 def test_bench_rejects_unknown_provider(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         cli.main(["bench", "--providers", "cublas"])
-    assert "invalid choice" in capsys.readouterr().err
+    assert e.value.code == 2 and "'cublas' is not a provider of the layer bench" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--model", "tiny", "--providers", "fastlora-fused"])
+    assert e.value.code == 2 and "not a provider of the model bench" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--model", "tiny", "--shape", "1,2,3"])
+    assert e.value.code == 2 and "--shape, --M and --preset are the layer bench's" in capsys.readouterr().err
 
 
 def test_check_passes_on_cpu(capsys):
@@ -146,10 +152,33 @@ def test_demo_and_module_entry_point():
 
 
 def test_plot(tmp_path):
+    """The figure holds a panel per problem, labelled axes and one line per provider that ran."""
     pytest.importorskip("matplotlib")
     from fastlora import bench
 
-    rows = bench.run([(16, 32, 32), (64, 32, 32)], [4], bench.DTYPES["fp32"], ["fwd"], ["base", "fastlora"],
-                     __import__("torch").device("cpu"), cpu_rounds=2)
-    bench.plot(str(tmp_path / "p.png"), rows)
+    rows = bench.run([(16, 32, 32), (64, 32, 32), (16, 32, 48)], [4], bench.DTYPES["fp32"], ["fwd"],
+                     ["base", "peft", "fastlora"], torch.device("cpu"), cpu_rounds=2)
+    fig = bench.plot(str(tmp_path / "p.png"), rows)
     assert (tmp_path / "p.png").stat().st_size > 1000
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert sorted(ax.get_title() for ax in panels) == ["32->32 r=4 fp32 fwd", "32->48 r=4 fp32 fwd"]
+    for ax in panels:
+        assert ax.get_xlabel() == "M (rows)" and ax.get_ylabel() == "time / base F.linear"
+        lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+        assert sorted(lines) == ["base", "fastlora", "peft"]
+        assert list(lines["base"].get_ydata()) == [1.0] * len(lines["base"].get_xdata())
+    two_m = next(ax for ax in panels if ax.get_title().startswith("32->32"))
+    assert [list(line.get_xdata()) for line in two_m.get_lines() if line.get_label() == "peft"] == [[16, 64]]
+
+
+def test_model_bench_runs_a_tiny_decoder_on_the_cpu(tmp_path, capsys):
+    """--model tiny: every provider trains a step of the same small Llama; tokens/s and ratios."""
+    pytest.importorskip("peft")
+    out = tmp_path / "model.json"
+    assert cli.main(["bench", "--model", "tiny", "--device", "cpu", "--layers", "1", "--tokens", "64",
+                     "--seq", "32", "--rounds", "1", "--quiet", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["provider"] for r in rows] == ["floor", "peft", "fastlora", "fastlora-from-peft"]
+    assert all(r["status"] == "ok" and r["tokens"] == 64 and r["tokens_per_s"] > 0 for r in rows)
+    assert rows[0]["ratio_to_floor"] == 1.0 and rows[1]["speedup_over_peft"] == 1.0
+    assert "fastlora-from-peft" in capsys.readouterr().out

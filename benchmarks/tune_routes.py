@@ -1,0 +1,154 @@
+"""Time every Triton route on this GPU and write the route table that backend="auto" reads.
+
+    python benchmarks/tune_routes.py [--out fastlora/route_table.json] [--quick]
+
+For each problem (bf16; M from decode to long prefill; Llama projection shapes; r = 16, 64;
+dropout off and on) and each pass (forward; backward of x, A and B) it times the split route and
+the fused route under a few launch configs, after checking each against the split route's result,
+and records the fastest: route, the fused route's best config, and every time measured. The run
+is added to the table with the device, its generation, torch's and triton's versions, the date and
+this command; runs of other GPUs are kept, and where two runs cover a key the newest wins
+(fastlora/route_table.py). Under five minutes on an H100.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+
+
+def candidates(M: int, pass_: str, dropout: bool, kernels) -> list:
+    """Fused-GEMM configs worth timing for a problem (the rule's default first)."""
+    G = kernels.GemmConfig
+    if M <= 64:
+        out = [G(16 if M <= 16 else 64, 32, 128, num_warps=4, num_stages=5),
+               G(16 if M <= 16 else 64, 64, 128, num_warps=4, num_stages=4),
+               G(16 if M <= 16 else 64, 32, 256, num_warps=4, num_stages=3)]
+        if M > 16:
+            out.append(G(64, 64, 64, num_warps=4, num_stages=4, tma=True))
+    else:
+        out = [G(128, 256, 64, num_warps=8, num_stages=3, tma=True, epilogue_subtile=True, xa_in_loop=False),
+               G(128, 256, 64, num_warps=8, num_stages=4, tma=True, epilogue_subtile=True, xa_in_loop=False),
+               G(128, 128, 64, num_warps=8, num_stages=4, tma=True, xa_in_loop=False),
+               G(128, 256, 64, num_warps=8, num_stages=4, xa_in_loop=False)]
+        if pass_ == "fwd" and not dropout:
+            out.append(G(128, 256, 64, num_warps=8, num_stages=3, tma=True, epilogue_subtile=True))
+    if pass_ == "bwd" and dropout:  # the dX epilogue holds Philox state per output element
+        out = [dataclasses.replace(c, block_n=min(c.block_n, 64)) for c in out]
+    return list(dict.fromkeys(out))
+
+
+def problems(quick: bool):
+    ms = [1, 16, 256, 2048, 8192] if quick else [1, 16, 64, 256, 1024, 2048, 4096, 8192]
+    shapes = [(4096, 4096), (14336, 4096)] + ([] if quick else [(4096, 14336)])
+    for M in ms:
+        for N, K in shapes:
+            for r in (16, 64):
+                for dropout in ((False, True) if M >= 256 else (False,)):
+                    for pass_ in (("fwd", "bwd") if M >= 64 else ("fwd",)):
+                        yield M, N, K, r, dropout, pass_
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="the table to update (default: fastlora's own)")
+    ap.add_argument("--quick", action="store_true", help="fewer M and shapes (for a short device call)")
+    ap.add_argument("--rep", type=float, default=40, help="ms of timed repeats per measurement")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("tune_routes: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import triton
+    import triton.testing
+
+    from fastlora import route_table
+    from fastlora.routes import Dropout, Needs, triton_kernels
+    from fastlora.triton_routes import FusedRoute, SplitRoute
+
+    kernels = triton_kernels()
+    fused, split = FusedRoute(kernels), SplitRoute(kernels)
+    dev = torch.device("cuda")
+    dtype = torch.bfloat16
+    out_path = args.out or route_table.TABLE_PATH
+    started = time.time()
+    entries = []
+    g = torch.Generator(device=dev).manual_seed(0)
+    cache = {}
+
+    def tensors(M, N, K, r):
+        key = (M, N, K, r)
+        if key not in cache:
+            cache.clear()
+            rnd = lambda *s, scale=1.0: (torch.randn(*s, device=dev, generator=g) * scale).to(dtype)  # noqa: E731
+            cache[key] = dict(x=rnd(M, K), w=rnd(N, K, scale=K ** -0.5), b=rnd(N), A=rnd(r, K, scale=K ** -0.5),
+                              B=rnd(N, r, scale=r ** -0.5), dy=rnd(M, N))
+        return cache[key]
+
+    print(f"{'M':>5} {'N':>6} {'K':>6} {'r':>3} {'drop':>4} {'pass':>4}  {'split ms':>9} {'fused ms':>9}  route  fused config")
+    for M, N, K, r, dropout, pass_ in problems(args.quick):
+        t = tensors(M, N, K, r)
+        drop = Dropout(torch.tensor([1234], device=dev), 0.1) if dropout else None
+        xa = split.forward(t["x"], t["w"], t["b"], t["A"], t["B"], 2.0, drop)[1]
+        needs = Needs(True, True, True)
+
+        def call(route, gemm=None):
+            if pass_ == "fwd":
+                return lambda: route.forward(t["x"], t["w"], t["b"], t["A"], t["B"], 2.0, drop,
+                                             **({"gemm": gemm} if gemm else {}))
+            return lambda: route.backward(t["dy"], t["x"], t["w"], t["A"], t["B"], xa, 2.0, drop,
+                                          needs, **({"gemm": gemm} if gemm else {}))
+
+        ref = call(split)()
+        ref = ref if pass_ == "bwd" else ref[:1]
+        times = {"split": triton.testing.do_bench(call(split), warmup=10, rep=args.rep)}
+        best_cfg, best_ms = None, float("inf")
+        for cfg in candidates(M, pass_, dropout, kernels):
+            gemm = dataclasses.asdict(cfg)
+            try:
+                got = call(fused, gemm)()
+                got = got if pass_ == "bwd" else got[:1]
+                for a, b in zip(got, ref):  # the same function as the split route, to bf16 rounding
+                    err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+                    if not err < 2e-2:
+                        raise AssertionError(f"differs from the split route by {err:.3g}")
+                ms = triton.testing.do_bench(call(fused, gemm), warmup=10, rep=args.rep)
+            except Exception as e:  # a config that does not compile or is wrong is skipped, said
+                print(f"  skipped {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                continue
+            times[f"fused {cfg.block_m}x{cfg.block_n}x{cfg.block_k} s{cfg.num_stages}"
+                  f"{' tma' if cfg.tma else ''}{' sub' if cfg.epilogue_subtile else ''}"
+                  f"{' xa-loop' if cfg.xa_in_loop else ''}"] = ms
+            if ms < best_ms:
+                best_cfg, best_ms = gemm, ms
+        route = "fused" if best_ms < times["split"] else "split"
+        entries.append(dict(dtype="bf16", M=M, N=N, K=K, rank=r, dropout=dropout, **{"pass": pass_},
+                            route=route, gemm=best_cfg, ms={k: round(v, 5) for k, v in times.items()}))
+        print(f"{M:5d} {N:6d} {K:6d} {r:3d} {int(dropout):4d} {pass_:>4}  {times['split']:9.4f} "
+              f"{best_ms:9.4f}  {route:5s}  {best_cfg}")
+    run = dict(generation=route_table.generation(dev), device=torch.cuda.get_device_name(dev),
+               capability=list(torch.cuda.get_device_capability(dev)), torch=torch.__version__,
+               triton=triton.__version__,
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               command="python benchmarks/tune_routes.py" + (" --quick" if args.quick else ""),
+               seconds=round(time.time() - started, 1), entries=entries)
+    table = {"format": 1, "runs": []}
+    if os.path.exists(out_path):
+        with open(out_path, encoding="utf-8") as f:
+            table = json.load(f)
+    table.setdefault("about", route_table.__doc__.strip().splitlines()[0])
+    table["runs"].append(run)
+    with open(out_path, "w", encoding="utf-8") as f:
+        json.dump(table, f, indent=1)
+        f.write("\n")
+    print(f"{len(entries)} problems in {run['seconds']} s; written to {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Which route runs: the committed route table (data with its provenance), backend="triton"
+choosing per pass from it, the rule where it is silent, and what a training step launches."""
+import json
+
+import pytest
+import torch
+
+import fastlora
+from fastlora import route_table
+from helpers import HAS_TRITON
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+
+RUN_KEYS = {"generation", "device", "capability", "torch", "triton", "date", "command", "entries"}
+ENTRY_KEYS = {"dtype", "M", "N", "K", "rank", "dropout", "pass", "route", "gemm", "ms"}
+
+
+def test_the_committed_table_is_data_with_its_provenance():
+    with open(route_table.TABLE_PATH, encoding="utf-8") as f:
+        table = json.load(f)
+    assert table["format"] == 1 and isinstance(table["runs"], list)
+    for run in table["runs"]:
+        assert RUN_KEYS <= set(run), f"a run lacks {RUN_KEYS - set(run)}"
+        for e in run["entries"]:
+            assert ENTRY_KEYS <= set(e) and e["route"] in ("fused", "split")
+            assert e["route"] == min(("split", "fused"), key=lambda r: min(
+                v for k, v in e["ms"].items() if k.startswith(r)))  # the faster one was recorded
+    route_table.load.cache_clear()
+    assert isinstance(route_table.load(route_table.TABLE_PATH), dict)
+
+
+def test_the_rule_where_the_table_is_silent():
+    assert route_table.RULE(1) == route_table.RULE(255) == "fused"
+    assert route_table.RULE(256) == route_table.RULE(8192) == "split"
+    choice = route_table.choose("fwd", torch.device("cpu"), torch.float32, 300, 7, 5, 3, False)
+    assert choice == route_table.Choice("split", None, measured=False)
+
+
+@pytest.fixture
+def table(tmp_path, monkeypatch):
+    """A route table for the interpreter: the forward of a 37 x 40 -> 24 r=3 problem on the split
+    route, its backward on the fused route with a 16x16x16 GEMM (the rule says fused for both)."""
+    entries = [dict(dtype="fp32", M=37, N=24, K=40, rank=3, dropout=False, route="split", gemm=None,
+                    ms={"split": 1.0, "fused": 2.0}, **{"pass": "fwd"}),
+               dict(dtype="fp32", M=37, N=24, K=40, rank=3, dropout=False, route="fused",
+                    gemm=dict(block_m=16, block_n=16, block_k=16, group_m=2),
+                    ms={"split": 2.0, "fused": 1.0}, **{"pass": "bwd"})]
+    path = tmp_path / "route_table.json"
+    path.write_text(json.dumps({"format": 1, "runs": [dict(
+        generation="interpreter", device="test", capability=[0, 0], torch="-", triton="-",
+        date="2026-01-01T00:00:00+00:00", command="test", entries=entries)]}))
+    monkeypatch.setattr(route_table, "TABLE_PATH", str(path))
+    route_table.load.cache_clear()
+    yield
+    route_table.load.cache_clear()
+
+
+def _calls(monkeypatch):
+    """The routes' forward/backward calls, by route and pass, and the GEMM configs passed."""
+    from fastlora import triton_routes
+    calls = []
+    for cls in (triton_routes.FusedRoute, triton_routes.SplitRoute):
+        for name in ("forward", "backward"):
+            orig = getattr(cls, name)
+
+            def spy(self, *args, _orig=orig, _name=name, **kwargs):
+                calls.append((self.name, _name, kwargs.get("gemm")))
+                return _orig(self, *args, **kwargs)
+            monkeypatch.setattr(cls, name, spy)
+    return calls
+
+
+def test_triton_backend_chooses_each_pass_from_the_table(table, monkeypatch):
+    calls = _calls(monkeypatch)
+    layer = fastlora.LoRALinear(40, 24, r=3, backend="triton", init_lora_weights=False)
+    x = torch.randn(37, 40, requires_grad=True)
+    layer(x).sum().backward()
+    assert calls == [("split", "forward", None),
+                     ("fused", "backward", dict(block_m=16, block_n=16, block_k=16, group_m=2))]
+    calls.clear()
+    layer(torch.randn(38, 40)).sum().backward()  # M=38: the same bucket (64)
+    assert [c[:2] for c in calls] == [("split", "forward"), ("fused", "backward")]
+    calls.clear()
+    layer(torch.randn(300, 40)).sum().backward()  # not in the table: the rule
+    assert [c[:2] for c in calls] == [("split", "forward"), ("split", "backward")]
+
+
+def _count_launches(monkeypatch):
+    """Triton kernel launches, by kernel name."""
+    from fastlora.kernels import gemm, passes
+    launches = []
+    for module, name in ((gemm, "_lora_gemm_kernel"), (passes, "_xa_kernel"), (passes, "_reduce_kernel")):
+        kernel = getattr(module, name)
+
+        class Counting:
+            def __getitem__(self, grid, _kernel=kernel, _name=name):
+                def launch(*args, **kwargs):
+                    launches.append(_name)
+                    return _kernel[grid](*args, **kwargs)
+                return launch
+        monkeypatch.setattr(module, name, Counting())
+    return launches
+
+
+@pytest.mark.parametrize("backend,fwd,bwd", [
+    ("fused", ["_lora_gemm_kernel"], ["_reduce_kernel", "_lora_gemm_kernel", "_reduce_kernel"]),
+    ("split", ["_xa_kernel"], ["_reduce_kernel", "_reduce_kernel"]),
+])
+def test_kernel_launches_of_a_training_step(backend, fwd, bwd, monkeypatch):
+    """A step's Triton launches: fused forward 1 (x A^T in the GEMM's loop); its backward 3 (the
+    dY pass, the dX GEMM, the x pass for dA); split forward 1 (the x pass; cuBLAS does the rest)
+    and backward 2 (the dY pass; the x pass for dA and dx0)."""
+    launches = _count_launches(monkeypatch)
+    layer = fastlora.LoRALinear(40, 24, r=3, backend=backend, init_lora_weights=False)
+    x = torch.randn(37, 40, requires_grad=True)
+    y = layer(x)
+    assert launches == fwd
+    launches.clear()
+    y.sum().backward()
+    assert launches == bwd
