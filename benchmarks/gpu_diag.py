@@ -82,7 +82,7 @@ def passes(copy_tbs):
 def host_time():
     """Host microseconds per call at M=16 (launch-bound), and kernel launches per training step."""
     launches = []
-    for kernel in (K.gemm._lora_gemm_kernel, K.passes._xa_kernel, K.passes._reduce_kernel):
+    for kernel in (K.gemm.lora_gemm_kernel, K.passes.xa_kernel, K.passes.reduce_kernel):
         jit = kernel.fn if hasattr(kernel, "fn") else kernel
         orig = jit.run
 
@@ -95,8 +95,14 @@ def host_time():
                                     backend=backend)
         x = torch.randn(16, 4096, device=DEV, dtype=BF16, requires_grad=True)
         dy = torch.randn(16, 4096, device=DEV, dtype=BF16)
-        for name, fn in (("fwd", lambda: layer(x)),
-                         ("fwd+bwd", lambda: torch.autograd.grad(layer(x), [x, layer.lora_A, layer.lora_B], dy))):
+
+        def fwd(layer=layer, x=x):
+            return layer(x)
+
+        def step(layer=layer, x=x, dy=dy):
+            return torch.autograd.grad(layer(x), [x, layer.lora_A, layer.lora_B], dy)
+
+        for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
             for _ in range(5):
                 fn()
             torch.cuda.synchronize()

@@ -90,19 +90,21 @@ def main() -> int:
                               B=rnd(N, r, scale=r ** -0.5), dy=rnd(M, N))
         return cache[key]
 
-    print(f"{'M':>5} {'N':>6} {'K':>6} {'r':>3} {'drop':>4} {'pass':>4}  {'split ms':>9} {'fused ms':>9}  route  fused config")
+    print(f"{'M':>5} {'N':>6} {'K':>6} {'r':>3} {'drop':>4} {'pass':>4}  {'split ms':>9} {'fused ms':>9}  "
+          f"route  fused config")
     for M, N, K, r, dropout, pass_ in problems(args.quick):
         t = tensors(M, N, K, r)
         drop = Dropout(torch.tensor([1234], device=dev), 0.1) if dropout else None
         xa = split.forward(t["x"], t["w"], t["b"], t["A"], t["B"], 2.0, drop)[1]
         needs = Needs(True, True, True)
 
-        def call(route, gemm=None):
+        def call(route, gemm=None, pass_=pass_, t=t, xa=xa, drop=drop, needs=needs):
+            """The pass as a closure over this problem's tensors."""
+            kw = {"gemm": gemm} if gemm else {}
             if pass_ == "fwd":
-                return lambda: route.forward(t["x"], t["w"], t["b"], t["A"], t["B"], 2.0, drop,
-                                             **({"gemm": gemm} if gemm else {}))
+                return lambda: route.forward(t["x"], t["w"], t["b"], t["A"], t["B"], 2.0, drop, **kw)
             return lambda: route.backward(t["dy"], t["x"], t["w"], t["A"], t["B"], xa, 2.0, drop,
-                                          needs, **({"gemm": gemm} if gemm else {}))
+                                          needs, **kw)
 
         ref = call(split)()
         ref = ref if pass_ == "bwd" else ref[:1]

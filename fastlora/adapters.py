@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .model import (BIAS_MODES, _bias_parameters, _check_bias, _check_model, _inject, _join,
-                    _select, lora_layers)
+from .model import (BIAS_MODES, bias_parameters, check_bias, check_model, inject_lora, join_path,
+                    select_targets, lora_layers)
 from .arguments import is_finite_number, lora_scaling
 from .modules import LoRALinear
 
@@ -70,8 +70,8 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, *, bias: s
     both are written (see the module's docstring for what a crash between the two renames leaves).
     """
     st = _safetensors("save_adapter")
-    _check_model("save_adapter", model)
-    _check_bias("save_adapter", bias)
+    check_model("save_adapter", model)
+    check_bias("save_adapter", bias)
     save_directory = os.fspath(save_directory)
     if os.path.exists(save_directory) and not os.path.isdir(save_directory):
         raise ValueError(f"save_adapter: save_directory {save_directory!r} exists and is not a directory")
@@ -82,7 +82,7 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, *, bias: s
     for path, layer in layers.items():
         tensors[_peft_key(path, "lora_A.weight")] = layer.lora_A
         tensors[_peft_key(path, "lora_B.weight")] = layer.lora_B
-    for name, p in _bias_parameters(model, layers, bias).items():
+    for name, p in bias_parameters(model, layers, bias).items():
         tensors[_peft_bias_key(name, layers)] = p
     # safetensors wants contiguous CPU tensors that share no memory
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
@@ -116,7 +116,7 @@ def load_adapter(model: nn.Module, adapter_directory: str | os.PathLike, *,
     model as it was. Returns ``model``.
     """
     st = _safetensors("load_adapter")
-    _check_model("load_adapter", model)
+    check_model("load_adapter", model)
     if hasattr(model, "peft_config"):
         raise TypeError("load_adapter: model is a PEFT model; load adapters into it with PEFT "
                         "(PeftModel.load_adapter), or load into the plain base model here")
@@ -157,7 +157,7 @@ def load_adapter(model: nn.Module, adapter_directory: str | os.PathLike, *,
             raise ValueError(f"load_adapter: layer {merged[0]!r} is merged; unmerge the model "
                              f"(fastlora.unmerge) before loading new adapter weights into it")
     else:
-        paths = _select(model, config["target_modules"], config.get("exclude_modules"),
+        paths = select_targets(model, config["target_modules"], config.get("exclude_modules"),
                         "load_adapter (adapter_config.json)")
         modules = dict(model.named_modules())
         plan = {}
@@ -170,7 +170,7 @@ def load_adapter(model: nn.Module, adapter_directory: str | os.PathLike, *,
     _check_tensors(state, slots, weights_file)
 
     if not existing:
-        model = _inject(model, list(plan), lambda path: _r_alpha(config, path),
+        model = inject_lora(model, list(plan), lambda path: _r_alpha(config, path),
                         dict(dropout=config["lora_dropout"], use_rslora=config["use_rslora"],
                              backend=backend))
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -352,8 +352,8 @@ def _slots(model: nn.Module, plan: dict[str, _Planned], bias: str) -> dict[str, 
     """Every tensor an adapter for ``plan`` holds, by its PEFT key."""
     slots = {}
     for path, p in plan.items():
-        slots[_peft_key(path, "lora_A.weight")] = _Slot(_join(path, "lora_A"), (p.r, p.in_features), p.a_dtype)
-        slots[_peft_key(path, "lora_B.weight")] = _Slot(_join(path, "lora_B"), (p.out_features, p.r), p.b_dtype)
+        slots[_peft_key(path, "lora_A.weight")] = _Slot(join_path(path, "lora_A"), (p.r, p.in_features), p.a_dtype)
+        slots[_peft_key(path, "lora_B.weight")] = _Slot(join_path(path, "lora_B"), (p.out_features, p.r), p.b_dtype)
     if bias != "none":
         lora_paths = set(plan)
         for name, param in model.named_parameters():
@@ -389,7 +389,7 @@ def _check_tensors(state: dict[str, torch.Tensor], slots: dict[str, _Slot], file
 
 
 def _peft_key(path: str, name: str) -> str:
-    return PREFIX + _join(path, name)
+    return PREFIX + join_path(path, name)
 
 
 def _peft_bias_key(name: str, layers: dict[str, LoRALinear]) -> str:

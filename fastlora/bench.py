@@ -175,7 +175,8 @@ def provider_available(provider: str, device: torch.device) -> str | None:
 # timing
 
 
-def _stats(samples_ms: list[float]) -> tuple[float, float, float]:
+def sample_stats(samples_ms: list[float]) -> tuple[float, float, float]:
+    """(median, p20, p80) of timing samples."""
     q = statistics.quantiles(samples_ms, n=10) if len(samples_ms) >= 2 else [samples_ms[0]] * 9
     return statistics.median(samples_ms), q[1], q[7]
 
@@ -357,7 +358,7 @@ def _run_one(spec: Spec, providers: list[str], device, cpu_rounds: int, cuda_rep
             rows["base"].mem_over_base_mb = 0.0
     else:
         samples = {p: [] for p in timed}
-        for p, (fn, _) in timed.items():  # warm-up (and torch.compile) outside the timing
+        for fn, _ in timed.values():  # warm-up (and torch.compile) outside the timing
             fn()
             fn()
         for _ in range(cpu_rounds):       # interleaved: one sample of each provider per round
@@ -366,7 +367,7 @@ def _run_one(spec: Spec, providers: list[str], device, cpu_rounds: int, cuda_rep
                 fn()
                 samples[p].append((time.perf_counter() - t0) * 1e3)
         for p in timed:
-            rows[p].ms, rows[p].ms_p20, rows[p].ms_p80 = _stats(samples[p])
+            rows[p].ms, rows[p].ms_p20, rows[p].ms_p80 = sample_stats(samples[p])
 
     for p, row in rows.items():
         if row.status != "ok":
@@ -426,9 +427,9 @@ def format_table(rows: list[Row], env: dict) -> str:
                       f"{_f(r.ms_p20, '.4g')}-{_f(r.ms_p80, '.4g')}", _f(r.ratio_to_base, ".3f"),
                       _f(r.speedup_over_peft, ".2f"), _f(r.tflops, ".3g"), _f(r.mem_over_base_mb, ".1f"),
                       r.status + (f" ({r.note})" if r.note and r.status != "ok" else "")])
-    widths = [max(len(c), *(len(l[i]) for l in lines)) if lines else len(c) for i, c in enumerate(cols)]
+    widths = [max(len(c), *(len(line[i]) for line in lines)) if lines else len(c) for i, c in enumerate(cols)]
     fmt = lambda vals: "  ".join(v.rjust(w) if i < len(vals) - 1 else v for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
-    return "\n".join([head, fmt(cols), fmt(["-" * w for w in widths]), *(fmt(l) for l in lines)])
+    return "\n".join([head, fmt(cols), fmt(["-" * w for w in widths]), *(fmt(line) for line in lines)])
 
 
 def _f(v: float, spec: str) -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .bench import _stats
+from .bench import sample_stats
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROVIDERS = ("floor", "peft", "fastlora", "fastlora-from-peft")
@@ -153,9 +153,9 @@ def run(name: str, providers: list[str], device: torch.device, dtype: torch.dtyp
                 steps[p]()
                 samples[p].append((time.perf_counter() - t0) * 1e3)
         for p, ms in samples.items():
-            rows[p].ms, rows[p].ms_p20, rows[p].ms_p80 = _stats(ms)
+            rows[p].ms, rows[p].ms_p20, rows[p].ms_p80 = sample_stats(ms)
     ok = {p: r for p, r in rows.items() if r.status == "ok"}
-    for p, r in ok.items():
+    for r in ok.values():
         r.tokens_per_s = r.tokens / (r.ms * 1e-3)
         if "floor" in ok:
             r.ratio_to_floor = r.ms / ok["floor"].ms
@@ -173,11 +173,11 @@ def format_table(rows: list[ModelRow], env: dict) -> str:
               f"{_f(r.ms_p20, '.4g')}-{_f(r.ms_p80, '.4g')}", _f(r.tokens_per_s, ".4g"),
               _f(r.ratio_to_floor, ".3f"), _f(r.speedup_over_peft, ".2f"), _f(r.peak_mb, ".0f"),
               r.status + (f" ({r.note})" if r.note else "")] for r in rows]
-    widths = [max(len(c), *(len(l[i]) for l in lines)) if lines else len(c) for i, c in enumerate(cols)]
+    widths = [max(len(c), *(len(line[i]) for line in lines)) if lines else len(c) for i, c in enumerate(cols)]
 
     def fmt(vals):
         return "  ".join(v.rjust(w) if i < len(vals) - 1 else v for i, (v, w) in enumerate(zip(vals, widths)))
-    return "\n".join([head, fmt(cols), fmt(["-" * w for w in widths]), *(fmt(l) for l in lines)])
+    return "\n".join([head, fmt(cols), fmt(["-" * w for w in widths]), *(fmt(line) for line in lines)])
 
 
 def _f(v: float, spec: str) -> str:

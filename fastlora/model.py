@@ -38,9 +38,9 @@ def apply_lora(model: nn.Module, target_modules: str | Iterable[str], *, r: int 
 
     Returns ``model`` (a new LoRALinear if ``model`` itself is a targeted nn.Linear).
     """
-    _check_model("apply_lora", model)
-    paths = _select(model, target_modules, exclude_modules, "apply_lora")
-    return _inject(model, paths, lambda path: (r, alpha),
+    check_model("apply_lora", model)
+    paths = select_targets(model, target_modules, exclude_modules, "apply_lora")
+    return inject_lora(model, paths, lambda path: (r, alpha),
                    dict(dropout=dropout, use_rslora=use_rslora,
                         init_lora_weights=init_lora_weights, backend=backend))
 
@@ -51,29 +51,29 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     ``bias``: "none" (biases frozen), "all" (every parameter named ``bias`` trains) or
     "lora_only" (the biases of the LoRA layers train), as PEFT's LoraConfig.bias.
     """
-    _check_model("mark_only_lora_as_trainable", model)
-    _check_bias("mark_only_lora_as_trainable", bias)
+    check_model("mark_only_lora_as_trainable", model)
+    check_bias("mark_only_lora_as_trainable", bias)
     layers = lora_layers(model, "mark_only_lora_as_trainable")
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in layers.values():
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
-    for p in _bias_parameters(model, layers, bias).values():
+    for p in bias_parameters(model, layers, bias).values():
         p.requires_grad_(True)
 
 
 def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Tensor]:
     """The adapter's tensors only, keyed as in ``model.state_dict()``: every LoRA layer's
     ``lora_A`` and ``lora_B``, plus the biases that ``bias`` (as mark_only_lora_as_trainable) trains."""
-    _check_model("lora_state_dict", model)
-    _check_bias("lora_state_dict", bias)
+    check_model("lora_state_dict", model)
+    check_bias("lora_state_dict", bias)
     layers = lora_layers(model, "lora_state_dict")
     out = {}
     for path, layer in layers.items():
-        out[_join(path, "lora_A")] = layer.lora_A.detach()
-        out[_join(path, "lora_B")] = layer.lora_B.detach()
-    out.update({name: p.detach() for name, p in _bias_parameters(model, layers, bias).items()})
+        out[join_path(path, "lora_A")] = layer.lora_A.detach()
+        out[join_path(path, "lora_B")] = layer.lora_B.detach()
+    out.update({name: p.detach() for name, p in bias_parameters(model, layers, bias).items()})
     return out
 
 
@@ -85,13 +85,13 @@ def merge(model: nn.Module) -> None:
     weights) is refused before anything changes: the merge writes into the weight in place, so the
     other module would compute with this layer's update, and two LoRA layers' updates would land in
     the one tensor, which unmerge could not undo."""
-    _check_model("merge", model)
+    check_model("merge", model)
     _merge(model, lora_layers(model, "merge"), "merge")
 
 
 def unmerge(model: nn.Module) -> None:
     """Restore every merged LoRA layer's weight bit-exactly (see LoRALinear.unmerge)."""
-    _check_model("unmerge", model)
+    check_model("unmerge", model)
     for layer in lora_layers(model, "unmerge").values():
         layer.unmerge()
 
@@ -103,7 +103,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     the copies kept for unmerge are dropped. Returns ``model`` (the nn.Linear if ``model`` itself is
     a LoRALinear). ``requires_grad`` flags are left as they are.
     """
-    _check_model("merge_and_unload", model)
+    check_model("merge_and_unload", model)
     layers = lora_layers(model, "merge_and_unload")
     _merge(model, layers, "merge_and_unload")
     for path, layer in layers.items():
@@ -147,7 +147,7 @@ def _check_untied(model: nn.Module, layers: dict[str, LoRALinear], caller: str) 
     own_names = {}
     for path, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, LoRALinear):
-            own_names.setdefault(id(module), set()).add(_join(path, "weight"))
+            own_names.setdefault(id(module), set()).add(join_path(path, "weight"))
     for path, layer in layers.items():
         w = layer.weight
         if not w.numel() or w.device.type == "meta":
@@ -177,7 +177,7 @@ def lora_layers(model: nn.Module, caller: str = "lora_layers") -> dict[str, LoRA
 # Selection: which module paths a target_modules / exclude_modules specification picks
 
 
-def _select(model: nn.Module, target_modules, exclude_modules, caller: str) -> list[str]:
+def select_targets(model: nn.Module, target_modules, exclude_modules, caller: str) -> list[str]:
     """The paths of the nn.Linear modules to adapt (PEFT's matching rules), in module order."""
     modules = dict(model.named_modules())
     paths = list(modules)
@@ -268,7 +268,7 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 # Surgery
 
 
-def _inject(model: nn.Module, paths: list[str], r_alpha: Callable[[str], tuple[int, float]],
+def inject_lora(model: nn.Module, paths: list[str], r_alpha: Callable[[str], tuple[int, float]],
             layer_kwargs: dict) -> nn.Module:
     """Replace each nn.Linear at ``paths`` by a LoRALinear sharing its Parameters, then freeze
     everything but the adapters. All layers are built before any is swapped in, so a bad argument
@@ -294,25 +294,28 @@ def _replace(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
     return root
 
 
-def _bias_parameters(model: nn.Module, layers: dict[str, LoRALinear],
+def bias_parameters(model: nn.Module, layers: dict[str, LoRALinear],
                      bias: str) -> dict[str, nn.Parameter]:
     """The bias Parameters that ``bias`` trains, by their name in model.named_parameters()."""
     if bias == "none":
         return {}
     if bias == "all":
         return {n: p for n, p in model.named_parameters() if n == "bias" or n.endswith(".bias")}
-    return {_join(path, "bias"): layer.bias for path, layer in layers.items() if layer.bias is not None}
+    return {join_path(path, "bias"): layer.bias for path, layer in layers.items() if layer.bias is not None}
 
 
-def _join(path: str, name: str) -> str:
+def join_path(path: str, name: str) -> str:
+    """``path.name``, or ``name`` at the root (path "")."""
     return f"{path}.{name}" if path else name
 
 
-def _check_model(caller: str, model, arg: str = "model") -> None:
+def check_model(caller: str, model, arg: str = "model") -> None:
+    """A TypeError naming ``caller`` and ``arg`` unless ``model`` is an nn.Module."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller}: {arg} must be a torch.nn.Module, got {type(model).__name__}")
 
 
-def _check_bias(caller: str, bias) -> None:
+def check_bias(caller: str, bias) -> None:
+    """A ValueError naming ``caller`` unless ``bias`` is one of BIAS_MODES."""
     if bias not in BIAS_MODES:
         raise ValueError(f"{caller}: bias must be one of {BIAS_MODES}, got {bias!r}")

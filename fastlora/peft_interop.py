@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import nn
 
-from .model import _check_model
+from .model import check_model
 from .arguments import FLOAT_DTYPES, check_backend
 from .autocast import compute_dtype
 from .functional import lora_linear
@@ -33,7 +33,7 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> nn.Module:
     merged) keep PEFT's forward and are listed in one warning.
     """
     lora = _peft_lora("from_peft")
-    _check_model("from_peft", peft_model, "peft_model")
+    check_model("from_peft", peft_model, "peft_model")
     check_backend(backend, "from_peft")
     layers = [(path, m) for path, m in peft_model.named_modules() if isinstance(m, lora.LoraLayer)]
     if not layers:

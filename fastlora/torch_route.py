@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from .routes import Dropout, Grads, Needs, acc_dtype
@@ -26,6 +25,8 @@ def _draw_keep(seed: int, p: float, shape: tuple[int, ...], device: torch.device
     bits an element (two from each 64-bit draw), about three times faster than torch's CPU ``rand``
     (benchmarks/NOTES.md); on other devices torch's generator for the device."""
     if device.type == "cpu":
+        import numpy as np  # only the CPU's dropout draws with it
+
         n = math.prod(shape)
         bits = np.random.PCG64(seed % 2**64).random_raw((n + 1) // 2).view(np.uint32)[:n]
         return torch.from_numpy(bits.reshape(shape) >= np.uint32(min(round(p * 2**32), 2**32 - 1)))

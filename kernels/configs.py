@@ -112,12 +112,13 @@ def gemm_config(M: int, N: int, K: int, R: int, dtype: torch.dtype, device: torc
         # are as large as the problem allows.
         return GemmConfig(_pow2_clamp(M, 16, 64), _pow2_clamp(N, 16, 64), _pow2_clamp(K, 16, 128),
                           group_m=4)
-    return _gpu_gemm_config(bucket(M), rank_block(R), dtype, info, grad_input, dropout)
+    return gpu_gemm_config(bucket(M), rank_block(R), dtype, info, grad_input, dropout)
 
 
 @functools.lru_cache(maxsize=1024)
-def _gpu_gemm_config(M: int, block_r: int, dtype: torch.dtype, info: DeviceInfo, grad_input: bool,
+def gpu_gemm_config(M: int, block_r: int, dtype: torch.dtype, info: DeviceInfo, grad_input: bool,
                      dropout: bool) -> GemmConfig:
+    """The GEMM config on a GPU described by ``info``, M already bucketed (``gemm_config``)."""
     hopper = info.capability[0] >= 9
     if dtype == torch.float64:  # no tensor cores, no TMA
         cfg = GemmConfig(32 if block_r <= 64 else 16, 64, 16, num_warps=4 if block_r <= 32 else 8,
@@ -181,12 +182,13 @@ def xa_config(M: int, K: int, R: int, dtype: torch.dtype, device: torch.device, 
     info = device_info(device)
     if device.type != "cuda":
         return PassConfig(_pow2_clamp(M, 16, 64), _pow2_clamp(K, 16, 128))
-    return _gpu_xa_config(bucket(M), K, rank_block(R), dtype, info, dropout)
+    return gpu_xa_config(bucket(M), K, rank_block(R), dtype, info, dropout)
 
 
 @functools.lru_cache(maxsize=1024)
-def _gpu_xa_config(M: int, K: int, block_r: int, dtype: torch.dtype, info: DeviceInfo,
+def gpu_xa_config(M: int, K: int, block_r: int, dtype: torch.dtype, info: DeviceInfo,
                    dropout: bool) -> PassConfig:
+    """The xa pass's config on a GPU described by ``info``, M already bucketed (``xa_config``)."""
     warps = 4 if block_r <= 64 else 8
     threads = 32 * warps
     w, acc = _words(dtype), 2 if dtype == torch.float64 else 1
@@ -218,12 +220,13 @@ def reduce_config(T: int, P: int, R: int, dtype: torch.dtype, device: torch.devi
     info = device_info(device)
     if device.type != "cuda":
         return PassConfig(_pow2_clamp(T, 16, 128), _pow2_clamp(P, 16, 64))
-    return _gpu_reduce_config(bucket(T), P, rank_block(R), dtype, info, dropout, expand, rank_out)
+    return gpu_reduce_config(bucket(T), P, rank_block(R), dtype, info, dropout, expand, rank_out)
 
 
 @functools.lru_cache(maxsize=1024)
-def _gpu_reduce_config(T: int, P: int, block_r: int, dtype: torch.dtype, info: DeviceInfo,
+def gpu_reduce_config(T: int, P: int, block_r: int, dtype: torch.dtype, info: DeviceInfo,
                        dropout: bool, expand: bool, rank_out: bool) -> PassConfig:
+    """A reduction's config on a GPU described by ``info``, T already bucketed (``reduce_config``)."""
     warps = 4 if block_r <= 32 else 8
     threads = 32 * warps
     w, acc = _words(dtype), 2 if dtype == torch.float64 else 1

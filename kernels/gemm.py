@@ -152,7 +152,7 @@ def _lora_tile(
     "CHUNKED_ACC": lambda a: torch_dtype(a["X"]) in (torch.float32, torch.float64),
 })
 @triton.jit(do_not_specialize=["M"])
-def _lora_gemm_kernel(
+def lora_gemm_kernel(
     X, W, U, V, BIAS, Y, XA, SEED,
     M, N, K, R,
     stride_xm, stride_wk, stride_wn, stride_vr, stride_vn, stride_ym,
@@ -243,7 +243,7 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     programs = min(n_tiles, info.sms) if use_tma else n_tiles
     seed, p = dropout if dropout is not None else (None, 0.0)
     int64 = needs_int64(max_offset(x), max_offset(w), max_offset(y), M * block_r, max_offset(v))
-    _lora_gemm_kernel[(programs,)](
+    lora_gemm_kernel[(programs,)](
         x_arg, w_arg, u, v, bias, y_arg, xa, seed,
         M, N, K, R,
         x.stride(0), w_kn[0], w_kn[1], v_rn[0], v_rn[1], y.stride(0),

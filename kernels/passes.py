@@ -26,7 +26,7 @@ from .configs import PassConfig, rank_block, reduce_config, xa_config
     "PRECISION": lambda a: dot_precision(a["X"]),
 })
 @triton.jit(do_not_specialize=["M"])
-def _xa_kernel(
+def xa_kernel(
     X, A, XA, SEED,
     M, K, R, stride_xm,
     scale: "fp64", dropout_p: "fp64",
@@ -69,13 +69,13 @@ def _xa_kernel(
     "HAS_DROPOUT": lambda a: a["SEED"] is not None,
     "REDUCE": lambda a: a["C"] is not None,
     "RANK_OUT": lambda a: a["Z"] is not None,
-    "EXPAND_OUT": lambda a: a["O"] is not None,
+    "EXPAND_OUT": lambda a: a["OUT"] is not None,
     "ACC_DTYPE": lambda a: tl_acc_dtype(a["L"]),
     "PRECISION": lambda a: dot_precision(a["L"]),
 })
 @triton.jit(do_not_specialize=["T"])
-def _reduce_kernel(
-    L, S, E, F, C, Z, O, SEED,
+def reduce_kernel(
+    L, S, E, F, C, Z, OUT, SEED,
     T, P, R, stride_lt,
     c_scale: "fp64", o_scale: "fp64", dropout_p: "fp64",
     BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, INT64: tl.constexpr,
@@ -86,9 +86,9 @@ def _reduce_kernel(
 
         C[c]   = c_scale * drop(L)^T S              [P, R], the chunk's rows reduced (REDUCE)
         Z[i_p] = L[:, cols] E[cols]                  [T, R], one partial per column block (RANK_OUT)
-        O      = o_scale * D o (S F[:, cols])        [T, P]  (EXPAND_OUT)
+        OUT      = o_scale * D o (S F[:, cols])        [T, P]  (EXPAND_OUT)
 
-    S [T, R], E [P, R], F [R, P], C [SPLITS, P, R], Z [P_BLOCKS, T, R] and O [T, P] contiguous; D
+    S [T, R], E [P, R], F [R, P], C [SPLITS, P, R], Z [P_BLOCKS, T, R] and OUT [T, P] contiguous; D
     is the dropout mask of element (t, p) of L, which is x under dropout.
     """
     i_p = tl.program_id(0)
@@ -138,7 +138,7 @@ def _reduce_kernel(
             b_o = b_o * tl.full((1, 1), o_scale, ACC_DTYPE)
             if HAS_DROPOUT:
                 b_o = tl.where(keep, b_o, 0.0)
-            tl.store(O + ot[:, None] * P + op[None, :], b_o.to(O.dtype.element_ty), mask=m_tp)
+            tl.store(OUT + ot[:, None] * P + op[None, :], b_o.to(OUT.dtype.element_ty), mask=m_tp)
     if REDUCE:
         p_c = C + i_c * P * R + op[:, None] * R + o_r[None, :]
         acc = acc * tl.full((1, 1), c_scale, ACC_DTYPE)
@@ -165,7 +165,7 @@ def xa_pass(x: torch.Tensor, a: torch.Tensor, *, dropout: tuple[torch.Tensor, fl
     cfg = config or xa_config(M, K, R, x.dtype, x.device, dropout=dropout is not None)
     ws = alloc((cfg.splits, M, R), x, acc)
     seed, p = dropout if dropout is not None else (None, 0.0)
-    _xa_kernel[(triton.cdiv(M, cfg.block_rows), cfg.splits)](
+    xa_kernel[(triton.cdiv(M, cfg.block_rows), cfg.splits)](
         x, a, ws, seed, M, K, R, x.stride(0), 1.0 / (1.0 - p), float(p),
         BLOCK_M=cfg.block_rows, BLOCK_K=cfg.block_cols, BLOCK_R=rank_block(R),
         INT64=needs_int64(max_offset(x), ws.numel()),
@@ -174,23 +174,23 @@ def xa_pass(x: torch.Tensor, a: torch.Tensor, *, dropout: tuple[torch.Tensor, fl
     return _fixed_order_sum(ws)
 
 
-def _reduce(l, s, e, f, scaling, dropout, *, reduce: bool, rank_out: bool, expand_out: bool,
+def _reduce(big, s, e, f, scaling, dropout, *, reduce: bool, rank_out: bool, expand_out: bool,
             out_dtype, config):
-    """Launch ``_reduce_kernel``; returns (C summed [P, R] | None, Z summed [T, R] | None, O | None)."""
-    T, P = l.shape
+    """Launch ``reduce_kernel``; returns (C summed [P, R] | None, Z summed [T, R] | None, OUT | None)."""
+    T, P = big.shape
     R = (s if s is not None else e).shape[1]
-    acc = acc_dtype(l.dtype)
-    cfg = config or reduce_config(T, P, R, l.dtype, l.device, dropout=dropout is not None,
+    acc = acc_dtype(big.dtype)
+    cfg = config or reduce_config(T, P, R, big.dtype, big.device, dropout=dropout is not None,
                                   expand=expand_out, rank_out=rank_out)
     p_blocks = triton.cdiv(P, cfg.block_cols)
-    c = alloc((cfg.splits, P, R), l, acc) if reduce else None
-    z = alloc((p_blocks, T, R), l, acc) if rank_out else None
-    o = alloc((T, P), l, out_dtype) if expand_out else None
+    c = alloc((cfg.splits, P, R), big, acc) if reduce else None
+    z = alloc((p_blocks, T, R), big, acc) if rank_out else None
+    o = alloc((T, P), big, out_dtype) if expand_out else None
     seed, p = dropout if dropout is not None else (None, 0.0)
     keep_scale = 1.0 / (1.0 - p)
-    int64 = needs_int64(max_offset(l), T * P, p_blocks * T * R, cfg.splits * P * R)
-    _reduce_kernel[(p_blocks, cfg.splits)](
-        l, s, e, f, c, z, o, seed, T, P, R, l.stride(0),
+    int64 = needs_int64(max_offset(big), T * P, p_blocks * T * R, cfg.splits * P * R)
+    reduce_kernel[(p_blocks, cfg.splits)](
+        big, s, e, f, c, z, o, seed, T, P, R, big.stride(0),
         float(scaling) * keep_scale, float(scaling) * keep_scale, float(p),
         BLOCK_T=cfg.block_rows, BLOCK_P=cfg.block_cols, BLOCK_R=rank_block(R), INT64=int64,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -22,8 +22,8 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from fastlora.kernels import configs
-from fastlora.kernels.gemm import _lora_gemm_kernel
-from fastlora.kernels.passes import _reduce_kernel, _xa_kernel
+from fastlora.kernels.gemm import lora_gemm_kernel
+from fastlora.kernels.passes import reduce_kernel, xa_kernel
 
 _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 # float32 dots compile with torch's default matmul precision ("highest": IEEE products); the
@@ -144,7 +144,7 @@ def gemm_job(item) -> dict:
                      **({"stride_wn": 1, "stride_vn": 1} if grad_input
                         else {"stride_wk": 1, "stride_vr": 1}))
         const = {k: v for k, v in const.items() if k not in types}
-        c = compile_kernel(_lora_gemm_kernel, types, const, cap, cfg.num_warps, cfg.num_stages)
+        c = compile_kernel(lora_gemm_kernel, types, const, cap, cfg.num_warps, cfg.num_stages)
         out[form] = dict(wgmma="wgmma" in c.ptx, tma="cp.async.bulk.tensor" in c.ptx,
                          shared=c.shared, registers=c.registers, spills=c.spill_bytes)
     return out
@@ -177,7 +177,7 @@ def pass_job(item) -> dict:
             types["SEED"] = "*i64"
         else:
             const["SEED"] = None
-        c = compile_kernel(_xa_kernel, types, const, cap, cfg.num_warps, cfg.num_stages)
+        c = compile_kernel(xa_kernel, types, const, cap, cfg.num_warps, cfg.num_stages)
         out["xa_dropout" if dropout else "xa"] = dict(shared=c.shared, registers=c.registers,
                                                      spills=c.spill_bytes)
         return out
@@ -188,12 +188,12 @@ def pass_job(item) -> dict:
                      HAS_DROPOUT=drop, REDUCE=has_c, RANK_OUT=has_z, EXPAND_OUT=has_o,
                      ACC_DTYPE=acc, PRECISION=prec)
         for name, on, ty in (("C", has_c, f"*{a}"), ("Z", has_z, f"*{a}"), ("E", has_z, f"*{t}"),
-                             ("O", has_o, f"*{t}"), ("F", has_o, f"*{t}"), ("SEED", drop, "*i64")):
+                             ("OUT", has_o, f"*{t}"), ("F", has_o, f"*{t}"), ("SEED", drop, "*i64")):
             if on:
                 types[name] = ty
             else:
                 const[name] = None
-        c = compile_kernel(_reduce_kernel, types, const, cap, cfg.num_warps, cfg.num_stages)
+        c = compile_kernel(reduce_kernel, types, const, cap, cfg.num_warps, cfg.num_stages)
         out[form] = dict(shared=c.shared, registers=c.registers, spills=c.spill_bytes)
     return out
 
@@ -211,10 +211,10 @@ def _problems():
 def production_gemm_configs() -> list:
     """Unique (config, R-block, dtype, capability, dropout epilogue) the GEMM config function gives."""
     seen = {}
-    for info, dtype, M, N, K, R in _problems():
+    for info, dtype, M, _N, _K, R in _problems():
         block_r = configs.rank_block(R)
         for grad_input, dropout in ((False, False), (True, False), (True, True)):
-            cfg = configs._gpu_gemm_config(configs.bucket(M), block_r, dtype, info, grad_input, dropout)
+            cfg = configs.gpu_gemm_config(configs.bucket(M), block_r, dtype, info, grad_input, dropout)
             seen.setdefault((cfg, block_r, dtype, info.capability[0] * 10 + info.capability[1],
                              dropout), None)
     return list(seen)
@@ -228,18 +228,18 @@ def production_pass_configs() -> list:
         block_r = configs.rank_block(R)
         cap = info.capability[0] * 10 + info.capability[1]
 
-        def add(kind, cfg, flags):
+        def add(kind, cfg, flags, block_r=block_r, dtype=dtype, cap=cap):
             cfg = configs.PassConfig(cfg.block_rows, cfg.block_cols, 1, cfg.num_warps, cfg.num_stages)
             seen.setdefault((kind, cfg, block_r, dtype, cap, flags), None)
 
         for dropout in (False, True):
-            add("xa", configs._gpu_xa_config(configs.bucket(M), K, block_r, dtype, info, dropout),
+            add("xa", configs.gpu_xa_config(configs.bucket(M), K, block_r, dtype, info, dropout),
                 (dropout, False, False))
         # the dY pass reads dY [M, N]; the x pass reads x [M, K], with or without dx0 and dropout
         flag_sets = [(N, (False, False, True))] + [(K, (d, e, False)) for d in (False, True)
                                                    for e in (False, True)]
         for P, flags in flag_sets:
-            add("reduce", configs._gpu_reduce_config(configs.bucket(M), P, block_r, dtype, info,
+            add("reduce", configs.gpu_reduce_config(configs.bucket(M), P, block_r, dtype, info,
                                                      *flags), flags)
     return list(seen)
 

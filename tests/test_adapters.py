@@ -249,13 +249,15 @@ def test_a_dtype_mismatch_is_refused_naming_the_tensor(tmp_path):
 
 def test_unknown_and_missing_keys_are_errors(tmp_path):
     refused(tmp_path, lambda s: s.update({"base_model.model.blocks.0.extra.weight": torch.zeros(1)}),
-            ValueError, r"holds 1 tensor\(s\) the model has no place for, first 'base_model.model.blocks.0.extra.weight'")
+            ValueError,
+            r"holds 1 tensor\(s\) the model has no place for, first 'base_model.model.blocks.0.extra.weight'")
     refused(tmp_path, lambda s: s.pop("base_model.model.blocks.0.v_proj.lora_A.weight"),
-            ValueError, r"lacks 1 tensor\(s\) the model needs, first 'base_model.model.blocks.0.v_proj.lora_A.weight'")
+            ValueError,
+            r"lacks 1 tensor\(s\) the model needs, first 'base_model.model.blocks.0.v_proj.lora_A.weight'")
     # the model's own LoRA layers must all be covered too
     model = fastlora.apply_lora(Net(), ["q_proj", "v_proj", "out_proj"], r=4, alpha=8)
-    refused(tmp_path, lambda s: None, ValueError, "lacks 4 tensor.*first 'base_model.model.blocks.0.out_proj.lora_A.weight'",
-            model=model)
+    refused(tmp_path, lambda s: None, ValueError,
+            "lacks 4 tensor.*first 'base_model.model.blocks.0.out_proj.lora_A.weight'", model=model)
 
 
 def test_a_different_scaling_is_refused(tmp_path):
@@ -326,7 +328,8 @@ def test_a_huge_rank_with_rslora_is_a_scaling_mismatch_not_an_overflow(tmp_path)
     config = json.loads(config_file.read_text())
     config_file.write_text(json.dumps({**config, "r": 10 ** 400, "use_rslora": True}))
     model = fastlora.apply_lora(Net(), ["q_proj", "v_proj"], r=4, alpha=8, use_rslora=True)
-    with pytest.raises(ValueError, match=r"layer 'blocks.0.q_proj' has r=4, .* but the adapter was trained with r=1000"):
+    with pytest.raises(ValueError,
+                       match=r"layer 'blocks.0.q_proj' has r=4, .* but the adapter was trained with r=1000"):
         fastlora.load_adapter(model, tmp_path)
 
 

@@ -57,7 +57,8 @@ def test_bench_reports_a_wrong_provider_instead_of_timing_it(monkeypatch, tmp_pa
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 BAD_ARGS = [
-    (["bench", "--shape", "a,b,c"], "fastlora bench: error: argument --shape: expected M,IN,OUT (three positive ints), got 'a,b,c'"),
+    (["bench", "--shape", "a,b,c"],
+     "fastlora bench: error: argument --shape: expected M,IN,OUT (three positive ints), got 'a,b,c'"),
     (["bench", "--shape", "64,32"], "argument --shape: expected M,IN,OUT (three positive ints), got '64,32'"),
     (["bench", "--shape", "0,32,32"], "argument --shape: expected M,IN,OUT"),
     (["bench", "--rounds", "0"], "fastlora bench: error: argument --rounds: must be a positive int, got '0'"),
@@ -144,6 +145,7 @@ def test_check_exits_nonzero_on_a_failure_or_a_crash(monkeypatch, capsys):
     assert any(line.split()[1:] == ["y", "1", "0.5", "FAIL"] for line in out.splitlines())
 
 
+@pytest.mark.slow
 def test_demo_and_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "fastlora", "--steps", "3"], capture_output=True,
                          text=True, timeout=300)

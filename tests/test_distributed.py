@@ -29,6 +29,7 @@ def _single_process(backend):
     return grads, dist_worker.adapter_state(model.state_dict())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_two_processes_match_one(mode, backend, tmp_path):
@@ -56,7 +57,7 @@ def test_two_processes_match_one(mode, backend, tmp_path):
         assert all("lora_" in name for name in result["with_grad"])  # the frozen base got none
         for name, g in grads.items():
             torch.testing.assert_close(result["grads"][name], g, rtol=1e-12, atol=1e-14,
-                                       msg=lambda m: f"rank {r} {name}: {m}")
+                                       msg=lambda m, r=r, name=name: f"rank {r} {name}: {m}")
     saved = ranks[0]["adapter"]
     assert sorted(saved) == sorted(adapter)
     assert len(saved) == 4  # lora_A and lora_B of both layers

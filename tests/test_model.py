@@ -183,7 +183,8 @@ def test_merge_refuses_a_non_finite_result_and_undoes_the_layers_before():
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         model.blocks[1].q_proj.lora_B.fill_(6e4)  # fp16 overflows to inf
-    with pytest.raises(ValueError, match=r"merge: layer 'blocks.1.q_proj': .*W \+ s B A is not finite in torch.float16"):
+    with pytest.raises(ValueError,
+                       match=r"merge: layer 'blocks.1.q_proj': .*W \+ s B A is not finite in torch.float16"):
         fastlora.merge(model)
     assert not model.blocks[0].q_proj.merged and not model.blocks[1].q_proj.merged
     for n, p in model.named_parameters():
@@ -238,7 +239,8 @@ def tied(model, *pairs):
 
 @pytest.mark.parametrize("how", ["merge", "merge_and_unload"])
 @pytest.mark.parametrize("targets,pair,match", [
-    (["q_proj"], ("blocks.0.q_proj", "blocks.1.q_proj"), r"'blocks.0.q_proj' shares its weight with blocks.1.q_proj.weight"),
+    (["q_proj"], ("blocks.0.q_proj", "blocks.1.q_proj"),
+     r"'blocks.0.q_proj' shares its weight with blocks.1.q_proj.weight"),
     (["lm_head"], ("embed", "lm_head"), r"'lm_head' shares its weight with embed.weight"),
 ], ids=["two-lora-layers", "lora-layer-and-embedding"])
 def test_merge_refuses_tied_weights_before_changing_anything(how, targets, pair, match):

@@ -40,3 +40,15 @@ def test_triton_is_not_a_base_dependency():
     meta = project()
     assert not [d for d in meta["dependencies"] if re.match(r"triton\b", d)]
     assert [d for d in meta["optional-dependencies"]["test"] if re.match(r"triton\b", d)]
+
+
+def test_the_version_has_one_source():
+    """pyproject takes the version from fastlora/__init__.py, and the installed metadata agrees."""
+    import importlib.metadata
+
+    import fastlora
+    meta = project()
+    assert "version" not in meta and "version" in meta["dynamic"]
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["dynamic"]
+    assert tool["version"] == {"attr": "fastlora.__version__"}
+    assert importlib.metadata.version(DIST) == fastlora.__version__

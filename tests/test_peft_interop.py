@@ -243,7 +243,8 @@ def test_copies_stay_fused_on_their_own_parameters(fused_calls):
 def test_errors():
     with pytest.raises(ValueError, match="has no PEFT LoRA layers"):
         fastlora.from_peft(tiny_llama())
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'fused', 'split', 'torch'\), got 'cuda'"):
+    with pytest.raises(ValueError,
+                       match=r"backend must be one of \('auto', 'triton', 'fused', 'split', 'torch'\), got 'cuda'"):
         fastlora.from_peft(peft_twin(tiny_llama()), backend="cuda")
     with pytest.raises(TypeError, match="from_peft: peft_model must be a torch.nn.Module, got str"):
         fastlora.from_peft("model")

@@ -86,6 +86,7 @@ def cases(draw):
 _EXPLORE = int(os.environ.get("FASTLORA_EXPLORE", "0"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ROUTES)
 @settings(max_examples=_EXPLORE or 40, derandomize=not _EXPLORE, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow], print_blob=True)
@@ -109,6 +110,7 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads RSS from /proc")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_500_steps_no_memory_growth_no_leak_into_frozen_weight(backend):

@@ -89,7 +89,7 @@ def _count_launches(monkeypatch):
     """Triton kernel launches, by kernel name."""
     from fastlora.kernels import gemm, passes
     launches = []
-    for module, name in ((gemm, "_lora_gemm_kernel"), (passes, "_xa_kernel"), (passes, "_reduce_kernel")):
+    for module, name in ((gemm, "lora_gemm_kernel"), (passes, "xa_kernel"), (passes, "reduce_kernel")):
         kernel = getattr(module, name)
 
         class Counting:
@@ -103,8 +103,8 @@ def _count_launches(monkeypatch):
 
 
 @pytest.mark.parametrize("backend,fwd,bwd", [
-    ("fused", ["_lora_gemm_kernel"], ["_reduce_kernel", "_lora_gemm_kernel", "_reduce_kernel"]),
-    ("split", ["_xa_kernel"], ["_reduce_kernel", "_reduce_kernel"]),
+    ("fused", ["lora_gemm_kernel"], ["reduce_kernel", "lora_gemm_kernel", "reduce_kernel"]),
+    ("split", ["xa_kernel"], ["reduce_kernel", "reduce_kernel"]),
 ])
 def test_kernel_launches_of_a_training_step(backend, fwd, bwd, monkeypatch):
     """A step's Triton launches: fused forward 1 (x A^T in the GEMM's loop); its backward 3 (the
