@@ -243,6 +243,7 @@ def gpu_reduce_config(T: int, P: int, block_r: int, dtype: torch.dtype, info: De
             n += 4 * bt * bp                                      # Philox state per element
         if dora:
             n += bt * bp * (w + acc) + 2 * bp * acc               # the y tile and its product, g, b
+            n += bp * block_r * w if rank_out else 0              # E's low part
         return n / threads
 
     block_p = 128

@@ -3,8 +3,8 @@
 * ``xa_pass``: xa = drop(x) A^T, one pass over x by row blocks (and, for DoRA's norm, W A^T
   with ||W_n||^2 from one pass over W);
 * ``dy_pass``: dY B and dB = s dY^T xa together, one pass over dY; for DoRA (``dora_dy_pass``) the
-  same pass reads dY' = g o dY where dY is read, writes dY' for the dX product and reduces
-  sum over rows of dY o (y - b) for the magnitude's gradient;
+  same pass gives them for dY' = g o dY, writes dY' for the dX product and reduces sum over rows of
+  dY o (y - b) for the magnitude's gradient;
 * ``x_pass``:  dA = s (dY B)^T drop(x) and, if asked, dx0 = s D o ((dY B) A) (the low-rank part
   of dX, which cuBLAS then accumulates onto), one pass over x with one mask draw for both.
 
@@ -83,8 +83,8 @@ def xa_kernel(
     "HAS_DROPOUT": lambda a: a["SEED"] is not None,
     "REDUCE": lambda a: a["C"] is not None,
     "RANK_OUT": lambda a: a["Z"] is not None,
+    "SPLIT_E": lambda a: a["E_LO"] is not None,
     "EXPAND_OUT": lambda a: a["OUT"] is not None,
-    "COL_SCALE": lambda a: a["G"] is not None,
     "SCALED_OUT": lambda a: a["LG"] is not None,
     "COL_DOT": lambda a: a["DM"] is not None,
     "HAS_SHIFT": lambda a: a["SH"] is not None,
@@ -93,26 +93,26 @@ def xa_kernel(
 })
 @triton.jit(do_not_specialize=["T"])
 def reduce_kernel(
-    L, S, E, F, C, Z, OUT, SEED, G, LG, Y, SH, DM,
+    L, S, E, E_LO, F, C, Z, OUT, SEED, G, LG, Y, SH, DM,
     T, P, R, stride_lt,
     c_scale: "fp64", o_scale: "fp64", dropout_p: "fp64",
     BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, INT64: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, REDUCE: tl.constexpr, RANK_OUT: tl.constexpr,
-    EXPAND_OUT: tl.constexpr, COL_SCALE: tl.constexpr, SCALED_OUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, REDUCE: tl.constexpr, RANK_OUT: tl.constexpr, SPLIT_E: tl.constexpr,
+    EXPAND_OUT: tl.constexpr, SCALED_OUT: tl.constexpr,
     COL_DOT: tl.constexpr, HAS_SHIFT: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Over the rows of L [T, P]; program (i_p, c) owns BLOCK_P columns and the c-th chunk of rows:
 
-        C[c]   = c_scale * drop(Lg)^T S             [P, R], the chunk's rows reduced (REDUCE)
-        Z[i_p] = Lg[:, cols] E[cols]                 [T, R], one partial per column block (RANK_OUT)
+        C[c]   = c_scale * drop(L)^T S              [P, R], the chunk's rows reduced (REDUCE)
+        Z[i_p] = L[:, cols] (E + E_LO)[cols]         [T, R], one partial per column block (RANK_OUT;
+                                                     E_LO, when given, what E's rounding dropped)
         OUT      = o_scale * D o (S F[:, cols])        [T, P]  (EXPAND_OUT)
-        LG       = Lg                                  [T, P]  (SCALED_OUT)
+        LG       = G o L                               [T, P], column p scaled by G[p] (SCALED_OUT)
         DM[c]  = sum over the chunk's rows of L o (Y - SH)   [P]  (COL_DOT)
 
-    with Lg = G o L (each column p scaled by G[p], rounded to L's dtype; COL_SCALE), else L. S [T, R],
-    E [P, R], F [R, P], C [SPLITS, P, R], Z [P_BLOCKS, T, R], OUT, LG and Y [T, P], G, SH [P] and
-    DM [SPLITS, P] contiguous; D is the dropout mask of element (t, p) of L, which is x under
-    dropout. (DoRA's dY pass: L = dY, G = g, Y = y, SH = bias.)
+    S [T, R], E, E_LO [P, R], F [R, P], C [SPLITS, P, R], Z [P_BLOCKS, T, R], OUT, LG and Y [T, P], G, SH
+    [P] and DM [SPLITS, P] contiguous; D is the dropout mask of element (t, p) of L, which is x
+    under dropout. (DoRA's dY pass: L = dY, G = g, Y = y, SH = bias.)
     """
     i_p = tl.program_id(0)
     i_c = tl.program_id(1)
@@ -129,13 +129,16 @@ def reduce_kernel(
     if HAS_DROPOUT:
         seed = tl.load(SEED)
         p = tl.full((1, 1), dropout_p, tl.float32)
+    if SPLIT_E:
+        b_e_lo = tl.load(E_LO + op[:, None] * R + o_r[None, :], mask=m_p[:, None] & m_r[None, :],
+                         other=0.0).to(DOT_DTYPE)                                        # [BP, BR]
     if RANK_OUT:
         b_e = tl.load(E + op[:, None] * R + o_r[None, :], mask=m_p[:, None] & m_r[None, :],
                       other=0.0).to(DOT_DTYPE)                                           # [BP, BR]
     if EXPAND_OUT:
         b_f = tl.load(F + o_r[:, None] * P + op[None, :], mask=m_r[:, None] & m_p[None, :],
                       other=0.0).to(DOT_DTYPE)                                           # [BR, BP]
-    if COL_SCALE:
+    if SCALED_OUT:
         b_g = tl.load(G + op, mask=m_p, other=0.0).to(ACC_DTYPE)                        # [BP]
     if COL_DOT:
         acc_dm = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
@@ -159,12 +162,13 @@ def reduce_kernel(
                 if HAS_SHIFT:
                     b_y = b_y - b_sh[None, :]
                 acc_dm += tl.sum(b_l.to(ACC_DTYPE) * b_y, axis=0)
-            if COL_SCALE:
-                b_l = (b_l.to(ACC_DTYPE) * b_g[None, :]).to(DOT_DTYPE)
             if SCALED_OUT:
-                tl.store(LG + ot[:, None] * P + op[None, :], b_l, mask=m_tp)
+                b_lg = (b_l.to(ACC_DTYPE) * b_g[None, :]).to(LG.dtype.element_ty)
+                tl.store(LG + ot[:, None] * P + op[None, :], b_lg, mask=m_tp)
             if RANK_OUT:
                 b_z = tl.dot(b_l, b_e, input_precision=PRECISION, out_dtype=ACC_DTYPE)  # [BT, BR]
+                if SPLIT_E:
+                    b_z = tl.dot(b_l, b_e_lo, b_z, input_precision=PRECISION, out_dtype=ACC_DTYPE)
                 p_z = Z + i_p * T * R + ot[:, None] * R + o_r[None, :]
                 tl.store(p_z, b_z.to(Z.dtype.element_ty), mask=m_t[:, None] & m_r[None, :])
             if REDUCE:
@@ -183,6 +187,15 @@ def reduce_kernel(
         tl.store(p_c, acc.to(C.dtype.element_ty), mask=m_p[:, None] & m_r[None, :])
     if COL_DOT:
         tl.store(DM + i_c * P + op, acc_dm, mask=m_p)
+
+
+def split_in(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hi, lo) in ``dtype`` with hi + lo = t to about twice dtype's precision (lo None when t's
+    dtype is already ``dtype``): a product with t in ``dtype``'s dots as two products."""
+    if t.dtype == dtype:
+        return t.contiguous(), None
+    hi = t.to(dtype)
+    return hi, (t - hi.to(t.dtype)).to(dtype)
 
 
 def _fixed_order_sum(parts: torch.Tensor) -> torch.Tensor:
@@ -227,10 +240,10 @@ def _xa(x, a, dropout, sum_sq: bool, config):
 
 
 def _reduce(big, s, e, f, scaling, dropout, *, reduce: bool, rank_out: bool, expand_out: bool,
-            out_dtype, config, scale=None, scaled_out: bool = False, y=None, shift=None):
+            out_dtype, config, e_lo=None, scale=None, scaled_out: bool = False, y=None, shift=None):
     """Launch ``reduce_kernel``; returns (C summed [P, R] | None, Z summed [T, R] | None, OUT | None,
-    LG | None, DM summed [P] | None). ``scale`` (G), ``scaled_out`` (LG), ``y`` and ``shift`` (DM):
-    DoRA's dY pass."""
+    LG | None, DM summed [P] | None). ``e_lo``, ``scale`` (G), ``scaled_out`` (LG), ``y`` and
+    ``shift`` (DM): DoRA's dY pass."""
     T, P = big.shape
     R = (s if s is not None else e).shape[1] if (s is not None or e is not None) else 1
     acc = acc_dtype(big.dtype)
@@ -247,7 +260,7 @@ def _reduce(big, s, e, f, scaling, dropout, *, reduce: bool, rank_out: bool, exp
     keep_scale = 1.0 / (1.0 - p)
     int64 = needs_int64(max_offset(big), T * P, p_blocks * T * R, cfg.splits * P * R)
     reduce_kernel[(p_blocks, cfg.splits)](
-        big, s, e, f, c, z, o, seed, scale, lg, y, shift, dm, T, P, R, big.stride(0),
+        big, s, e, e_lo, f, c, z, o, seed, scale, lg, y, shift, dm, T, P, R, big.stride(0),
         float(scaling) * keep_scale, float(scaling) * keep_scale, float(p),
         BLOCK_T=cfg.block_rows, BLOCK_P=cfg.block_cols, BLOCK_R=rank_block(R), INT64=int64,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -282,13 +295,15 @@ def dora_dy_pass(dy: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, scaling: f
                  need_dyb: bool = True, need_db: bool = True, need_scaled: bool = True,
                  need_dm: bool = True, config: PassConfig | None = None):
     """DoRA's dY pass, one read of dy [M, N] (and of out [M, N] for dm), with dY' = scale o dy
-    (scale [N], each element rounded to dy's dtype):
+    (scale [N], accumulator dtype):
 
         (dY' b [M, R], scaling * dY'^T xa [N, R], dY' [M, N] in dy's dtype,
          sum over rows of dy o (out - shift) [N])
 
     dyb, db and the sum in the accumulator dtype; out [M, N] (y, or DoRA's v under dropout),
-    shift [N] (the bias) or None. What is not needed is neither computed nor returned (None)."""
+    shift [N] (the bias) or None. The products take g on their small side, dY' b = dy (g o b) and
+    dY'^T xa = g o (dy^T xa), so dy is rounded only where dY' is written (for the dX product). What
+    is not needed is neither computed nor returned (None)."""
     check_device(dy, xa, b, scale, out, shift)
     M, N = dy.shape
     R = b.shape[1]
@@ -300,13 +315,17 @@ def dora_dy_pass(dy: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, scaling: f
                 torch.zeros(N, device=dy.device, dtype=acc) if need_dm else None)
     if dy.stride(1) != 1:
         dy = dy.contiguous()
+    g = scale.to(acc).contiguous()
+    bg_hi = bg_lo = None
+    if need_dyb:
+        bg_hi, bg_lo = split_in(b.to(acc) * g[:, None], dy.dtype)
     db, dyb, _, scaled, dm = _reduce(
-        dy, xa.contiguous() if need_db else None, b.contiguous() if need_dyb else None, None, scaling,
-        None, reduce=need_db, rank_out=need_dyb, expand_out=False, out_dtype=None, config=config,
-        scale=scale.contiguous() if (need_dyb or need_db or need_scaled) else None,
-        scaled_out=need_scaled, y=out.contiguous() if need_dm else None,
+        dy, xa.contiguous() if need_db else None, bg_hi, None, scaling, None, reduce=need_db,
+        rank_out=need_dyb, expand_out=False, out_dtype=None, config=config, e_lo=bg_lo,
+        scale=g if need_scaled else None, scaled_out=need_scaled,
+        y=out.contiguous() if need_dm else None,
         shift=shift.contiguous() if need_dm and shift is not None else None)
-    return dyb, db, scaled, dm
+    return dyb, (db.mul_(g[:, None]) if need_db else None), scaled, dm
 
 
 def x_pass(x: torch.Tensor, dyb: torch.Tensor, a: torch.Tensor, scaling: float, *,
