@@ -242,8 +242,9 @@ def gpu_reduce_config(T: int, P: int, block_r: int, dtype: torch.dtype, info: De
         if dropout:
             n += 4 * bt * bp                                      # Philox state per element
         if dora:
-            n += bt * bp * (w + acc) + 2 * bp * acc               # the y tile and its product, g, b
-            n += bp * block_r * w if rank_out else 0              # E's low part
+            # the y tile, the scaled dY' tile and their float32 products; g, b and dm's sums;
+            # E's low part (what ptxas reported for these tiles: tests/aot.py)
+            n += bt * bp * (w + 2 * acc) + 3 * bp * acc + (bp * block_r * w if rank_out else 0)
         return n / threads
 
     block_p = 128
