@@ -3,9 +3,10 @@
     y = x W^T + b + s * (dropout(x) A^T) B^T
 
 and DoRA (``magnitude=`` / ``use_dora=True``: each output feature of W + s B A rescaled to a trained
-length; docs/dora.md). Triton kernels on CUDA (one pass over x and W forward, a hand-written backward), plain PyTorch
-elsewhere. ``import fastlora`` does not need triton; the adapter files need safetensors and
-``from_peft`` needs peft (from a checkout: ``pip install -e ".[peft]"``), imported when called.
+length; docs/dora.md). Triton kernels on CUDA (one pass over x and W forward, a hand-written
+backward), plain PyTorch elsewhere. ``import fastlora`` does not need triton; the adapter files need
+safetensors and ``from_peft`` needs peft (from a checkout: ``pip install -e ".[peft]"``), imported
+when called.
 """
 from .modules import LoRALinear, ParameterCount, count_parameters
 from .functional import lora_linear
