@@ -8,8 +8,8 @@ GEMM instead of a memory-bound rank-r update re-reading and re-writing all of y 
 
 Problems of at most ``AUTOGRAD_FROM`` multiply-adds (M K N) are bound by host time, not by the
 products: there eager calls run ``autograd_forward``, the same forward ops recorded by PyTorch's
-autograd, whose C++ nodes compute the same backward without the Python of a hand-written one
-(benchmarks/NOTES.md: 0.72x the time at 64x64x64, 1.02x at 256x1024x1024, on the 2-core CPU).
+autograd, whose C++ nodes compute the same backward without the Python of a hand-written one (the
+crossover, measured by benchmarks/cpu_host.py: benchmarks/NOTES.md).
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from .routes import Dropout, Grads, Needs, acc_dtype
 
 def _draw_keep(seed: int, p: float, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Keep each element with probability 1 - p, from ``seed``. On the CPU from numpy's PCG64, 32
-    bits an element (two from each 64-bit draw), about three times faster than torch's CPU ``rand``
-    (benchmarks/NOTES.md); on other devices torch's generator for the device."""
+    bits an element (two from each 64-bit draw), faster than torch's CPU ``rand`` (README's CPU
+    section has the measurement); on other devices torch's generator for the device."""
     if device.type == "cpu":
         import numpy as np  # only the CPU's dropout draws with it
 

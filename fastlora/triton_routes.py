@@ -26,8 +26,10 @@ def _seed_p(dropout: Dropout | None):
     return None if dropout is None else (dropout.seed, dropout.p)
 
 
-class FusedRoute:
-    name = "fused"
+class _KernelRoute:
+    """What the Triton routes share: the kernels module, and xa kept in the accumulator dtype."""
+
+    name = ""
 
     def __init__(self, kernels):
         self.k = kernels
@@ -35,6 +37,10 @@ class FusedRoute:
     @staticmethod
     def xa_dtype(dtype):
         return acc_dtype(dtype)
+
+
+class FusedRoute(_KernelRoute):
+    name = "fused"
 
     def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout, *, gemm=None):
         k = self.k
@@ -65,15 +71,8 @@ class FusedRoute:
         return Grads(dx, da, db)
 
 
-class SplitRoute:
+class SplitRoute(_KernelRoute):
     name = "split"
-
-    def __init__(self, kernels):
-        self.k = kernels
-
-    @staticmethod
-    def xa_dtype(dtype):
-        return acc_dtype(dtype)
 
     def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout, **_):
         xa = self.k.xa_pass(x, lora_A, dropout=_seed_p(dropout))

@@ -4,11 +4,11 @@ Launchers (what fastlora's routes call): ``lora_gemm`` (the fused GEMM, forward 
 ``xa_pass``, ``dy_pass``, ``x_pass`` (the memory-bound rank-r passes), ``dropout_mask``.
 """
 from .common import INTERPRETED
-from .configs import (MAX_RANK, DeviceInfo, GemmConfig, PassConfig, device_info, gemm_config,
+from .configs import (MAX_RANK, TUNED_RANK, DeviceInfo, GemmConfig, PassConfig, device_info, gemm_config,
                       rank_block, reduce_config, xa_config)
 from .gemm import lora_gemm
 from .passes import dropout_mask, dy_pass, x_pass, xa_pass
 
-__all__ = ["INTERPRETED", "MAX_RANK", "DeviceInfo", "GemmConfig", "PassConfig", "device_info",
+__all__ = ["INTERPRETED", "MAX_RANK", "TUNED_RANK", "DeviceInfo", "GemmConfig", "PassConfig", "device_info",
            "gemm_config", "rank_block", "reduce_config", "xa_config", "lora_gemm", "xa_pass",
            "dy_pass", "x_pass", "dropout_mask"]
