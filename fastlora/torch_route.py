@@ -55,7 +55,7 @@ def addmm_scaled(base: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, al
 
 
 # M * K * N up to which eager calls take ``autograd_forward`` (the crossover measured on the CPU).
-AUTOGRAD_FROM = 2**27
+AUTOGRAD_FROM = 2**26
 
 
 class TorchRoute:
@@ -73,7 +73,7 @@ class TorchRoute:
         is drawn once and kept by autograd, with drop(x): small problems only)."""
         xa = torch.nn.functional.linear(self._drop(x, dropout), as_dtype(lora_A, x.dtype))
         y = addmm_scaled(bias, xa, as_dtype(lora_B, x.dtype).T, scaling)
-        return y.addmm_(x, weight.T)
+        return torch.addmm(y, x, weight.T)  # out of place: autograd's in-place bookkeeping costs more
 
     @staticmethod
     def xa_dtype(dtype: torch.dtype) -> torch.dtype:
