@@ -465,23 +465,31 @@ def format_table(rows: list[Row], env: dict) -> str:
     dora = any(r.provider in DORA_PROVIDERS for r in rows)
     cols = ["shape", "r", "dtype", "mode", "provider", "ms", "p20-p80", "x base", "x peft",
             *(["x lora"] if dora else []), "TFLOP/s", "+MB", "status"]
-    lines = []
-    for r in rows:
-        lines.append([r.shape, str(r.rank), r.dtype, r.mode, r.provider, _f(r.ms, ".4g"),
-                      f"{_f(r.ms_p20, '.4g')}-{_f(r.ms_p80, '.4g')}", _f(r.ratio_to_base, ".3f"),
-                      _f(r.speedup_over_peft, ".2f"), *([_f(r.ratio_to_lora, ".3f")] if dora else []),
-                      _f(r.tflops, ".3g"), _f(r.mem_over_base_mb, ".1f"),
-                      r.status + (f" ({r.note})" if r.note and r.status != "ok" else "")])
+    lines = [[r.shape, str(r.rank), r.dtype, r.mode, r.provider, fmt_number(r.ms, ".4g"),
+              f"{fmt_number(r.ms_p20, '.4g')}-{fmt_number(r.ms_p80, '.4g')}",
+              fmt_number(r.ratio_to_base, ".3f"), fmt_number(r.speedup_over_peft, ".2f"),
+              *([fmt_number(r.ratio_to_lora, ".3f")] if dora else []),
+              fmt_number(r.tflops, ".3g"), fmt_number(r.mem_over_base_mb, ".1f"),
+              r.status + (f" ({r.note})" if r.note and r.status != "ok" else "")] for r in rows]
+    return text_table(head, cols, lines)
+
+
+def text_table(head: str, cols: list[str], lines: list[list[str]]) -> str:
+    """``head``, then the columns right-aligned (the last left-aligned) under a rule."""
     widths = [max(len(c), *(len(line[i]) for line in lines)) if lines else len(c) for i, c in enumerate(cols)]
-    fmt = lambda vals: "  ".join(v.rjust(w) if i < len(vals) - 1 else v for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
+
+    def fmt(vals):
+        return "  ".join(v.rjust(w) if i < len(vals) - 1 else v for i, (v, w) in enumerate(zip(vals, widths)))
     return "\n".join([head, fmt(cols), fmt(["-" * w for w in widths]), *(fmt(line) for line in lines)])
 
 
-def _f(v: float, spec: str) -> str:
+def fmt_number(v: float, spec: str) -> str:
+    """``v`` formatted, or "-" when it was not measured (NaN)."""
     return "-" if v is None or math.isnan(v) else format(v, spec)
 
 
-def write_json(path: str, rows: list[Row], env: dict) -> None:
+def write_json(path: str, rows: list, env: dict) -> None:
+    """``{"environment": env, "rows": [...]}``, rows being dataclasses; NaN written as null."""
     with open(path, "w") as f:
         json.dump({"environment": env, "rows": [_jsonable(dataclasses.asdict(r)) for r in rows]}, f, indent=1)
 
@@ -490,10 +498,11 @@ def _jsonable(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
-def write_csv(path: str, rows: list[Row], env: dict) -> None:
+def write_csv(path: str, rows: list, env: dict) -> None:
+    """One line per row (dataclasses of one type), the environment repeated on each."""
     import csv
 
-    fields = [f.name for f in dataclasses.fields(Row)] + list(env)
+    fields = [f.name for f in dataclasses.fields(rows[0])] + list(env) if rows else list(env)
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()

@@ -18,14 +18,13 @@ time over fastlora's (``x lora``) and its peak memory are reported. Timing as th
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
 
 import torch
 
-from .bench import sample_stats
+from .bench import fmt_number, sample_stats, text_table
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROVIDERS = ("floor", "peft", "fastlora", "fastlora-from-peft", "fastlora-dora", "peft-dora")
@@ -185,25 +184,13 @@ def format_table(rows: list[ModelRow], env: dict) -> str:
     dora = any(r.provider in DORA_PROVIDERS for r in rows)
     cols = ["model", "layers", "tokens", "r", "dtype", "provider", "ms", "p20-p80", "tokens/s",
             "x floor", "x peft", *(["x lora"] if dora else []), "peak MB", "status"]
-    lines = [[r.model, str(r.layers), str(r.tokens), str(r.rank), r.dtype, r.provider, _f(r.ms, ".4g"),
-              f"{_f(r.ms_p20, '.4g')}-{_f(r.ms_p80, '.4g')}", _f(r.tokens_per_s, ".4g"),
-              _f(r.ratio_to_floor, ".3f"), _f(r.speedup_over_peft, ".2f"),
-              *([_f(r.ratio_to_lora, ".3f")] if dora else []), _f(r.peak_mb, ".0f"),
+    lines = [[r.model, str(r.layers), str(r.tokens), str(r.rank), r.dtype, r.provider,
+              fmt_number(r.ms, ".4g"), f"{fmt_number(r.ms_p20, '.4g')}-{fmt_number(r.ms_p80, '.4g')}",
+              fmt_number(r.tokens_per_s, ".4g"), fmt_number(r.ratio_to_floor, ".3f"),
+              fmt_number(r.speedup_over_peft, ".2f"), *([fmt_number(r.ratio_to_lora, ".3f")] if dora else []),
+              fmt_number(r.peak_mb, ".0f"),
               r.status + (f" ({r.note})" if r.note else "")] for r in rows]
-    widths = [max(len(c), *(len(line[i]) for line in lines)) if lines else len(c) for i, c in enumerate(cols)]
-
-    def fmt(vals):
-        return "  ".join(v.rjust(w) if i < len(vals) - 1 else v for i, (v, w) in enumerate(zip(vals, widths)))
-    return "\n".join([head, fmt(cols), fmt(["-" * w for w in widths]), *(fmt(line) for line in lines)])
-
-
-def _f(v: float, spec: str) -> str:
-    return "-" if v is None or math.isnan(v) else format(v, spec)
-
-
-def as_dicts(rows: list[ModelRow]) -> list[dict]:
-    return [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-             for k, v in dataclasses.asdict(r).items()} for r in rows]
+    return text_table(head, cols, lines)
 
 
 def plot(path: str, rows: list[ModelRow]):

@@ -66,75 +66,47 @@ DORA_CUDA_ROUNDS = 5
 
 def bench(args) -> int:
     from . import bench as B
+    from . import bench_model as BM
 
     device = _device(args.device)
     cuda = device.type == "cuda"
     dtype = B.DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
-    if args.model:
-        return bench_model(args, device, dtype)
-    if args.shape:
-        shapes = args.shape
-    else:
-        preset = args.preset or ("llama" if cuda else "small")
-        ms = args.M or ([1, 16, 256, 2048, 8192] if cuda else [256, 2048])
-        shapes = [(m, k, n) for k, n in B.PRESETS[preset] for m in ms]
-    ranks = args.rank or [16]
-    modes = args.mode or (["fwd", "full"])
-    if args.dora:
-        providers = args.providers or list(B.DORA_DEFAULT)
-    else:
-        providers = args.providers or (["base", "reference", "peft", *B.FASTLORA_BACKENDS] if cuda
-                                       else ["base", "reference", "peft", "fastlora"])
     progress = B.progress_printer() if not args.quiet else None
-    rows = B.run(shapes, ranks, dtype, modes, providers, device, dropout=args.dropout,
-                 cpu_rounds=args.rounds, cuda_rep=args.rep, progress=progress,
-                 cuda_rounds=DORA_CUDA_ROUNDS if args.dora else 1)
+    if args.model:  # a whole decoder's training step (fastlora/bench_model.py)
+        default = BM.DORA_DEFAULT if args.dora else [p for p in BM.PROVIDERS if p not in BM.DORA_PROVIDERS]
+        rows = BM.run(args.model, args.providers or list(default), device, dtype,
+                      tokens=args.tokens or (8192 if cuda else 512), seq=args.seq or (2048 if cuda else 128),
+                      rank=(args.rank or [16])[0], layers=args.layers, cpu_rounds=args.rounds,
+                      progress=progress)
+        table, plot = BM.format_table, BM.plot
+    else:
+        if args.shape:
+            shapes = args.shape
+        else:
+            preset = args.preset or ("llama" if cuda else "small")
+            ms = args.M or ([1, 16, 256, 2048, 8192] if cuda else [256, 2048])
+            shapes = [(m, k, n) for k, n in B.PRESETS[preset] for m in ms]
+        if args.dora:
+            providers = args.providers or list(B.DORA_DEFAULT)
+        else:
+            providers = args.providers or (["base", "reference", "peft", *B.FASTLORA_BACKENDS] if cuda
+                                           else ["base", "reference", "peft", "fastlora"])
+        rows = B.run(shapes, args.rank or [16], dtype, args.mode or ["fwd", "full"], providers, device,
+                     dropout=args.dropout, cpu_rounds=args.rounds, cuda_rep=args.rep, progress=progress,
+                     cuda_rounds=DORA_CUDA_ROUNDS if args.dora else 1)
+        table, plot = B.format_table, B.plot
     if progress:
         progress("done")
         sys.stderr.write("\n")
     env = B.environment(device)
-    print(B.format_table(rows, env))
+    print(table(rows, env))
     if args.json:
         B.write_json(args.json, rows, env)
     if args.csv:
         B.write_csv(args.csv, rows, env)
     if args.plot:
-        B.plot(args.plot, rows)
+        plot(args.plot, rows)
     return 1 if any(r.status in ("wrong", "error") for r in rows) else 0
-
-
-def bench_model(args, device: torch.device, dtype: torch.dtype) -> int:
-    """``fastlora bench --model NAME``: a whole decoder's training step (fastlora/bench_model.py)."""
-    import json
-
-    from . import bench as B
-    from . import bench_model as BM
-
-    cuda = device.type == "cuda"
-    progress = B.progress_printer() if not args.quiet else None
-    default = BM.DORA_DEFAULT if args.dora else [p for p in BM.PROVIDERS if p not in BM.DORA_PROVIDERS]
-    rows = BM.run(args.model, args.providers or list(default), device, dtype,
-                  tokens=args.tokens or (8192 if cuda else 512), seq=args.seq or (2048 if cuda else 128),
-                  rank=(args.rank or [16])[0], layers=args.layers, cpu_rounds=args.rounds,
-                  progress=progress)
-    if progress:
-        progress("done")
-        sys.stderr.write("\n")
-    env = B.environment(device)
-    print(BM.format_table(rows, env))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "rows": BM.as_dicts(rows)}, f, indent=1)
-    if args.csv:
-        import csv
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(BM.as_dicts(rows[:1])[0]) + list(env))
-            w.writeheader()
-            for r in BM.as_dicts(rows):
-                w.writerow({**r, **env})
-    if args.plot:
-        BM.plot(args.plot, rows)
-    return 1 if any(r.status != "ok" for r in rows) else 0
 
 
 # ------------------------------------------------------------------------------------------------

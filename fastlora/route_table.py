@@ -24,10 +24,8 @@ import torch
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "route_table.json")
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
                torch.float64: "fp64"}
-# Below this M the fused route's single launch wins, at or above it cuBLAS's main loop does: on
-# the one H100 measured (benchmarks/results/h100-bench-2026-11-26.json, bf16, r=16) the fused
-# route ran decode shapes (M <= 16) at 0.71-0.81x PEFT's time, and M=8192 training steps at
-# 1.07-1.28x PEFT's, whose steps are cuBLAS plus rank-r products.
+# Below this M the fused route's single launch wins, at or above it cuBLAS's main loop does (the
+# one GPU measurement behind it: benchmarks/NOTES.md, README's GPU table).
 SPLIT_FROM_M = 256
 
 

@@ -8,8 +8,8 @@ GEMM instead of a memory-bound rank-r update re-reading and re-writing all of y 
 
 Problems of at most ``AUTOGRAD_FROM`` multiply-adds (M K N) are bound by host time, not by the
 products: there eager calls run ``autograd_forward``, the same forward ops recorded by PyTorch's
-autograd, whose C++ nodes compute the same backward without the Python of a hand-written one
-(benchmarks/NOTES.md: 0.72x the time at 64x64x64, 1.02x at 256x1024x1024, on the 2-core CPU).
+autograd, whose C++ nodes compute the same backward without the Python of a hand-written one (the
+crossover, measured by benchmarks/cpu_host.py: benchmarks/NOTES.md).
 
 DoRA (fastlora/autograd.py): the forward applies g to y in one elementwise pass before the bias
 (``scale_columns``); the backward is LoRA's for dY' = g o dY, with g taken on the small side where
@@ -28,8 +28,8 @@ from .routes import Dropout, Grads, Needs, acc_dtype
 
 def _draw_keep(seed: int, p: float, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Keep each element with probability 1 - p, from ``seed``. On the CPU from numpy's PCG64, 32
-    bits an element (two from each 64-bit draw), about three times faster than torch's CPU ``rand``
-    (benchmarks/NOTES.md); on other devices torch's generator for the device."""
+    bits an element (two from each 64-bit draw), faster than torch's CPU ``rand`` (README's CPU
+    section has the measurement); on other devices torch's generator for the device."""
     if device.type == "cpu":
         import numpy as np  # only the CPU's dropout draws with it
 
@@ -75,7 +75,7 @@ def scaled_rows_copy(dy: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 # M * K * N up to which eager calls take ``autograd_forward`` (the crossover measured on the CPU).
-AUTOGRAD_FROM = 2**27
+AUTOGRAD_FROM = 2**26
 
 
 class TorchRoute:
@@ -96,7 +96,7 @@ class TorchRoute:
         xa = torch.nn.functional.linear(xd, as_dtype(lora_A, x.dtype))
         if scale is None:
             y = addmm_scaled(bias, xa, as_dtype(lora_B, x.dtype).T, scaling)
-            return y.addmm_(x, weight.T)
+            return torch.addmm(y, x, weight.T)  # out of place: autograd's in-place bookkeeping costs more
         # DoRA: y = g o v + b (+ (x - drop(x)) W^T under dropout), v = drop(x) W^T + s xa B^T, as
         # g o (drop(x) W^T) + s xa (g o B)^T + b summed in g's (the accumulator) dtype: autograd's
         # backward then reads g on B's side for dY' B, as the hand-written one (small problems, so
@@ -104,7 +104,7 @@ class TorchRoute:
         acc = scale.dtype
         low = addmm_scaled(None, xa.to(acc), (lora_B.to(acc) * scale[:, None]).T, scaling)
         y = torch.addcmul(low if bias is None else low.add_(bias), xd @ weight.T, scale).to(x.dtype)
-        return y if dropout is None else y.addmm_(x - xd, weight.T)
+        return y if dropout is None else torch.addmm(y, x - xd, weight.T)
 
     @staticmethod
     def xa_dtype(dtype: torch.dtype) -> torch.dtype:

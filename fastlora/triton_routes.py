@@ -34,10 +34,11 @@ from .routes import Dropout, Grads, Needs, acc_dtype
 from .torch_route import addmm_scaled, scale_columns
 
 
-class _TritonFamily:
-    """What both Triton routes share: DoRA's norm pre-pass, the dropout mask and the dY pass."""
+class _KernelRoute:
+    """What the Triton routes share: the kernels module, xa kept in the accumulator dtype, and
+    DoRA's norm pre-pass, dropout mask and dY pass."""
 
-    name = "triton"
+    name = ""
 
     def __init__(self, kernels):
         self.k = kernels
@@ -71,7 +72,7 @@ def _seed_p(dropout: Dropout | None):
     return None if dropout is None else (dropout.seed, dropout.p)
 
 
-class FusedRoute(_TritonFamily):
+class FusedRoute(_KernelRoute):
     name = "fused"
 
     def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout, scale=None, *, gemm=None):
@@ -102,7 +103,7 @@ class FusedRoute(_TritonFamily):
         return Grads(dx, da, db, dm)
 
 
-class SplitRoute(_TritonFamily):
+class SplitRoute(_KernelRoute):
     name = "split"
 
     def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout, scale=None, **_):
@@ -126,7 +127,7 @@ class SplitRoute(_TritonFamily):
         return Grads(dx, da, db, dm)
 
 
-class ChosenRoute(_TritonFamily):
+class ChosenRoute(_KernelRoute):
     """backend="triton": fused or split for each pass, from the route table (route_table.py)."""
 
     name = "triton"

@@ -45,6 +45,15 @@ def widened(o, INT64: tl.constexpr):
 
 
 @triton.jit
+def chunk_range(i_chunk, n_chunks, length, BLOCK: tl.constexpr):
+    """[start, end) of chunk ``i_chunk`` of ``n_chunks`` along an axis of ``length``, in whole
+    BLOCKs: the part of a split reduction one program reduces, in order."""
+    blocks_per_chunk = tl.cdiv(tl.cdiv(length, BLOCK), n_chunks)
+    start = i_chunk * blocks_per_chunk * BLOCK
+    return start, min(length, start + blocks_per_chunk * BLOCK)
+
+
+@triton.jit
 def _probe():
     pass
 

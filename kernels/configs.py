@@ -17,6 +17,9 @@ import triton
 
 # Largest rank the kernels take: the [BLOCK_M, BLOCK_R] XA block lives in registers.
 MAX_RANK = 256
+# Largest rank whose production configs are held to no register spills (tests/aot.py): above it
+# the kernels are correct but backend="auto" prefers the torch route.
+TUNED_RANK = 128
 # Programs the persistent GEMM runs in the interpreter: a few, so that each walks several tiles.
 _INTERPRETER_PROGRAMS = 3
 
@@ -197,6 +200,8 @@ def gpu_xa_config(M: int, K: int, block_r: int, dtype: torch.dtype, info: Device
         return (bm * block_r * acc + bm * bk * w + block_r * bk * w + (4 * bm * bk if dropout else 0)) / threads
 
     block_m, block_k = (64 if M >= 64 else 16), 128
+    while block_m > 16 and block_m * block_r * acc > 32 * threads:  # the accumulator: <= 32 a thread
+        block_m //= 2
     while regs(block_m, block_k) > _PASS_REGISTERS and block_k > 32:
         block_k //= 2
     while regs(block_m, block_k) > _PASS_REGISTERS and block_m > 16:
@@ -247,7 +252,11 @@ def gpu_reduce_config(T: int, P: int, block_r: int, dtype: torch.dtype, info: De
             n += bt * bp * (w + 2 * acc) + 3 * bp * acc + (bp * block_r * w if rank_out else 0)
         return n / threads
 
+    # the accumulator [block_p, block_r] alone at most 32 registers a thread (the compilers keep
+    # less headroom than the estimate suggests past that)
     block_p = 128
+    while block_p > 16 and block_p * block_r * acc > 32 * threads:
+        block_p //= 2
     block_t = 16 if dtype == torch.float64 else (64 if info.capability[0] >= 9 else 32)
     while regs(block_t, block_p) > _PASS_REGISTERS and block_t > 16:
         block_t //= 2

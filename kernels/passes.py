@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (acc_dtype, alloc, check_device, dot_precision, dropout_keep, max_offset,
-                     needs_int64, tl_acc_dtype, widened, wrapped_offsets)
+from .common import (acc_dtype, alloc, check_device, chunk_range, dot_precision, dropout_keep,
+                     max_offset, needs_int64, tl_acc_dtype, widened, wrapped_offsets)
 from .configs import PassConfig, rank_block, reduce_config, xa_config
 
 
@@ -44,10 +44,7 @@ def xa_kernel(
     chunk of K."""
     i_m = tl.program_id(0)
     i_s = tl.program_id(1)
-    n_split = tl.num_programs(1)
-    blocks_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), n_split)
-    k_start = i_s * blocks_per_split * BLOCK_K
-    k_end = min(K, k_start + blocks_per_split * BLOCK_K)
+    k_start, k_end = chunk_range(i_s, tl.num_programs(1), K, BLOCK_K)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = wrapped_offsets(o_m, M, INT64)
     o_r = tl.arange(0, BLOCK_R)
@@ -72,11 +69,11 @@ def xa_kernel(
                       other=0.0).to(DOT_DTYPE)                                                  # [BR, BK]
         acc = tl.dot(b_x, tl.trans(b_a), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
     om = widened(o_m, INT64)
-    p_xa = XA + i_s * M * R + om[:, None] * R + o_r[None, :]
+    p_xa = XA + widened(i_s, INT64) * M * R + om[:, None] * R + o_r[None, :]
     acc = acc * tl.full((1, 1), scale, ACC_DTYPE)
     tl.store(p_xa, acc.to(XA.dtype.element_ty), mask=(o_m < M)[:, None] & m_r[None, :])
     if SUM_SQ:
-        tl.store(SQ + i_s * M + om, acc_sq, mask=o_m < M)
+        tl.store(SQ + widened(i_s, INT64) * M + om, acc_sq, mask=o_m < M)
 
 
 @triton.heuristics({
@@ -116,10 +113,7 @@ def reduce_kernel(
     """
     i_p = tl.program_id(0)
     i_c = tl.program_id(1)
-    n_chunks = tl.num_programs(1)
-    blocks_per_chunk = tl.cdiv(tl.cdiv(T, BLOCK_T), n_chunks)
-    t_start = i_c * blocks_per_chunk * BLOCK_T
-    t_end = min(T, t_start + blocks_per_chunk * BLOCK_T)
+    t_start, t_end = chunk_range(i_c, tl.num_programs(1), T, BLOCK_T)
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
     m_p = o_p < P
     op = widened(o_p, INT64)
@@ -169,7 +163,7 @@ def reduce_kernel(
                 b_z = tl.dot(b_l, b_e, input_precision=PRECISION, out_dtype=ACC_DTYPE)  # [BT, BR]
                 if SPLIT_E:
                     b_z = tl.dot(b_l, b_e_lo, b_z, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-                p_z = Z + i_p * T * R + ot[:, None] * R + o_r[None, :]
+                p_z = Z + widened(i_p, INT64) * T * R + ot[:, None] * R + o_r[None, :]
                 tl.store(p_z, b_z.to(Z.dtype.element_ty), mask=m_t[:, None] & m_r[None, :])
             if REDUCE:
                 if HAS_DROPOUT:
@@ -182,11 +176,11 @@ def reduce_kernel(
                 b_o = tl.where(keep, b_o, 0.0)
             tl.store(OUT + ot[:, None] * P + op[None, :], b_o.to(OUT.dtype.element_ty), mask=m_tp)
     if REDUCE:
-        p_c = C + i_c * P * R + op[:, None] * R + o_r[None, :]
+        p_c = C + widened(i_c, INT64) * P * R + op[:, None] * R + o_r[None, :]
         acc = acc * tl.full((1, 1), c_scale, ACC_DTYPE)
         tl.store(p_c, acc.to(C.dtype.element_ty), mask=m_p[:, None] & m_r[None, :])
     if COL_DOT:
-        tl.store(DM + i_c * P + op, acc_dm, mask=m_p)
+        tl.store(DM + widened(i_c, INT64) * P + op, acc_dm, mask=m_p)
 
 
 def split_in(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:

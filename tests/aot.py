@@ -305,8 +305,10 @@ def main() -> None:
         for form, info in forms.items():
             flag = "  SPILLS" if info["spills"] else ""
             flag += "  SHARED-MEMORY" if info["shared"] > smem[cap] else ""
-            # the bar (tests/test_aot.py): bfloat16 spills nothing, everything fits
-            bad += bool(info["shared"] > smem[cap] or (info["spills"] and "-bf16-" in name))
+            # the bar (tests/test_aot.py): bfloat16 up to TUNED_RANK spills nothing, everything fits
+            block_r = int(re.search(r"-r(\d+)-", name).group(1))
+            tuned = "-bf16-" in name and block_r <= configs.TUNED_RANK
+            bad += bool(info["shared"] > smem[cap] or (info["spills"] and tuned))
             print(f"{name:60s} {form:16s} regs {info['registers']:3d} smem {info['shared']:6d}"
                   f"{' wgmma' if info.get('wgmma') else ''}{' tma' if info.get('tma') else ''}{flag}")
     print(f"triton {triton.__version__}: {len(results)} configs, {bad} past the bar")

@@ -1,9 +1,10 @@
 """Every kernel in its production configs compiles for sm_80 and sm_90 without a GPU
-(triton.compile) and fits shared memory; in bfloat16 (what backend="auto" runs on a GPU) it spills
-no registers (ptxas's report: a triton without a ptxas fails the test, it does not skip it), on
+(triton.compile) and fits shared memory; in bfloat16 at ranks up to TUNED_RANK (what backend="auto"
+runs on a GPU) it spills no registers (ptxas's report: a triton without a ptxas fails the test, it does not skip it), on
 sm_90 its GEMMs use wgmma and the persistent GEMM's TMA configs load through the copy engine
 (cp.async.bulk.tensor). float32 and float64 (the Triton routes only when forced; IEEE dots run on
-FMA units) must compile and fit; tests/aot.py --summary lists their spills.
+FMA units) and ranks above TUNED_RANK must compile and fit; tests/aot.py --summary lists their
+spills.
 
 The compiles run in a subprocess: this test process defined the kernels in interpreter mode."""
 import json
@@ -20,6 +21,7 @@ if not HAS_TRITON:
     pytest.skip("triton not installed", allow_module_level=True)
 
 import aot  # noqa: E402
+from fastlora.kernels import TUNED_RANK  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +51,8 @@ def test_production_config_compiles_without_spills(compiled, kind, item):
         dtype, cap = item[3], item[4]
     for form, info in compiled[aot.item_id(kind, item)].items():
         assert info["shared"] <= SMEM[cap], f"{form}: {info['shared']} B shared memory"
-        if dtype in (torch.bfloat16, torch.float16):  # what backend="auto" runs on a GPU
+        block_r = item[1] if kind == "gemm" else item[2]
+        if dtype in (torch.bfloat16, torch.float16) and block_r <= TUNED_RANK:  # what "auto" runs
             assert info["spills"] == 0, f"{form}: {info['spills']} bytes spilled ({info['registers']} registers)"
         if kind == "gemm" and cap == 90 and dtype in (torch.bfloat16, torch.float16):
             if item[0].block_m >= 64:  # a warpgroup's wgmma needs 64 rows

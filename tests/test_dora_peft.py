@@ -87,7 +87,8 @@ def same_masks(monkeypatch):
         return holder["masks"].for_fastlora(dropout, shape, device)
 
     monkeypatch.setattr(torch_route.TorchRoute, "keep_mask", staticmethod(keep_mask))
-    monkeypatch.setattr(triton_routes._TritonFamily, "keep_mask", lambda self, *a: keep_mask(*a))
+    for route in (triton_routes.FusedRoute, triton_routes.SplitRoute, triton_routes.ChosenRoute):
+        monkeypatch.setattr(route, "keep_mask", lambda self, *a: keep_mask(*a))
     return install
 
 
