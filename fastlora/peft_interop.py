@@ -134,6 +134,12 @@ def _state_reason(layer: nn.Module) -> str | None:
         return type(variant).__name__
     if getattr(layer, "use_dora", {}).get(name) and not _is_dora(layer, name):
         return "DoRA without PEFT's DoRA variant (an older PEFT)"
+    if _is_dora(layer, name):  # what lora_linear refuses for DoRA (fastlora/arguments.py)
+        weight, r = layer.get_base_layer().weight, layer.lora_A[name].weight.shape[0]
+        if r > min(weight.shape):
+            return f"DoRA with r={r} > min(in_features, out_features)={min(weight.shape)}"
+        if weight.requires_grad:
+            return "DoRA with a trainable base weight"
     if getattr(layer, "lora_bias", {}).get(name):
         return "lora_bias"
     if type(layer.lora_dropout[name]) not in (nn.Dropout, nn.Identity):

@@ -238,3 +238,20 @@ def test_from_peft_fuses_dora_without_a_warning_and_leaves_other_variants(fused_
     with torch.no_grad():
         mica(input_ids=input_ids())
     assert fused_calls == []
+
+
+def test_dora_layers_lora_linear_refuses_keep_peft_forward():
+    """A DoRA layer whose rank passes its size, or whose base weight trains, is PEFT's to compute
+    (lora_linear refuses both): listed in from_peft's warning, and the model still runs."""
+    base = tiny_llama()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=80, lora_alpha=16, target_modules=["q_proj"],
+                                                                       use_dora=True))
+    with pytest.warns(UserWarning, match=r"q_proj \(DoRA with r=80 > min\(in_features, out_features\)=64\)"):
+        ours = fastlora.from_peft(copy.deepcopy(theirs), backend="torch")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=input_ids()).logits, theirs(input_ids=input_ids()).logits)
+    trainable = dora_twin(base)
+    trainable.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad_(True)
+    with pytest.warns(UserWarning, match=r"layers.0.self_attn.q_proj \(DoRA with a trainable base weight\)"):
+        fastlora.from_peft(trainable, backend="torch")
+    trainable(input_ids=input_ids()).logits.sum().backward()
