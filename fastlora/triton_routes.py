@@ -12,7 +12,7 @@ derives; they differ only in who runs the big GEMMs:
            backward  (dY B, dB) in one pass over dY; (dx0 = s D o ((dY B) A), dA) in one pass
                      over x; dx0 += dY W (cuBLAS)
 
-No [M, N] temporary beyond y and dx; the dropout mask is regenerated from its seed in every
+No [M, N] temporary beyond y and dx (DoRA's dY', below); the dropout mask is regenerated from its seed in every
 kernel (never stored); every reduction is deterministic.
 
 DoRA (fastlora/autograd.py) without dropout, g = m / ||W + s B A||_row:
@@ -20,10 +20,10 @@ DoRA (fastlora/autograd.py) without dropout, g = m / ||W + s B A||_row:
     fused  forward   g o (...) in the GEMM's epilogue, before the bias
     split  forward   cuBLAS y = x W^T + s xa B^T (no bias), then one elementwise pass y = g o y + b:
                      cuBLAS applies no per-column scale and no Triton pass touches y here
-    both   backward  the dY pass reads dY' = g o dY where it reads dY (for dY' B and dB), writes dY'
-                     for the dX product (cuBLAS cannot scale its operand; the fused GEMM reads the
-                     same tensor) and reduces sum over rows of dY o (y - b) for dm; then LoRA's
-                     backward on dY'
+    both   backward  the dY pass gives dY' B = dY (g o B) and dB = g o (s dY^T xa) from its one read
+                     of dY (dY' = g o dY), writes dY' for the dX product (cuBLAS cannot scale its
+                     operand; the fused GEMM reads the same tensor) and reduces sum over rows of
+                     dY o (y - b) for dm; then LoRA's dX and x pass on dY'
     both   norm      W A^T (and ||W_n||^2 when not cached) from one Triton pass over W
                      (``weight_pass``), the rest [r, r]- and [N, r]-sized (fastlora/dora.py)
 """
@@ -32,6 +32,10 @@ from __future__ import annotations
 from . import route_table
 from .routes import Dropout, Grads, Needs, acc_dtype
 from .torch_route import addmm_scaled, scale_columns
+
+
+def _seed_p(dropout: Dropout | None):
+    return None if dropout is None else (dropout.seed, dropout.p)
 
 
 class _KernelRoute:
@@ -66,10 +70,6 @@ class _KernelRoute:
         return self.k.dora_dy_pass(dy, xa, lora_B, scaling, dora.scale, dora.out, dora.shift,
                                    need_dyb=need_dyb, need_db=needs.lora_B, need_scaled=needs.x,
                                    need_dm=needs.magnitude)
-
-
-def _seed_p(dropout: Dropout | None):
-    return None if dropout is None else (dropout.seed, dropout.p)
 
 
 class FusedRoute(_KernelRoute):
