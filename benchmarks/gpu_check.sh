@@ -64,6 +64,7 @@ timeout 20 $BENCH --shape 8192,4096,4096 --dropout 0.1 --mode full --providers b
 
 step "model bench (Llama-3-8B-wide layers, 8192 tokens)"
 timeout 45 $BENCH --model llama3-8b --json "$OUT_DIR/model.json" 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
+timeout 40 $BENCH --dora --dtype bf16 --rank 16 --shape 8192,4096,4096 --shape 8192,4096,14336 --mode fwd full --providers fastlora fastlora-dora peft-dora 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
 
 step "done, status $status"
 exit $status

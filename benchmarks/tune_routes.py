@@ -116,6 +116,8 @@ def main() -> int:
                 got = call(fused, gemm)()
                 got = got if pass_ == "bwd" else got[:1]
                 for a, b in zip(got, ref):  # the same function as the split route, to bf16 rounding
+                    if b is None:  # a gradient not asked for (Grads' DoRA field)
+                        continue
                     err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
                     if not err < 2e-2:
                         raise AssertionError(f"differs from the split route by {err:.3g}")

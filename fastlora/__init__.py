@@ -2,9 +2,11 @@
 
     y = x W^T + b + s * (dropout(x) A^T) B^T
 
-Triton kernels on CUDA (one pass over x and W forward, a hand-written backward), plain PyTorch
-elsewhere. ``import fastlora`` does not need triton; the adapter files need safetensors and
-``from_peft`` needs peft (from a checkout: ``pip install -e ".[peft]"``), imported when called.
+and DoRA (``magnitude=`` / ``use_dora=True``: each output feature of W + s B A rescaled to a trained
+length; docs/dora.md). Triton kernels on CUDA (one pass over x and W forward, a hand-written
+backward), plain PyTorch elsewhere. ``import fastlora`` does not need triton; the adapter files need
+safetensors and ``from_peft`` needs peft (from a checkout: ``pip install -e ".[peft]"``), imported
+when called.
 """
 from .modules import LoRALinear, ParameterCount, count_parameters
 from .functional import lora_linear
@@ -12,11 +14,11 @@ from .model import (apply_lora, lora_state_dict, mark_only_lora_as_trainable, me
                     merge_and_unload, unmerge)
 from .adapters import load_adapter, save_adapter
 from .peft_interop import from_peft
-from . import reference
+from . import dora, reference
 
 __version__ = "0.1.0"
 
 __all__ = ["lora_linear", "LoRALinear", "count_parameters", "ParameterCount",
            "apply_lora", "mark_only_lora_as_trainable", "lora_state_dict",
            "merge", "unmerge", "merge_and_unload", "save_adapter", "load_adapter", "from_peft",
-           "reference", "__version__"]
+           "dora", "reference", "__version__"]

@@ -6,6 +6,7 @@ and without the adapter name; its base layer is one level down (``base_layer``):
     fastlora (model.state_dict())           PEFT (adapter_model.safetensors)
     <path>.lora_A             [r, in]       base_model.model.<path>.lora_A.weight
     <path>.lora_B             [out, r]      base_model.model.<path>.lora_B.weight
+    <path>.lora_magnitude_vector  [out]     base_model.model.<path>.lora_magnitude_vector  (DoRA)
     <path>.bias  (LoRA layer)               base_model.model.<path>.base_layer.bias
     <other>.bias (bias="all")               base_model.model.<other>.bias
 
@@ -48,10 +49,12 @@ FINGERPRINT_KEY = "fastlora.config_fingerprint"
 # task_type, inference_mode, ...) are left out, so that editing them by hand keeps the pair loadable.
 _FINGERPRINTED = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "target_modules",
                   "exclude_modules", "lora_dropout", "bias")
+# Fingerprinted only when set, so that the LoRA adapters saved before DoRA keep their fingerprint.
+_FINGERPRINTED_WHEN_SET = ("use_dora",)
 
 # LoraConfig fields for features fastlora does not implement; an adapter that sets one is refused
 # rather than loaded into something that would compute a different function.
-_UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "layers_to_transform",
+_UNSUPPORTED = ("lora_bias", "fan_in_fan_out", "modules_to_save", "layers_to_transform",
                 "layer_replication", "target_parameters", "trainable_token_indices", "use_bdlora",
                 "arrow_config", "alora_invocation_tokens", "velora_config", "monteclora_config",
                 "kasa_config", "use_qalora", "megatron_config")
@@ -82,6 +85,8 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, *, bias: s
     for path, layer in layers.items():
         tensors[_peft_key(path, "lora_A.weight")] = layer.lora_A
         tensors[_peft_key(path, "lora_B.weight")] = layer.lora_B
+        if layer.use_dora:
+            tensors[_peft_key(path, "lora_magnitude_vector")] = layer.lora_magnitude_vector
     for name, p in bias_parameters(model, layers, bias).items():
         tensors[_peft_bias_key(name, layers)] = p
     # safetensors wants contiguous CPU tensors that share no memory
@@ -105,9 +110,9 @@ def load_adapter(model: nn.Module, adapter_directory: str | os.PathLike, *,
     """Load a LoRA adapter saved by ``save_adapter`` or by PEFT's ``save_pretrained`` into ``model``.
 
     If ``model`` has no LoRALinear layers yet, they are created from ``adapter_config.json`` (its
-    target_modules, r, lora_alpha, lora_dropout, use_rslora, rank/alpha patterns; ``backend`` is
-    theirs) as ``apply_lora`` would. Otherwise the existing layers must be the ones the adapter was
-    trained on, with the same scaling.
+    target_modules, r, lora_alpha, lora_dropout, use_rslora, use_dora, rank/alpha patterns;
+    ``backend`` is theirs) as ``apply_lora`` would. Otherwise the existing layers must be the ones the
+    adapter was trained on, with the same scaling and the same use_dora.
 
     Every tensor of the file must have a place in the model and every place a tensor (errors name
     the first offender), with the same shape and dtype. A weights file written by ``save_adapter``
@@ -149,9 +154,15 @@ def load_adapter(model: nn.Module, adapter_directory: str | os.PathLike, *,
     existing = {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
     if existing:
         plan = {path: _Planned(layer.in_features, layer.out_features, layer.r, layer.weight.dtype,
-                               layer.lora_A.dtype, layer.lora_B.dtype)
+                               layer.lora_A.dtype, layer.lora_B.dtype, layer.use_dora,
+                               layer.lora_magnitude_vector.dtype if layer.use_dora else layer.weight.dtype)
                 for path, layer in existing.items()}
         _check_scaling(existing, config)
+        other = [p for p, layer in existing.items() if layer.use_dora != config["use_dora"]]
+        if other:
+            raise ValueError(f"load_adapter: layer {other[0]!r} has use_dora={existing[other[0]].use_dora} "
+                             f"but the adapter was trained with use_dora={config['use_dora']}; "
+                             f"apply_lora with use_dora={config['use_dora']}")
         merged = [p for p, layer in existing.items() if layer.merged]
         if merged:
             raise ValueError(f"load_adapter: layer {merged[0]!r} is merged; unmerge the model "
@@ -164,7 +175,11 @@ def load_adapter(model: nn.Module, adapter_directory: str | os.PathLike, *,
         for path in paths:
             w = modules[path].weight
             r = _r_alpha(config, path)[0]
-            plan[path] = _Planned(w.shape[1], w.shape[0], r, w.dtype, w.dtype, w.dtype)
+            if config["use_dora"] and r > min(w.shape):
+                raise ValueError(f"load_adapter (adapter_config.json): layer {path!r} has r={r} but "
+                                 f"DoRA needs r <= min(in_features, out_features) = {min(w.shape)}")
+            plan[path] = _Planned(w.shape[1], w.shape[0], r, w.dtype, w.dtype, w.dtype,
+                                  config["use_dora"], w.dtype)
 
     slots = _slots(model, plan, config["bias"])
     _check_tensors(state, slots, weights_file)
@@ -172,7 +187,7 @@ def load_adapter(model: nn.Module, adapter_directory: str | os.PathLike, *,
     if not existing:
         model = inject_lora(model, list(plan), lambda path: _r_alpha(config, path),
                         dict(dropout=config["lora_dropout"], use_rslora=config["use_rslora"],
-                             backend=backend))
+                             backend=backend, use_dora=config["use_dora"]))
     params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for key, slot in slots.items():
@@ -188,7 +203,7 @@ def _config_of(model, layers: dict[str, LoRALinear], bias: str, base_name) -> di
     """The adapter_config.json for ``layers``: the most common (r, alpha) as r / lora_alpha, the
     others in rank_pattern / alpha_pattern keyed by an anchored, escaped path (PEFT matches those
     keys as regexes against the end of the path)."""
-    for attr in ("use_rslora", "dropout"):
+    for attr in ("use_rslora", "dropout", "use_dora"):
         values = {getattr(layer, attr) for layer in layers.values()}
         if len(values) > 1:
             raise ValueError(f"save_adapter: the LoRA layers differ in {attr} ({sorted(values)}); "
@@ -222,7 +237,7 @@ def _config_of(model, layers: dict[str, LoRALinear], bias: str, base_name) -> di
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
-        "use_dora": False,
+        "use_dora": first.use_dora,
         "lora_bias": False,
     }
 
@@ -230,6 +245,7 @@ def _config_of(model, layers: dict[str, LoRALinear], bias: str, base_name) -> di
 def _fingerprint(config: dict) -> str:
     """A hash of the config fields that decide what the adapter's tensors compute."""
     fields = {key: config.get(key) for key in _FINGERPRINTED}
+    fields.update({key: config[key] for key in _FINGERPRINTED_WHEN_SET if config.get(key)})
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -277,6 +293,7 @@ def _read_config(file: str) -> dict:
     config = dict(config)
     config.setdefault("lora_dropout", 0.0)
     config.setdefault("use_rslora", False)
+    config["use_dora"] = config.get("use_dora") or False
     config.setdefault("bias", "none")
     config["rank_pattern"] = config.get("rank_pattern") or {}
     config["alpha_pattern"] = config.get("alpha_pattern") or {}
@@ -287,8 +304,9 @@ def _read_config(file: str) -> dict:
         raise ValueError(f"{where}: lora_alpha must be a finite number, got {alpha!r}")
     if config["bias"] not in BIAS_MODES:
         raise ValueError(f"{where}: bias must be one of {BIAS_MODES}, got {config['bias']!r}")
-    if not isinstance(config["use_rslora"], bool):
-        raise ValueError(f"{where}: use_rslora must be true or false, got {config['use_rslora']!r}")
+    for flag in ("use_rslora", "use_dora"):
+        if not isinstance(config[flag], bool):
+            raise ValueError(f"{where}: {flag} must be true or false, got {config[flag]!r}")
     for field in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config[field], dict):
             raise ValueError(f"{where}: {field} must be an object, got {config[field]!r}")
@@ -339,6 +357,8 @@ class _Planned:
     dtype: torch.dtype
     a_dtype: torch.dtype
     b_dtype: torch.dtype
+    use_dora: bool = False
+    m_dtype: torch.dtype | None = None
 
 
 @dataclass(frozen=True)
@@ -354,6 +374,9 @@ def _slots(model: nn.Module, plan: dict[str, _Planned], bias: str) -> dict[str, 
     for path, p in plan.items():
         slots[_peft_key(path, "lora_A.weight")] = _Slot(join_path(path, "lora_A"), (p.r, p.in_features), p.a_dtype)
         slots[_peft_key(path, "lora_B.weight")] = _Slot(join_path(path, "lora_B"), (p.out_features, p.r), p.b_dtype)
+        if p.use_dora:
+            slots[_peft_key(path, "lora_magnitude_vector")] = _Slot(join_path(path, "lora_magnitude_vector"),
+                                                                    (p.out_features,), p.m_dtype)
     if bias != "none":
         lora_paths = set(plan)
         for name, param in model.named_parameters():

@@ -69,7 +69,7 @@ _LARGEST = {dtype: torch.finfo(dtype).max for dtype in FLOAT_DTYPES}
 
 
 def check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
-                    backend) -> tuple[float, float]:
+                    backend, magnitude=None) -> tuple[float, float]:
     """Every mistake a caller of lora_linear can make; returns (scaling, dropout_p) as floats.
     (On every call: the common case takes the cheap branches.)"""
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
@@ -125,4 +125,29 @@ def check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
         dropout_p = probability(dropout_p, "dropout_p", "lora_linear")
     if backend not in BACKENDS:
         check_backend(backend, "lora_linear")
+    if magnitude is not None:
+        check_magnitude(magnitude, weight, r, "lora_linear")
     return scaling, dropout_p
+
+
+def check_magnitude(magnitude, weight, r: int, caller: str) -> None:
+    """DoRA's rules: the magnitude a float tensor [out_features] on the weight's device, the rank at
+    most min(in_features, out_features), the weight frozen (no weight gradient is computed)."""
+    out_f, in_f = weight.shape
+    if not isinstance(magnitude, torch.Tensor):
+        raise TypeError(f"{caller}: magnitude must be a torch.Tensor or None, got {type(magnitude).__name__}")
+    if magnitude.dtype not in _LARGEST:
+        raise TypeError(f"{caller}: magnitude must be float16, bfloat16, float32 or float64, got "
+                        f"{magnitude.dtype}")
+    if magnitude.dim() != 1 or magnitude.shape[0] != out_f:
+        raise ValueError(f"{caller}: magnitude must be [out_features] = [{out_f}], got shape "
+                         f"{tuple(magnitude.shape)}")
+    if magnitude.device != weight.device:
+        raise ValueError(f"{caller}: magnitude is on {magnitude.device} but the weight is on "
+                         f"{weight.device}; all tensors must be on one device")
+    if r > min(in_f, out_f):
+        raise ValueError(f"{caller}: DoRA needs r <= min(in_features, out_features) = {min(in_f, out_f)}, "
+                         f"got r={r}: B A cannot have a larger rank, so the extra rank only costs")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{caller}: DoRA computes no gradient for the weight, which requires one "
+                         f"(got weight.requires_grad=True); freeze it (PEFT does), or use plain LoRA")

@@ -22,6 +22,41 @@ so, with dyb = dY B [M, r] (computed once, used twice):
 D is regenerated from the seed saved with it (never stored). The routes (fastlora/routes.py)
 compute dx, dA and dB; dbias and dW are the same for every route and computed here.
 
+DoRA (Liu et al., 2024; PEFT's ``use_dora``), given a trained magnitude m [N]. Each output feature
+of the adapted weight is rescaled to length m_n:
+
+    W' = g o (W + s B A),   g = m / n,   n = ||W + s B A||_row  [N]
+
+where n is a constant of the backward (the paper's section 4.3, PEFT's ``weight_norm.detach()``):
+no gradient reaches A or B through it. fastlora/dora.py computes n without forming W + s B A.
+PEFT's forward (``DoraLinearVariant`` + ``DoraLinearLayer``) adds (g - 1) o base + g o s xa B^T to
+the base layer's output x W^T + b, where ``base`` is x W^T when no dropout runs (dropout p = 0 or
+eval mode) but drop(x) W^T, the base product recomputed on the dropped input, when it runs. With
+
+    v = drop(x) W^T + s xa B^T    [M, N]
+
+that is
+
+    no dropout:  y = g o v + b                        (v = x W^T + s xa B^T)
+    dropout:     y = g o v + b + (x - drop(x)) W^T    = x W^T + b + (g - 1) o (drop(x) W^T) + g o (s xa B^T)
+
+Differentiate, with dY' = g o dY (v's gradient):
+
+    dx = dY' W + s * (dY' B) A                                   (no dropout)
+    dx = dY W + D o ((dY' - dY) W + s * (dY' B) A)               (dropout)
+    dA = s * (dY' B)^T drop(x),   dB = s * dY'^T xa,   db = sum over rows of dY
+    dm = (sum over rows of dY o v) / n
+
+So DoRA's backward is LoRA's on dY' (the routes read dY' where they read dY), plus dm. Without
+dropout v = (y - b) / g, so dm = (sum over rows of dY o (y - b)) / m from y, which the backward
+keeps (DoRA's only [M, N] tensor beyond LoRA's, the layer's own output; an entry m_n = 0 then gives
+0 / 0 = NaN, where y - b carries no trace of v). Under dropout v itself is kept (PEFT keeps its
+equal, drop(x) W^T) and the two big products each way are PEFT's too; that path is composed here
+from the routes' calls without dropout on drop(x), whose mask the route's family draws:
+
+    forward   v, xa = route(drop(x)),  y = (x - drop(x)) W^T + g o v + b
+    backward  dx_d, dA, dB, dm = route's DoRA backward on drop(x) with dY,  dx = t + D o (dx_d - t), t = dY W
+
 Two wrappers route to ``forward`` and ``backward``: in eager mode the ``LoRALinearFunction``
 below, under torch.compile the registered operators of fastlora/operators.py. Both resolve the
 route from the backend the caller named (the resolution is a function of the device and the
@@ -36,8 +71,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import dora
 from .autocast import autocast_cast, autocast_on
-from .routes import Dropout, Needs, acc_dtype, get_route, resolve
+from .routes import DoraGrad, Dropout, Needs, acc_dtype, get_route, resolve
 
 
 def _dropout(seed: Optional[Tensor], p: float) -> Optional[Dropout]:
@@ -46,48 +82,110 @@ def _dropout(seed: Optional[Tensor], p: float) -> Optional[Dropout]:
     return Dropout(seed, p) if p > 0 else None
 
 
-def empty_outputs(x: Tensor, lora_B: Tensor, xa_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Uninitialised (y, xa) of the right shapes and dtypes for x (also the operator's fake)."""
+def empty_outputs(x: Tensor, lora_B: Tensor, xa_dtype: torch.dtype, magnitude: Optional[Tensor] = None,
+                  dropout_p: float = 0.0) -> tuple[Tensor, Tensor, List[Tensor]]:
+    """Uninitialised (y, xa, DoRA's kept tensors) of the right shapes and dtypes for x (also the
+    operator's fake): for DoRA the norm n [N] and, under dropout, v [M, N]."""
     n, r = lora_B.shape
-    return x.new_empty((x.shape[0], n)), x.new_empty((x.shape[0], r), dtype=xa_dtype)
+    y, xa = x.new_empty((x.shape[0], n)), x.new_empty((x.shape[0], r), dtype=xa_dtype)
+    if magnitude is None:
+        return y, xa, []
+    kept = [x.new_empty((n,), dtype=acc_dtype(x.dtype))]
+    return y, xa, kept + ([x.new_empty((x.shape[0], n))] if dropout_p > 0 else [])
+
+
+def dora_scale(magnitude: Tensor, norm: Tensor) -> Tensor:
+    """g = m / n [N] in n's dtype (the accumulator's)."""
+    return magnitude.to(norm.dtype) / norm
+
+
+def dropped(route, x: Tensor, dropout: Dropout) -> Tensor:
+    """drop(x) = D o x with the route family's mask, the 1/(1-p) rounded once after the 0/1 mask."""
+    return (x * route.keep_mask(dropout, x.shape, x.device)).div_(1.0 - dropout.p)
 
 
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-            scaling: float, dropout_p: float, seed: Optional[Tensor],
-            backend: str) -> tuple[Tensor, Tensor]:
-    """(y, xa) for 2-D x [M, K] with unit stride along K (see the module docstring)."""
+            scaling: float, dropout_p: float, seed: Optional[Tensor], backend: str,
+            magnitude: Optional[Tensor] = None) -> tuple[Tensor, Tensor, List[Tensor]]:
+    """(y, xa, kept) for 2-D x [M, K] with unit stride along K (see the module docstring); kept is
+    [] for LoRA, DoRA's [n] without dropout and [n, v] with it."""
     route = get_route(resolve(backend, x, lora_A.shape[0]))
+    drop = _dropout(seed, dropout_p)
     if x.shape[0] == 0:  # nothing to launch
-        return empty_outputs(x, lora_B, route.xa_dtype(x.dtype))
-    return route.forward(x, weight, bias, lora_A, lora_B, scaling, _dropout(seed, dropout_p))
+        return empty_outputs(x, lora_B, route.xa_dtype(x.dtype), magnitude, dropout_p)
+    if magnitude is None:
+        y, xa = route.forward(x, weight, bias, lora_A, lora_B, scaling, drop)
+        return y, xa, []
+    norm = dora.weight_norm(route, weight, lora_A, lora_B, scaling)
+    g = dora_scale(magnitude, norm)
+    if drop is None:
+        y, xa = route.forward(x, weight, bias, lora_A, lora_B, scaling, None, g)
+        return y, xa, [norm]
+    xd = dropped(route, x, drop)
+    v, xa = route.forward(xd, weight, None, lora_A, lora_B, scaling, None)
+    y = (x - xd) @ weight.T
+    y.addcmul_(v, g)
+    if bias is not None:
+        y.add_(bias)
+    return y, xa, [norm, v]
 
 
 def backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
              seed: Optional[Tensor], scaling: float, dropout_p: float, backend: str,
-             needs: List[bool]) -> List[Tensor]:
-    """The gradients of (x, weight, bias, lora_A, lora_B) flagged in ``needs``, in that order
-    (see the module docstring); each in its input's dtype."""
-    need_x, need_w, need_bias, need_a, need_b = needs
+             needs: List[bool], magnitude: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+             kept: List[Tensor] = ()) -> List[Tensor]:
+    """The gradients of (x, weight, bias, lora_A, lora_B, magnitude) flagged in ``needs``, in that
+    order (see the module docstring); each in its input's dtype. DoRA's ``kept`` is what
+    ``forward`` returned, with y (the output) appended when it kept no v."""
+    need_x, need_w, need_bias, need_a, need_b, need_m = needs
     if dy.dtype != x.dtype:
         dy = dy.to(x.dtype)
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
-    dx = dw = dbias = da = db = None
+    dx = dw = dbias = da = db = dm = None
     if x.shape[0] == 0:  # nothing to launch: the gradients are zeros
         dx = x.new_zeros(x.shape) if need_x else None
         da = torch.zeros_like(lora_A, memory_format=torch.contiguous_format) if need_a else None
         db = torch.zeros_like(lora_B, memory_format=torch.contiguous_format) if need_b else None
-    elif need_x or need_a or need_b:
+        dm = torch.zeros_like(magnitude, memory_format=torch.contiguous_format) if need_m else None
+    elif need_x or need_a or need_b or need_m:
         route = get_route(resolve(backend, x, lora_A.shape[0]))
-        dx, da, db = route.backward(dy, x, weight, lora_A, lora_B, xa, scaling,
-                                    _dropout(seed, dropout_p), Needs(need_x, need_a, need_b))
+        drop = _dropout(seed, dropout_p)
+        if magnitude is None:
+            dx, da, db, _ = route.backward(dy, x, weight, lora_A, lora_B, xa, scaling, drop,
+                                           Needs(need_x, need_a, need_b))
+        else:
+            dx, da, db, dm = _dora_backward(route, dy, x, weight, lora_A, lora_B, xa, scaling, drop,
+                                            Needs(need_x, need_a, need_b, need_m), magnitude, bias, kept)
         da = _as_param(da, lora_A) if need_a else None
         db = _as_param(db, lora_B) if need_b else None
+        dm = _as_param(dm, magnitude) if need_m else None
     if need_bias:
         dbias = dy.sum(0, dtype=acc_dtype(dy.dtype)).to(x.dtype)
     if need_w:
         dw = (dy.T @ x).to(weight.dtype)
-    return [g for g in (dx, dw, dbias, da, db) if g is not None]
+    return [g for g in (dx, dw, dbias, da, db, dm) if g is not None]
+
+
+def _dora_backward(route, dy, x, weight, lora_A, lora_B, xa, scaling, drop, needs: Needs, magnitude,
+                   bias, kept):
+    """(dx, dA, dB, dm) of DoRA (the module docstring)."""
+    norm, out = kept
+    g = dora_scale(magnitude, norm)
+    if drop is None:
+        dx, da, db, dm = route.backward(dy, x, weight, lora_A, lora_B, xa, scaling, None, needs,
+                                        DoraGrad(g, out, bias))
+        return dx, da, db, (dm / magnitude.to(dm.dtype) if dm is not None else None)
+    keep = route.keep_mask(drop, x.shape, x.device) if needs.x or needs.lora_A else None
+    xd = (x * keep).div_(1.0 - drop.p) if needs.lora_A else x  # dA reads drop(x); nothing else does
+    dxd, da, db, dm = route.backward(dy, xd, weight, lora_A, lora_B, xa, scaling, None, needs,
+                                     DoraGrad(g, out, None))
+    dx = None
+    if needs.x:  # t + D o (dx_d - t), summed in the accumulator dtype and rounded once
+        t = dy @ weight
+        diff = dxd.to(acc_dtype(x.dtype)) - t
+        dx = diff.mul_(keep).div_(1.0 - drop.p).add_(t).to(x.dtype)
+    return dx, da, db, (dm / norm if dm is not None else None)
 
 
 def _as_param(grad: Tensor, param: Tensor) -> Tensor:
@@ -105,24 +203,36 @@ class Options:
     backend: str
 
 
-def save_for_backward(ctx, inputs, xa: Tensor) -> None:
-    """What the backward needs from a forward on ``inputs`` (the nine operator arguments)."""
-    x, weight, _bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+def save_for_backward(ctx, inputs, outputs) -> None:
+    """What the backward needs from a forward on ``inputs`` (the ten operator arguments) that gave
+    ``outputs`` (y, xa, kept): LoRA's tensors and, for DoRA, the magnitude, the bias, the norm and
+    y (no dropout: the output itself, nothing new) or v."""
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, *rest = inputs
+    magnitude = rest[0] if rest else None  # (the operator called without its default)
+    y, xa, kept = outputs
+    if magnitude is None:
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+    else:
+        out = kept[1] if len(kept) > 1 else y
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed, magnitude, bias, kept[0], out)
     ctx.opts = Options(scaling, dropout_p, backend)
 
 
 def gradients(ctx, dy: Tensor, backward_fn) -> tuple:
-    """The gradients of the nine operator arguments, from ``backward_fn`` (``backward`` or the
+    """The gradients of the ten operator arguments, from ``backward_fn`` (``backward`` or the
     operator that wraps it) on what ``save_for_backward`` kept."""
-    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+    x, weight, lora_A, lora_B, xa, seed, *dora_saved = ctx.saved_tensors
+    magnitude, bias, kept = None, None, []
+    if dora_saved:
+        magnitude, bias, *kept = dora_saved
     opts: Options = ctx.opts
-    needs = list(ctx.needs_input_grad[:5])
+    flags = ctx.needs_input_grad
+    needs = [*flags[:5], magnitude is not None and flags[9]]
     grads = iter(backward_fn(dy, x, weight, lora_A, lora_B, xa, seed, opts.scaling, opts.dropout_p,
-                             opts.backend, needs))
-    dx, dw, dbias, da, db = (next(grads) if need else None for need in needs)
-    # x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend
-    return dx, dw, dbias, da, db, None, None, None, None
+                             opts.backend, needs, magnitude, bias, kept))
+    dx, dw, dbias, da, db, dm = (next(grads) if need else None for need in needs)
+    # x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, magnitude (as many as given)
+    return (dx, dw, dbias, da, db, None, None, None, None, dm)[:len(flags)]
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -132,9 +242,9 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        y, xa = forward(*inputs)
-        save_for_backward(ctx, inputs, xa)
-        return y
+        outputs = forward(*inputs)
+        save_for_backward(ctx, inputs, outputs)
+        return outputs[0]
 
     @staticmethod
     @once_differentiable
@@ -143,9 +253,10 @@ class LoRALinearFunction(torch.autograd.Function):
 
 
 def run_eager(*args) -> Tensor:
-    """y for the nine operator arguments under nn.Linear's autocast rule: through the Function,
-    or, for a torch-route problem bound by host time, through the forward's own ops, which
-    PyTorch's autograd differentiates (fastlora/torch_route.py)."""
+    """y for the ten operator arguments under nn.Linear's autocast rule (DoRA's magnitude is not
+    cast: it enters only through g, in the accumulator dtype): through the Function, or, for a
+    torch-route problem bound by host time, through the forward's own ops, which PyTorch's
+    autograd differentiates (fastlora/torch_route.py)."""
     device_type = args[0].device.type
     if autocast_on(device_type):
         with torch.autocast(device_type, enabled=False):
@@ -153,12 +264,16 @@ def run_eager(*args) -> Tensor:
     return _run(*args)
 
 
-def _run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend) -> Tensor:
+def _run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, magnitude=None) -> Tensor:
     # the route, resolved once for both passes (resolve takes a resolved name back unchanged)
     name = resolve(backend, x, lora_A.shape[0])
     if name == "torch" and x.shape[0] > 0:
         route = get_route(name)
         if route.host_bound(x, weight):
+            scale = None
+            if magnitude is not None:  # g differentiable in m; n a constant (no grad through it)
+                scale = dora_scale(magnitude, dora.weight_norm(route, weight, lora_A, lora_B, scaling))
             return route.autograd_forward(x, weight, bias, lora_A, lora_B, scaling,
-                                          _dropout(seed, dropout_p))
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, name)
+                                          _dropout(seed, dropout_p), scale)
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, name,
+                                    magnitude)

@@ -8,7 +8,13 @@ Timing: on CUDA ``triton.testing.do_bench`` (median, p20, p80 over ~100 ms of re
 warm-up). With ``--mode fwd`` and M <= 64 the forward is timed as inference (no_grad) replayed from
 a CUDA graph, where launch overhead would otherwise dominate. Weights are rotated among several
 copies when one set would fit in L2, so that the floor is not measured from cache. On the CPU the
-providers are timed round-robin (interleaved) with perf_counter, and the medians are reported.
+providers are timed round-robin (interleaved) with perf_counter, and the medians are reported;
+on CUDA too when ``cuda_rounds`` > 1 (``fastlora bench --dora`` uses 5): each round times every
+provider for rep / rounds ms, and the median (p20, p80) of the rounds' medians is reported.
+
+DoRA (``--dora``): ``fastlora-dora`` (LoRALinear(use_dora=True)) and ``peft-dora`` (PEFT's
+LoraConfig(use_dora=True)) get the same magnitude besides the same weights; their ``x peft`` is
+against ``peft-dora``, and ``x lora`` is fastlora-dora's time over fastlora's (LoRA) in the run.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ import torch
 from torch import nn
 
 from .modules import LoRALinear
-from .reference import LoRALinearReference, lora_linear_reference
+from .reference import LoRALinearReference, dora_linear_reference, lora_linear_reference
 
 PRESETS = {
     "llama-7b": [(4096, 4096), (4096, 11008)],
@@ -40,7 +46,11 @@ PRESETS = {
     "bars": [(4096, 4096), (4096, 14336)],
 }
 PROVIDERS = ("base", "reference", "peft", "compiled", "fastlora", "fastlora-fused", "fastlora-split",
-             "fastlora-torch")
+             "fastlora-torch", "fastlora-dora", "peft-dora")
+# The DoRA providers, and the providers ``--dora`` runs by default (fastlora: the LoRA it is timed
+# against).
+DORA_PROVIDERS = ("fastlora-dora", "peft-dora")
+DORA_DEFAULT = ("base", "fastlora", "fastlora-dora", "peft-dora")
 # fastlora's providers and the backend each forces: "fastlora" is the default ("auto": on CUDA the
 # Triton route the route table picks per pass), the others one route each.
 FASTLORA_BACKENDS = {"fastlora": "auto", "fastlora-fused": "fused", "fastlora-split": "split",
@@ -67,16 +77,18 @@ class Row:
     ms_p20: float = math.nan
     ms_p80: float = math.nan
     ratio_to_base: float = math.nan
-    speedup_over_peft: float = math.nan
+    speedup_over_peft: float = math.nan  # DoRA providers: over peft-dora
+    ratio_to_lora: float = math.nan      # fastlora-dora: over fastlora (LoRA) in the same run
     tflops: float = math.nan
     mem_over_base_mb: float = math.nan   # NaN on CPU: unmeasured
     max_rel_err: float = math.nan
     note: str = ""
 
 
-def flops(M: int, K: int, N: int, r: int, mode: str, lora: bool) -> float:
-    """Multiply-adds x2 of the base GEMM(s) and, for LoRA providers, the low-rank terms."""
-    fwd = 2 * M * K * N + (2 * M * K * r + 2 * M * r * N if lora else 0)
+def flops(M: int, K: int, N: int, r: int, mode: str, lora: bool, dora: bool = False) -> float:
+    """Multiply-adds x2 of the base GEMM(s) and, for LoRA providers, the low-rank terms (DoRA: and
+    the norm's W A^T)."""
+    fwd = 2 * M * K * N + (2 * M * K * r + 2 * M * r * N if lora else 0) + (2 * N * K * r if dora else 0)
     # backward with W frozen: dX = dY W (+ (dY B) A), dA = (dY B)^T x, dB = dY^T xa
     bwd = 2 * M * N * K + (2 * M * N * r + 2 * M * r * K + 2 * M * r * K + 2 * M * N * r if lora else 0)
     return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
@@ -94,16 +106,19 @@ class Weights:
     lora_B: torch.Tensor
     scaling: float
     dropout: float
+    magnitude: torch.Tensor  # DoRA's: ||W + s B A||_row, each feature off by up to 10%
 
 
 def make_weights(K: int, N: int, r: int, dtype, device, dropout: float, seed: int = 0) -> Weights:
     g = torch.Generator(device="cpu").manual_seed(seed)
 
     def rnd(*shape, scale):
-        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+        return torch.randn(*shape, generator=g) * scale
 
-    return Weights(rnd(N, K, scale=K ** -0.5), rnd(N, scale=1.0), rnd(r, K, scale=K ** -0.5),
-                   rnd(N, r, scale=r ** -0.5), scaling=2.0, dropout=dropout)
+    w, b, a, bb = rnd(N, K, scale=K ** -0.5), rnd(N, scale=1.0), rnd(r, K, scale=K ** -0.5), rnd(N, r, scale=r ** -0.5)
+    m = torch.linalg.norm(w + 2.0 * bb @ a, dim=1) * (0.9 + 0.2 * torch.rand(N, generator=g))
+    return Weights(*(t.to(device=device, dtype=dtype) for t in (w, b, a, bb)), scaling=2.0, dropout=dropout,
+                   magnitude=m.to(device=device, dtype=dtype))
 
 
 def build(provider: str, w: Weights) -> tuple[Callable, list[torch.Tensor]]:
@@ -118,18 +133,23 @@ def build(provider: str, w: Weights) -> tuple[Callable, list[torch.Tensor]]:
         _share(m, w)
         params = [m.lora_A, m.lora_B]
         return (torch.compile(m) if provider == "compiled" else m), params
-    if provider in FASTLORA_BACKENDS:
+    if provider in FASTLORA_BACKENDS or provider == "fastlora-dora":
+        dora = provider == "fastlora-dora"
         m = LoRALinear(K, N, r=r, alpha=w.scaling * r, dropout=w.dropout,
-                       backend=FASTLORA_BACKENDS[provider], device=w.weight.device,
-                       dtype=w.weight.dtype)
+                       backend=FASTLORA_BACKENDS.get(provider, "auto"), device=w.weight.device,
+                       dtype=w.weight.dtype, use_dora=dora)
         _share(m, w)
-        return m, [m.lora_A, m.lora_B]
-    if provider == "peft":
+        if dora:
+            m.lora_magnitude_vector = nn.Parameter(w.magnitude.clone())
+        return m, [m.lora_A, m.lora_B] + ([m.lora_magnitude_vector] if dora else [])
+    if provider in ("peft", "peft-dora"):
         import peft  # optional extra "bench"
 
+        dora = provider == "peft-dora"
         holder = nn.Module()
         holder.proj = nn.Linear(K, N, device=w.weight.device, dtype=w.weight.dtype)
-        cfg = peft.LoraConfig(r=r, lora_alpha=w.scaling * r, lora_dropout=w.dropout, target_modules=["proj"])
+        cfg = peft.LoraConfig(r=r, lora_alpha=w.scaling * r, lora_dropout=w.dropout, target_modules=["proj"],
+                              use_dora=dora)
         model = peft.get_peft_model(holder, cfg)
         layer = model.base_model.model.proj
         with torch.no_grad():
@@ -137,7 +157,10 @@ def build(provider: str, w: Weights) -> tuple[Callable, list[torch.Tensor]]:
             layer.base_layer.bias = nn.Parameter(w.bias, requires_grad=False)
             layer.lora_A["default"].weight = nn.Parameter(w.lora_A.clone())
             layer.lora_B["default"].weight = nn.Parameter(w.lora_B.clone())
-        return layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+            if dora:
+                layer.lora_magnitude_vector["default"].weight = nn.Parameter(w.magnitude.clone())
+        params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+        return layer, params + ([layer.lora_magnitude_vector["default"].weight] if dora else [])
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
 
 
@@ -151,7 +174,7 @@ def _share(m: nn.Module, w: Weights) -> None:
 
 def provider_available(provider: str, device: torch.device) -> str | None:
     """None if the provider can run here, else why not."""
-    if provider == "peft":
+    if provider in ("peft", "peft-dora"):
         try:
             import peft  # noqa: F401
         except ImportError:
@@ -253,7 +276,7 @@ def _callables(provider: str, spec: Spec, device, n_sets: int):
             return torch.autograd.grad(module(x), [x, *params], dy)
 
     def check() -> float:
-        """max |provider - ref64| / max |ref64| over y and, with backward, dx, dA, dB
+        """max |provider - ref64| / max |ref64| over y and, with backward, dx, dA, dB (DoRA: dm)
         (dropout disabled: the masks of different providers differ by design)."""
         w, module, params = sets[0]
         if provider == "base":
@@ -263,13 +286,17 @@ def _callables(provider: str, spec: Spec, device, n_sets: int):
         try:
             y = module(x)
             xd = x.detach().double().requires_grad_(True)
-            a64 = w.lora_A.double().requires_grad_(True)
-            b64 = w.lora_B.double().requires_grad_(True)
-            y64 = lora_linear_reference(xd, w.weight, w.bias, a64, b64, w.scaling, upcast=True)
+            ref = [t.double().requires_grad_(True) for t in (w.lora_A, w.lora_B, w.magnitude)]
+            if provider in DORA_PROVIDERS:
+                y64 = dora_linear_reference(xd, w.weight, w.bias, ref[0], ref[1], w.scaling, ref[2],
+                                            upcast=True)
+            else:
+                y64 = lora_linear_reference(xd, w.weight, w.bias, ref[0], ref[1], w.scaling, upcast=True)
+                ref = ref[:2]
             errs = [_rel(y, y64)]
             if spec.mode != "fwd":
                 got = torch.autograd.grad(y, [x, *params], dy)
-                want = torch.autograd.grad(y64, [xd, a64, b64], dy.double())
+                want = torch.autograd.grad(y64, [xd, *ref], dy.double())
                 errs += [_rel(a, b) for a, b in zip(got, want)]
             return max(errs)
         finally:
@@ -309,19 +336,22 @@ def _n_weight_sets(spec: Spec, device) -> int:
 
 def run(shapes: list[tuple[int, int, int]], ranks: list[int], dtype: torch.dtype, modes: list[str],
         providers: list[str], device: torch.device, dropout: float = 0.0, cpu_rounds: int = 15,
-        cuda_rep: float = 100, progress: Callable[[str], None] | None = None) -> list[Row]:
-    """One Row per (shape, rank, mode, provider). ``cuda_rep``: ms of timed repeats on CUDA."""
+        cuda_rep: float = 100, progress: Callable[[str], None] | None = None,
+        cuda_rounds: int = 1) -> list[Row]:
+    """One Row per (shape, rank, mode, provider). ``cuda_rep``: ms of timed repeats on CUDA, in
+    ``cuda_rounds`` interleaved rounds."""
     rows: list[Row] = []
     jobs = [(s, r, m) for s in shapes for r in ranks for m in modes]
     for i, ((M, K, N), r, mode) in enumerate(jobs):
         spec = Spec(M, K, N, r, dtype, mode, dropout)
         if progress:
             progress(f"[{i + 1}/{len(jobs)}] M={M} {K}->{N} r={r} {mode}")
-        rows += _run_one(spec, providers, device, cpu_rounds, cuda_rep)
+        rows += _run_one(spec, providers, device, cpu_rounds, cuda_rep, cuda_rounds)
     return rows
 
 
-def _run_one(spec: Spec, providers: list[str], device, cpu_rounds: int, cuda_rep: float) -> list[Row]:
+def _run_one(spec: Spec, providers: list[str], device, cpu_rounds: int, cuda_rep: float,
+             cuda_rounds: int = 1) -> list[Row]:
     dname = next(k for k, v in DTYPES.items() if v == spec.dtype)
     base = dict(shape=f"{spec.M},{spec.K},{spec.N}", M=spec.M, in_features=spec.K, out_features=spec.N,
                 rank=spec.r, dtype=dname, mode=spec.mode, dropout=spec.dropout)
@@ -347,11 +377,20 @@ def _run_one(spec: Spec, providers: list[str], device, cpu_rounds: int, cuda_rep
                       note="inference, CUDA graph" if inference else "")
         timed[p] = (fn, inference)
 
-    if device.type == "cuda":
+    if device.type == "cuda" and cuda_rounds > 1:
+        medians = {p: [] for p in timed}
+        for _ in range(cuda_rounds):  # interleaved: every provider once a round
+            for p, (fn, inference) in timed.items():
+                medians[p].append(_time_cuda(fn, inference, cuda_rep / cuda_rounds)[0] / (n_sets if inference else 1))
+        for p, (fn, _) in timed.items():
+            rows[p].ms, rows[p].ms_p20, rows[p].ms_p80 = sample_stats(medians[p])
+            rows[p].mem_over_base_mb = _peak_mb(fn)
+    elif device.type == "cuda":
         for p, (fn, inference) in timed.items():
             med, p20, p80 = (t / (n_sets if inference else 1) for t in _time_cuda(fn, inference, cuda_rep))
             rows[p].ms, rows[p].ms_p20, rows[p].ms_p80 = med, p20, p80
             rows[p].mem_over_base_mb = _peak_mb(fn)
+    if device.type == "cuda":
         if "base" in timed:
             for p in timed:
                 rows[p].mem_over_base_mb -= rows["base"].mem_over_base_mb if p != "base" else 0.0
@@ -372,11 +411,15 @@ def _run_one(spec: Spec, providers: list[str], device, cpu_rounds: int, cuda_rep
     for p, row in rows.items():
         if row.status != "ok":
             continue
-        row.tflops = flops(spec.M, spec.K, spec.N, spec.r, spec.mode, p != "base") / (row.ms * 1e-3) / 1e12
+        dora = p in DORA_PROVIDERS
+        row.tflops = flops(spec.M, spec.K, spec.N, spec.r, spec.mode, p != "base", dora) / (row.ms * 1e-3) / 1e12
         if "base" in timed:
             row.ratio_to_base = row.ms / rows["base"].ms
-        if "peft" in timed:
-            row.speedup_over_peft = rows["peft"].ms / row.ms
+        peer = "peft-dora" if dora else "peft"
+        if peer in timed:
+            row.speedup_over_peft = rows[peer].ms / row.ms
+        if p == "fastlora-dora" and "fastlora" in timed:
+            row.ratio_to_lora = row.ms / rows["fastlora"].ms
     return [rows[p] for p in providers if p in rows]
 
 
@@ -419,11 +462,13 @@ def _cpu_name() -> str:
 def format_table(rows: list[Row], env: dict) -> str:
     head = (f"fastlora bench | {env['machine']} ({env['device']}) | torch {env['torch']} | "
             f"triton {env['triton']} | commit {env['commit']} | {env['date']}")
-    cols = ["shape", "r", "dtype", "mode", "provider", "ms", "p20-p80", "x base", "x peft", "TFLOP/s",
-            "+MB", "status"]
+    dora = any(r.provider in DORA_PROVIDERS for r in rows)
+    cols = ["shape", "r", "dtype", "mode", "provider", "ms", "p20-p80", "x base", "x peft",
+            *(["x lora"] if dora else []), "TFLOP/s", "+MB", "status"]
     lines = [[r.shape, str(r.rank), r.dtype, r.mode, r.provider, fmt_number(r.ms, ".4g"),
               f"{fmt_number(r.ms_p20, '.4g')}-{fmt_number(r.ms_p80, '.4g')}",
               fmt_number(r.ratio_to_base, ".3f"), fmt_number(r.speedup_over_peft, ".2f"),
+              *([fmt_number(r.ratio_to_lora, ".3f")] if dora else []),
               fmt_number(r.tflops, ".3g"), fmt_number(r.mem_over_base_mb, ".1f"),
               r.status + (f" ({r.note})" if r.note and r.status != "ok" else "")] for r in rows]
     return text_table(head, cols, lines)

@@ -7,11 +7,14 @@ step (forward, backward, AdamW) with LoRA r=16 on q, k, v, o, gate, up and down,
   does the dX work every LoRA step does, and nothing else);
 - ``peft``: PEFT's ``get_peft_model``;
 - ``fastlora``: ``fastlora.apply_lora``;
-- ``fastlora-from-peft``: the PEFT model made to compute through fastlora (``fastlora.from_peft``).
+- ``fastlora-from-peft``: the PEFT model made to compute through fastlora (``fastlora.from_peft``);
+- ``fastlora-dora`` and ``peft-dora``: DoRA (``apply_lora(use_dora=True)``, PEFT's
+  ``LoraConfig(use_dora=True)``), the magnitudes starting equal in both.
 
 Every provider starts from the same weights and sees the same batch; tokens/s, the ratio of its
-step time to the floor's, its speedup over PEFT and its peak memory are reported. Timing as the
-layer bench (fastlora/bench.py): CUDA events on a GPU, interleaved rounds on the CPU.
+step time to the floor's, its speedup over PEFT (DoRA providers: over peft-dora), fastlora-dora's
+time over fastlora's (``x lora``) and its peak memory are reported. Timing as the layer bench
+(fastlora/bench.py): CUDA events on a GPU, interleaved rounds on the CPU.
 """
 from __future__ import annotations
 
@@ -24,7 +27,10 @@ import torch
 from .bench import fmt_number, sample_stats, text_table
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PROVIDERS = ("floor", "peft", "fastlora", "fastlora-from-peft")
+PROVIDERS = ("floor", "peft", "fastlora", "fastlora-from-peft", "fastlora-dora", "peft-dora")
+DORA_PROVIDERS = ("fastlora-dora", "peft-dora")
+# ``fastlora bench --model NAME --dora``'s providers
+DORA_DEFAULT = ("floor", "fastlora", "fastlora-dora", "peft-dora")
 # name: (hidden, intermediate, heads, kv heads, layers, vocab). The vocabulary is small on purpose:
 # the step is the decoder layers' (a 128k-word head would be a third of a few-layer model's time
 # and is the same for every provider).
@@ -48,7 +54,8 @@ class ModelRow:
     ms_p80: float = math.nan
     tokens_per_s: float = math.nan
     ratio_to_floor: float = math.nan
-    speedup_over_peft: float = math.nan
+    speedup_over_peft: float = math.nan  # DoRA providers: over peft-dora
+    ratio_to_lora: float = math.nan      # fastlora-dora: over fastlora (LoRA)
     peak_mb: float = math.nan
     note: str = ""
 
@@ -72,22 +79,27 @@ def _build(provider: str, config, dtype, device, rank: int):
     model.requires_grad_(False)
     if provider == "floor":
         return model, []
-    if provider == "fastlora":
+    dora = provider in DORA_PROVIDERS
+    if provider in ("fastlora", "fastlora-dora"):
         import fastlora
-        model = fastlora.apply_lora(model, TARGETS, r=rank, alpha=2 * rank)
+        model = fastlora.apply_lora(model, TARGETS, r=rank, alpha=2 * rank, use_dora=dora)
     else:
         import peft
         model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank,
-                                                           target_modules=TARGETS))
+                                                           target_modules=TARGETS, use_dora=dora))
         if provider == "fastlora-from-peft":
             import fastlora
             fastlora.from_peft(model)
-    # every provider starts from the same non-zero adapters (B = 0 would hide the B-side work)
+    # every provider starts from the same non-zero adapters (B = 0 would hide the B-side work) and
+    # DoRA's magnitudes from ||W_n|| each off by up to 1% (A, B, m in the same order in both)
     g = torch.Generator().manual_seed(1)
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         for p in params:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+            if p.dim() == 1:  # a magnitude
+                p.mul_((1 + 0.01 * torch.randn(p.shape, generator=g)).to(p.device, p.dtype))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
     return model, params
 
 
@@ -154,24 +166,29 @@ def run(name: str, providers: list[str], device: torch.device, dtype: torch.dtyp
         for p, ms in samples.items():
             rows[p].ms, rows[p].ms_p20, rows[p].ms_p80 = sample_stats(ms)
     ok = {p: r for p, r in rows.items() if r.status == "ok"}
-    for r in ok.values():
+    for p, r in ok.items():
         r.tokens_per_s = r.tokens / (r.ms * 1e-3)
         if "floor" in ok:
             r.ratio_to_floor = r.ms / ok["floor"].ms
-        if "peft" in ok:
-            r.speedup_over_peft = ok["peft"].ms / r.ms
+        peer = "peft-dora" if p in DORA_PROVIDERS else "peft"
+        if peer in ok:
+            r.speedup_over_peft = ok[peer].ms / r.ms
+        if p == "fastlora-dora" and "fastlora" in ok:
+            r.ratio_to_lora = r.ms / ok["fastlora"].ms
     return [rows[p] for p in providers if p in rows]
 
 
 def format_table(rows: list[ModelRow], env: dict) -> str:
     head = (f"fastlora bench --model | {env['machine']} ({env['device']}) | torch {env['torch']} | "
             f"triton {env['triton']} | commit {env['commit']} | {env['date']}")
+    dora = any(r.provider in DORA_PROVIDERS for r in rows)
     cols = ["model", "layers", "tokens", "r", "dtype", "provider", "ms", "p20-p80", "tokens/s",
-            "x floor", "x peft", "peak MB", "status"]
+            "x floor", "x peft", *(["x lora"] if dora else []), "peak MB", "status"]
     lines = [[r.model, str(r.layers), str(r.tokens), str(r.rank), r.dtype, r.provider,
               fmt_number(r.ms, ".4g"), f"{fmt_number(r.ms_p20, '.4g')}-{fmt_number(r.ms_p80, '.4g')}",
               fmt_number(r.tokens_per_s, ".4g"), fmt_number(r.ratio_to_floor, ".3f"),
-              fmt_number(r.speedup_over_peft, ".2f"), fmt_number(r.peak_mb, ".0f"),
+              fmt_number(r.speedup_over_peft, ".2f"), *([fmt_number(r.ratio_to_lora, ".3f")] if dora else []),
+              fmt_number(r.peak_mb, ".0f"),
               r.status + (f" ({r.note})" if r.note else "")] for r in rows]
     return text_table(head, cols, lines)
 

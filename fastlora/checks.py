@@ -7,17 +7,21 @@ The three-way bound (as flash-attention tests): for every output and gradient,
 where ref64 is the float64 reference on the same (dtype-d rounded) inputs and torch_d is the same
 plain-PyTorch reference computed in dtype d: fastlora may be at most about twice as wrong as
 PyTorch itself in that dtype. It adapts to the shape and cannot be loosened into meaninglessness.
+A DoRA case (``Case(dora=True)``) holds the magnitude's gradient to the same bound, against PEFT's
+formula (``dora_linear_reference``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
 import torch
 
+from . import dora
 from .functional import draw_seed, lora_linear
 from .routes import Dropout, resolve
-from .reference import lora_linear_reference
+from .reference import dora_linear_reference, lora_linear_reference
 
 # Absolute slack, relative to the output's scale, for when PyTorch's own error happens to be ~0.
 ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
@@ -36,6 +40,7 @@ class Case:
     layout: str = "contiguous"                 # "contiguous" | "3d" | "transposed" | "sliced"
     scaling: float = 0.5
     dropout_p: float = 0.0
+    dora: bool = False                         # DoRA: a magnitude vector, and its gradient
 
     @property
     def id(self) -> str:
@@ -49,6 +54,7 @@ class Case:
         s += "" if self.layout == "contiguous" else f"-{self.layout}"
         s += f"-s{self.scaling:g}" if self.scaling != 0.5 else ""
         s += f"-p{self.dropout_p:g}" if self.dropout_p else ""
+        s += "-dora" if self.dora else ""
         return s
 
 
@@ -84,11 +90,17 @@ def make_inputs(case: Case, device, seed: int = 0) -> dict:
         x = rnd(3, M // 3, K)
     else:
         x = rnd(M, K)
-    return dict(
+    inputs = dict(
         x=x, weight=rnd(N, K, scale=K ** -0.5), bias=rnd(N) if case.bias else None,
         lora_A=rnd(R, K, scale=K ** -0.5, dtype=adt), lora_B=rnd(N, R, scale=R ** -0.5, dtype=adt),
         dy=rnd(*x.shape[:-1], N),
     )
+    if case.dora:  # a trained-looking magnitude: the norm of W + s B A, each feature rescaled
+        w, a, b = (inputs[k].double() for k in ("weight", "lora_A", "lora_B"))
+        norm = torch.linalg.norm(w + case.scaling * (b @ a), dim=1)
+        inputs["magnitude"] = (norm * (0.5 + torch.rand(N, generator=g, dtype=torch.float64).to(norm.device))
+                               ).to(adt)
+    return inputs
 
 
 def dropout_keep_mask(backend_name: str, seed: torch.Tensor, x2d: torch.Tensor, p: float) -> torch.Tensor:
@@ -105,8 +117,9 @@ def three_way(case: Case, backend: str, device="cpu", seed: int = 0) -> list[Res
     float64 reference; return one Result per output/gradient."""
     inp = make_inputs(case, device, seed)
     x, dy = inp["x"], inp["dy"]
-    params = {k: inp[k] for k in ("weight", "bias", "lora_A", "lora_B")}
-    grads_of = ["x", "lora_A", "lora_B"] + (["bias"] if case.bias and case.bias_grad else [])
+    params = {k: inp[k] for k in ("weight", "bias", "lora_A", "lora_B", "magnitude") if k in inp}
+    grads_of = (["x", "lora_A", "lora_B"] + (["bias"] if case.bias and case.bias_grad else [])
+                + (["magnitude"] if case.dora else []))
 
     def leaves(dtype=None):
         out = {"x": x.detach().clone().requires_grad_(True)}
@@ -127,15 +140,19 @@ def three_way(case: Case, backend: str, device="cpu", seed: int = 0) -> list[Res
     fl = leaves()
     torch.manual_seed(seed)  # the op draws the same dropout seed as above
     y = lora_linear(fl["x"], fl["weight"], fl["bias"], fl["lora_A"], fl["lora_B"], case.scaling,
-                    dropout_p=case.dropout_p, training=True, backend=backend)
+                    dropout_p=case.dropout_p, training=True, backend=backend, magnitude=fl.get("magnitude"))
     y.backward(dy)
 
     outs = {}
     for tag, dtype, upcast in (("torch", None, False), ("ref64", torch.float64, True)):
         lv = leaves(dtype)
-        yr = lora_linear_reference(lv["x"], lv["weight"], lv["bias"], lv["lora_A"], lv["lora_B"],
-                                   case.scaling, dropout_mask=mask, dropout_p=case.dropout_p,
-                                   upcast=upcast)
+        common = (lv["x"], lv["weight"], lv["bias"], lv["lora_A"], lv["lora_B"], case.scaling)
+        if case.dora:
+            yr = dora_linear_reference(*common, lv["magnitude"], dropout_mask=mask,
+                                       dropout_p=case.dropout_p, upcast=upcast)
+        else:
+            yr = lora_linear_reference(*common, dropout_mask=mask, dropout_p=case.dropout_p,
+                                       upcast=upcast)
         yr.backward(dy.to(yr.dtype))
         outs[tag] = {"y": yr, **{k: lv[k].grad for k in grads_of}}
     got = {"y": y, **{k: fl[k].grad for k in grads_of}}
@@ -171,25 +188,49 @@ def three_way_pooled(case: Case, backend: str, device="cpu", seeds=(0, 1, 2)) ->
 
 
 def _expected_dtype(name: str, case: Case) -> torch.dtype:
-    if name in ("lora_A", "lora_B"):
+    if name in ("lora_A", "lora_B", "magnitude"):
         return case.adapter_dtype or case.dtype
     return case.dtype
 
 
-def gradcheck(backend: str, device="cpu", dropout_p: float = 0.0, fast_mode: bool = False) -> bool:
+def gradcheck(backend: str, device="cpu", dropout_p: float = 0.0, fast_mode: bool = False,
+              dora: bool = False) -> bool:
     """torch.autograd.gradcheck of lora_linear in float64 on a tiny problem (all inputs but the
-    frozen weight, including a trainable bias)."""
+    frozen weight, including a trainable bias; with ``dora``, the magnitude too).
+
+    DoRA's backward is the derivative of y with the norm ||W + s B A||_row held constant (it is
+    detached, as in the paper and PEFT), which finite differences in A and B would move: the norm is
+    frozen at its value for the unperturbed A and B (``frozen_weight_norm``), so that the function
+    checked is the one whose derivative is claimed."""
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rnd(*shape, grad=True):
         return torch.randn(*shape, generator=g, dtype=torch.float64).to(device).requires_grad_(grad)
 
     x, w, b, a, bb = rnd(5, 7), rnd(6, 7, grad=False), rnd(6), rnd(3, 7), rnd(6, 3)
+    m = (torch.rand(6, generator=g, dtype=torch.float64) + 0.5).to(device).requires_grad_(True)
 
-    def f(x, b, a, bb):
+    def f(x, b, a, bb, *m):
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
             torch.manual_seed(1)  # the same dropout mask in every evaluation
-            return lora_linear(x, w, b, a, bb, 0.3, dropout_p=dropout_p, backend=backend)
+            return lora_linear(x, w, b, a, bb, 0.3, dropout_p=dropout_p, backend=backend,
+                               magnitude=m[0] if m else None)
 
-    return torch.autograd.gradcheck(f, (x, b, a, bb), fast_mode=fast_mode)
+    if not dora:
+        return torch.autograd.gradcheck(f, (x, b, a, bb), fast_mode=fast_mode)
+    norm = torch.linalg.norm(w + 0.3 * (bb @ a), dim=1).detach()
+    with frozen_weight_norm(norm):
+        return torch.autograd.gradcheck(f, (x, b, a, bb, m), fast_mode=fast_mode)
+
+
+@contextlib.contextmanager
+def frozen_weight_norm(norm: torch.Tensor):
+    """DoRA's ||W + s B A||_row is ``norm`` (in the accumulator dtype) whatever A and B are, inside
+    the block: the norm as the backward sees it, a constant (for gradcheck)."""
+    real = dora.weight_norm
+    dora.weight_norm = lambda route, weight, lora_A, lora_B, scaling: norm.to(weight.device)
+    try:
+        yield
+    finally:
+        dora.weight_norm = real
 

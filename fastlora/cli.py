@@ -60,6 +60,10 @@ def demo(args) -> int:
 # bench
 
 
+# --dora times the providers interleaved on CUDA too: its bar is a ratio of two providers' times.
+DORA_CUDA_ROUNDS = 5
+
+
 def bench(args) -> int:
     from . import bench as B
     from . import bench_model as BM
@@ -69,7 +73,8 @@ def bench(args) -> int:
     dtype = B.DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     progress = B.progress_printer() if not args.quiet else None
     if args.model:  # a whole decoder's training step (fastlora/bench_model.py)
-        rows = BM.run(args.model, args.providers or list(BM.PROVIDERS), device, dtype,
+        default = BM.DORA_DEFAULT if args.dora else [p for p in BM.PROVIDERS if p not in BM.DORA_PROVIDERS]
+        rows = BM.run(args.model, args.providers or list(default), device, dtype,
                       tokens=args.tokens or (8192 if cuda else 512), seq=args.seq or (2048 if cuda else 128),
                       rank=(args.rank or [16])[0], layers=args.layers, cpu_rounds=args.rounds,
                       progress=progress)
@@ -81,10 +86,14 @@ def bench(args) -> int:
             preset = args.preset or ("llama" if cuda else "small")
             ms = args.M or ([1, 16, 256, 2048, 8192] if cuda else [256, 2048])
             shapes = [(m, k, n) for k, n in B.PRESETS[preset] for m in ms]
-        providers = args.providers or (["base", "reference", "peft", *B.FASTLORA_BACKENDS] if cuda
-                                       else ["base", "reference", "peft", "fastlora"])
+        if args.dora:
+            providers = args.providers or list(B.DORA_DEFAULT)
+        else:
+            providers = args.providers or (["base", "reference", "peft", *B.FASTLORA_BACKENDS] if cuda
+                                           else ["base", "reference", "peft", "fastlora"])
         rows = B.run(shapes, args.rank or [16], dtype, args.mode or ["fwd", "full"], providers, device,
-                     dropout=args.dropout, cpu_rounds=args.rounds, cuda_rep=args.rep, progress=progress)
+                     dropout=args.dropout, cpu_rounds=args.rounds, cuda_rep=args.rep, progress=progress,
+                     cuda_rounds=DORA_CUDA_ROUNDS if args.dora else 1)
         table, plot = B.format_table, B.plot
     if progress:
         progress("done")
@@ -256,9 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dropout", type=_probability, default=0.0)
     b.add_argument("--providers", nargs="+", metavar="PROVIDER",
                    help="layer bench: base reference peft compiled fastlora fastlora-fused "
-                        "fastlora-split fastlora-torch (default: base reference peft fastlora, and on "
-                        "CUDA the three fastlora-ROUTE ones; 'compiled' compiles per shape: slow); "
-                        "--model: floor peft fastlora fastlora-from-peft (default: all)")
+                        "fastlora-split fastlora-torch fastlora-dora peft-dora (default: base "
+                        "reference peft fastlora, and on CUDA the three fastlora-ROUTE ones; "
+                        "'compiled' compiles per shape: slow); --model: floor peft fastlora "
+                        "fastlora-from-peft fastlora-dora peft-dora (default: all but the DoRA ones)")
+    b.add_argument("--dora", action="store_true",
+                   help="DoRA: default providers base fastlora fastlora-dora peft-dora (--model: "
+                        "floor fastlora fastlora-dora peft-dora), timed interleaved on CUDA too; "
+                        "'x lora' is fastlora-dora's time over fastlora's")
     b.add_argument("--model", choices=["tiny", "llama3-8b"],
                    help="time a whole decoder's training step instead (tiny: CPU-sized; llama3-8b: "
                         "Llama-3-8B-wide layers, a few of them)")

@@ -21,7 +21,8 @@ ALL_LINEAR = "all-linear"
 def apply_lora(model: nn.Module, target_modules: str | Iterable[str], *, r: int = 8,
                alpha: float = 8, dropout: float = 0.0, use_rslora: bool = False,
                exclude_modules: str | Iterable[str] | None = None,
-               init_lora_weights: bool | str = True, backend: str = "auto") -> nn.Module:
+               init_lora_weights: bool | str = True, backend: str = "auto",
+               use_dora: bool = False) -> nn.Module:
     """Replace the targeted nn.Linear layers of ``model`` by LoRALinear layers, in place.
 
     Each LoRALinear shares its base layer's weight and bias Parameters (no copy). Afterwards only
@@ -34,7 +35,8 @@ def apply_lora(model: nn.Module, target_modules: str | Iterable[str], *, r: int 
             "all-linear": every nn.Linear except the output head (``model.get_output_embeddings()``
             where the model has it, as PEFT does for transformers models).
         exclude_modules: modules not to target, in the same forms (no "all-linear").
-        r, alpha, dropout, use_rslora, init_lora_weights, backend: as LoRALinear.
+        r, alpha, dropout, use_rslora, init_lora_weights, backend, use_dora: as LoRALinear
+            (``use_dora=True``: DoRA, as PEFT's LoraConfig(use_dora=True); docs/dora.md).
 
     Returns ``model`` (a new LoRALinear if ``model`` itself is a targeted nn.Linear).
     """
@@ -42,11 +44,12 @@ def apply_lora(model: nn.Module, target_modules: str | Iterable[str], *, r: int 
     paths = select_targets(model, target_modules, exclude_modules, "apply_lora")
     return inject_lora(model, paths, lambda path: (r, alpha),
                    dict(dropout=dropout, use_rslora=use_rslora,
-                        init_lora_weights=init_lora_weights, backend=backend))
+                        init_lora_weights=init_lora_weights, backend=backend, use_dora=use_dora))
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
-    """Make the LoRA parameters of ``model`` trainable and freeze every other parameter.
+    """Make the LoRA parameters of ``model`` (DoRA's magnitudes too) trainable and freeze every other
+    parameter.
 
     ``bias``: "none" (biases frozen), "all" (every parameter named ``bias`` trains) or
     "lora_only" (the biases of the LoRA layers train), as PEFT's LoraConfig.bias.
@@ -59,13 +62,16 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     for layer in layers.values():
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
+        if layer.lora_magnitude_vector is not None:
+            layer.lora_magnitude_vector.requires_grad_(True)
     for p in bias_parameters(model, layers, bias).values():
         p.requires_grad_(True)
 
 
 def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Tensor]:
     """The adapter's tensors only, keyed as in ``model.state_dict()``: every LoRA layer's
-    ``lora_A`` and ``lora_B``, plus the biases that ``bias`` (as mark_only_lora_as_trainable) trains."""
+    ``lora_A`` and ``lora_B`` (and DoRA's ``lora_magnitude_vector``), plus the biases that ``bias``
+    (as mark_only_lora_as_trainable) trains."""
     check_model("lora_state_dict", model)
     check_bias("lora_state_dict", bias)
     layers = lora_layers(model, "lora_state_dict")
@@ -73,12 +79,15 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Ten
     for path, layer in layers.items():
         out[join_path(path, "lora_A")] = layer.lora_A.detach()
         out[join_path(path, "lora_B")] = layer.lora_B.detach()
+        if layer.lora_magnitude_vector is not None:
+            out[join_path(path, "lora_magnitude_vector")] = layer.lora_magnitude_vector.detach()
     out.update({name: p.detach() for name, p in bias_parameters(model, layers, bias).items()})
     return out
 
 
 def merge(model: nn.Module) -> None:
-    """Fold every LoRA layer's ``s B A`` into its weight (see LoRALinear.merge); all or nothing:
+    """Fold every LoRA layer's ``s B A`` into its weight (DoRA: W' = m o (W + s B A) /
+    ||W + s B A||_row; see LoRALinear.merge); all or nothing:
     if one layer's merged weight is not finite, the layers merged before it are unmerged again.
 
     A LoRA layer whose weight shares memory with another parameter or buffer of the model (tied

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import dora
 from .arguments import check_backend, finite_number, lora_scaling, positive_int, probability
 from .functional import lora_linear
 
@@ -20,6 +21,12 @@ class LoRALinear(nn.Module):
     ``init_lora_weights``: True (PEFT's default: A Kaiming-uniform, B zero, so a fresh layer equals
     its base), "gaussian" (A ~ N(0, (1/r)^2), B zero, as PEFT) or False (both random, for tests).
 
+    ``use_dora=True``: DoRA (PEFT's ``use_dora``), a trainable magnitude ``lora_magnitude_vector``
+    [out_features] m rescaling each output feature of W + s B A to length m (fastlora.lora_linear's
+    ``magnitude``; docs/dora.md). It starts as ||W + s B A||_row, so a fresh layer equals its LoRA
+    layer, and is set again by ``reset_lora_parameters``. DoRA needs r <= min(in_features,
+    out_features).
+
     ``merge()`` folds ``s B A`` into ``weight`` so that the forward is the plain GEMM; ``unmerge()``
     restores the weight bit-exactly from a copy kept while merged (one extra weight-sized tensor).
     Merging is invisible to checkpoints: the state dict of a merged layer holds the weight from
@@ -31,15 +38,16 @@ class LoRALinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 8,
                  dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
                  init_lora_weights: bool | str = True, backend: str = "auto",
-                 device=None, dtype=None):
+                 device=None, dtype=None, use_dora: bool = False):
         super().__init__()
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._setup(base.weight, base.bias, r, alpha, dropout, use_rslora, init_lora_weights, backend)
+        self._setup(base.weight, base.bias, r, alpha, dropout, use_rslora, init_lora_weights, backend,
+                    use_dora)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                     use_rslora: bool = False, init_lora_weights: bool | str = True,
-                    backend: str = "auto") -> "LoRALinear":
+                    backend: str = "auto", use_dora: bool = False) -> "LoRALinear":
         """Wrap ``linear``: its weight and bias Parameters are shared (not copied) and frozen.
 
         An nn.Linear subclass whose forward is not nn.Linear's is refused: the LoRALinear computes
@@ -54,11 +62,16 @@ class LoRALinear(nn.Module):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._setup(linear.weight, linear.bias, r, alpha, dropout, use_rslora, init_lora_weights,
-                     backend)
+                     backend, use_dora)
         return layer
 
-    def _setup(self, weight, bias, r, alpha, dropout, use_rslora, init_lora_weights, backend):
+    def _setup(self, weight, bias, r, alpha, dropout, use_rslora, init_lora_weights, backend, use_dora):
         r = positive_int(r, "r", "LoRALinear")
+        if not isinstance(use_dora, bool):
+            raise ValueError(f"LoRALinear: use_dora must be True or False, got {use_dora!r}")
+        if use_dora and r > min(weight.shape):
+            raise ValueError(f"LoRALinear: DoRA needs r <= min(in_features, out_features) = "
+                             f"{min(weight.shape)}, got r={r}: B A cannot have a larger rank")
         # numpy scalars become Python numbers; a plain int or float is kept as given
         alpha = alpha if type(alpha) in (int, float) else finite_number(alpha, "alpha", "LoRALinear")
         finite_number(alpha, "alpha", "LoRALinear")
@@ -71,7 +84,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRALinear: init_lora_weights must be True, False or 'gaussian', "
                              f"got {init_lora_weights!r}")
         self.out_features, self.in_features = weight.shape
-        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.r, self.alpha, self.use_rslora, self.use_dora = r, alpha, use_rslora, use_dora
         self.scaling = lora_scaling(alpha, r, use_rslora)
         self.dropout = dropout
         self.backend = backend
@@ -85,6 +98,10 @@ class LoRALinear(nn.Module):
         kw = {"device": weight.device, "dtype": weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **kw))
+        if use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, **kw))
+        else:
+            self.register_parameter("lora_magnitude_vector", None)
         # The weight as it was before merge(), while merged: a non-persistent buffer, so that
         # .to(device/dtype) moves it with the weight and it never reaches a checkpoint.
         self.register_buffer("_weight_before_merge", None, persistent=False)
@@ -100,6 +117,10 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
         else:
             nn.init.zeros_(self.lora_B)
+        if self.use_dora:  # m = ||W + s B A||_row: the layer starts as its LoRA layer (g = 1)
+            _, g = dora.merged_scale(self.weight, self.lora_A, self.lora_B, self.scaling,
+                                     torch.ones_like(self.lora_magnitude_vector))
+            self.lora_magnitude_vector.copy_(1.0 / g)
 
     @property
     def merged(self) -> bool:
@@ -107,7 +128,17 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def _merged_weight(self) -> torch.Tensor:
-        """W + s B A, computed in float32 (float64 for float64 tensors) and cast to W's dtype."""
+        """W + s B A (DoRA: m o (W + s B A) / ||W + s B A||_row), computed in float32 (float64 for
+        float64 tensors) and cast to W's dtype."""
+        if self.use_dora:
+            w, g = dora.merged_scale(self.weight, self.lora_A, self.lora_B, self.scaling,
+                                     self.lora_magnitude_vector)
+            w = w.mul_(g[:, None]).to(self.weight.dtype)
+            if not torch.isfinite(w).all():
+                raise ValueError(f"LoRALinear.merge: m o (W + s B A) / ||W + s B A||_row is not finite "
+                                 f"in {self.weight.dtype} (a zero row norm, or an overflow); the "
+                                 f"weight was left unchanged")
+            return w
         acc = torch.float64 if torch.float64 in (self.weight.dtype, self.lora_A.dtype,
                                                  self.lora_B.dtype) else torch.float32
         delta = self.lora_B.to(acc) @ self.lora_A.to(acc)
@@ -142,7 +173,8 @@ class LoRALinear(nn.Module):
             destination[prefix + "weight"] = w if keep_vars else w.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        touched = any(prefix + name in state_dict for name in ("weight", "lora_A", "lora_B"))
+        touched = any(prefix + name in state_dict
+                      for name in ("weight", "lora_A", "lora_B", "lora_magnitude_vector"))
         if not (self.merged and touched):
             return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.unmerge()
@@ -159,13 +191,14 @@ class LoRALinear(nn.Module):
         if self.merged:
             return F.linear(x, p["weight"], p["bias"])
         return lora_linear(x, p["weight"], p["bias"], p["lora_A"], p["lora_B"], self.scaling,
-                           dropout_p=self.dropout, training=self.training, backend=self.backend)
+                           dropout_p=self.dropout, training=self.training, backend=self.backend,
+                           magnitude=p["lora_magnitude_vector"])
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}, "
                 f"bias={self.bias is not None}, use_rslora={self.use_rslora}, backend={self.backend!r}"
-                + (", merged=True" if self.merged else ""))
+                + (", use_dora=True" if self.use_dora else "") + (", merged=True" if self.merged else ""))
 
 
 def has_own_forward(linear: nn.Linear) -> bool:

@@ -3,10 +3,12 @@
 Each eligible ``peft.tuners.lora.Linear`` keeps its place, its Parameters and its state dict; only
 its forward is replaced (an instance attribute shadowing the class's) by one that calls
 ``lora_linear(x, base.weight, base.bias, lora_A[a].weight, lora_B[a].weight, scaling[a])``, the
-same function PEFT computes as ``base(x) + lora_B(lora_A(dropout(x))) * scaling``. Whatever that
-forward cannot express at call time (adapters disabled or merged, several active adapters, a LoRA
-variant such as DoRA, lora_bias, per-sample ``adapter_names``, an x whose dtype the base weight does
-not share) goes to PEFT's own forward. Under autocast the fused path casts as nn.Linear does.
+same function PEFT computes as ``base(x) + lora_B(lora_A(dropout(x))) * scaling``; a DoRA layer
+(``use_dora``) passes its ``lora_magnitude_vector`` as lora_linear's ``magnitude``, which computes
+what PEFT's ``DoraLinearVariant`` does, dropout included. Whatever that forward cannot express at
+call time (adapters disabled or merged, several active adapters, another LoRA variant, lora_bias,
+per-sample ``adapter_names``, an x whose dtype the base weight does not share) goes to PEFT's own
+forward. Under autocast the fused path casts as nn.Linear does.
 """
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ def from_peft(peft_model: nn.Module, *, backend: str = "auto") -> nn.Module:
     ``save_pretrained``, ``merge_adapter`` and ``disable_adapter`` keep working. Layers that can
     never be fused (another layer type, a base layer that is not a plain nn.Linear, such as a
     quantized one or GPT-2's Conv1D, fan_in_fan_out, hooks on the base layer) and layers whose
-    current state is not fusable (DoRA or another variant, several active adapters, lora_bias,
-    merged) keep PEFT's forward and are listed in one warning.
+    current state is not fusable (a variant other than DoRA, several active adapters, lora_bias,
+    merged; a LoRA variant other than DoRA) keep PEFT's forward and are listed in one warning.
     """
     lora = _peft_lora("from_peft")
     check_model("from_peft", peft_model, "peft_model")
@@ -72,9 +74,23 @@ class _FusedForward:
         name = next(a for a in layer.active_adapters if a in layer.lora_A)
         dropout = layer.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        magnitude, training = None, dropout.training
+        if _is_dora(layer, name):
+            magnitude = layer.lora_magnitude_vector[name].weight
+            # PEFT's DoRA drops x only when the layer itself trains too (DoraLinearVariant.forward)
+            training = training and layer.training
         return lora_linear(x, base.weight, base.bias, layer.lora_A[name].weight,
                            layer.lora_B[name].weight, layer.scaling[name], dropout_p=p,
-                           training=dropout.training, backend=self.backend)
+                           training=training, backend=self.backend, magnitude=magnitude)
+
+
+def _is_dora(layer: nn.Module, name: str) -> bool:
+    """True when adapter ``name`` of ``layer`` is DoRA (PEFT's use_dora: a magnitude vector, and
+    the DoRA variant computing with it)."""
+    variant = getattr(layer, "lora_variant", {}).get(name)
+    magnitudes = getattr(layer, "lora_magnitude_vector", {})
+    return (type(variant).__name__ == "DoraLinearVariant" and name in magnitudes
+            and magnitudes[name].weight.dim() == 1)
 
 
 def _never_fusable(layer: nn.Module, lora) -> str | None:
@@ -113,11 +129,17 @@ def _state_reason(layer: nn.Module) -> str | None:
         return f"{len(active)} active adapters"
     name = active[0]
     # getattr: older PEFT releases lack lora_variant and lora_bias
-    if getattr(layer, "use_dora", {}).get(name):
-        return "DoRA"
     variant = getattr(layer, "lora_variant", {}).get(name)
-    if variant is not None:
+    if variant is not None and not _is_dora(layer, name):
         return type(variant).__name__
+    if getattr(layer, "use_dora", {}).get(name) and not _is_dora(layer, name):
+        return "DoRA without PEFT's DoRA variant (an older PEFT)"
+    if _is_dora(layer, name):  # what lora_linear refuses for DoRA (fastlora/arguments.py)
+        weight, r = layer.get_base_layer().weight, layer.lora_A[name].weight.shape[0]
+        if r > min(weight.shape):
+            return f"DoRA with r={r} > min(in_features, out_features)={min(weight.shape)}"
+        if weight.requires_grad:
+            return "DoRA with a trainable base weight"
     if getattr(layer, "lora_bias", {}).get(name):
         return "lora_bias"
     if type(layer.lora_dropout[name]) not in (nn.Dropout, nn.Identity):

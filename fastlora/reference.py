@@ -2,6 +2,8 @@
 
     y = x W^T + b + s * (dropout(x) A^T) B^T
 
+and DoRA as PEFT computes it (``dora_linear_reference``).
+
 Autograd differentiates it; nothing here is fused or clever. ``upcast=True`` computes everything
 in float64 (the reference the kernels are measured against). Without it, the low-rank products run
 in x's dtype with the adapters cast to it, which is what fastlora's kernels and ``torch.autocast``
@@ -36,6 +38,28 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     if dropout_mask is not None:
         x_d = x * dropout_mask.to(dtype) / (1.0 - dropout_p)
     return y + scaling * ((x_d @ lora_A.T) @ lora_B.T)
+
+
+def dora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                          magnitude: torch.Tensor, dropout_mask: torch.Tensor | None = None,
+                          dropout_p: float = 0.0, upcast: bool = False) -> torch.Tensor:
+    """DoRA as PEFT's DoraLinearLayer computes it, in one dtype (float64 with ``upcast``):
+
+        y = x W^T + b + (g - 1) o (x_d W^T) + g o (s (x_d A^T) B^T),   g = m / ||W + s B A||_row
+
+    with x_d = x * mask / (1 - p) (x without a mask) and the norm detached: no gradient through it.
+    """
+    dtype = torch.float64 if upcast else x.dtype
+    x, weight = x.to(dtype), weight.to(dtype)
+    lora_A, lora_B, magnitude = lora_A.to(dtype), lora_B.to(dtype), magnitude.to(dtype)
+    norm = torch.linalg.norm(weight + scaling * (lora_B @ lora_A), dim=1).detach()
+    g = magnitude / norm
+    x_d = x if dropout_mask is None else x * dropout_mask.to(dtype) / (1.0 - dropout_p)
+    y = x @ weight.T
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y + (g - 1) * (x_d @ weight.T) + g * (scaling * ((x_d @ lora_A.T) @ lora_B.T))
 
 
 class LoRALinearReference(nn.Module):

@@ -2,8 +2,14 @@
 
 A route computes the same quantities as every other (fastlora/autograd.py derives them):
 
-    forward(x, W, b, A, B, s, dropout)                 -> (y, xa)      xa = drop(x) A^T, kept
-    backward(dy, x, W, A, B, xa, s, dropout, needs)    -> (dx, dA, dB) dA, dB in float32/64
+    forward(x, W, b, A, B, s, dropout, scale=None)     -> (y, xa)      xa = drop(x) A^T, kept
+    backward(dy, x, W, A, B, xa, s, dropout, needs,
+             dora=None)                                -> (dx, dA, dB, dm sum) in float32/64
+    weight_product(W, A, need_sq)                      -> (W A^T, ||W_n||^2)  DoRA's norm pre-pass
+    keep_mask(dropout, shape, device)                  -> the route family's dropout keep-mask
+
+``scale`` (DoRA's g) and ``dora`` (what DoRA's backward reads) are None for plain LoRA;
+fastlora/autograd.py composes DoRA under dropout from calls without dropout.
 
 Routes, by the name ``backend`` takes:
 
@@ -55,14 +61,27 @@ class Needs(NamedTuple):
     x: bool
     lora_A: bool
     lora_B: bool
+    magnitude: bool = False
 
 
 class Grads(NamedTuple):
     """A route's gradients (None where not needed): dx in x's dtype, dA and dB in the
-    accumulator dtype (float32, float64 for float64)."""
+    accumulator dtype (float32, float64 for float64); for DoRA, ``magnitude`` is the sum over rows
+    of dY o (out - shift) [N] (accumulator dtype), which the caller divides into dm."""
     x: Optional[Tensor]
     lora_A: Optional[Tensor]
     lora_B: Optional[Tensor]
+    magnitude: Optional[Tensor] = None
+
+
+@dataclass(frozen=True)
+class DoraGrad:
+    """What a route's backward reads for DoRA (fastlora/autograd.py): dY' = scale o dY takes dY's
+    place in LoRA's backward, and the magnitude's gradient needs sum over rows of dY o (out - shift).
+    ``out`` is y with ``shift`` the bias (no dropout), or v with no shift (under dropout)."""
+    scale: Tensor               # g [N], accumulator dtype
+    out: Tensor                 # [M, N], x's dtype
+    shift: Optional[Tensor]     # [N] or None
 
 
 class Route(Protocol):
@@ -75,12 +94,23 @@ class Route(Protocol):
         """The dtype of the side output xa for an x of ``dtype``."""
 
     def forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
-                lora_B: Tensor, scaling: float, dropout: Optional[Dropout]) -> tuple[Tensor, Tensor]:
-        """(y, xa)."""
+                lora_B: Tensor, scaling: float, dropout: Optional[Dropout],
+                scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """(y, xa); with ``scale`` (DoRA's g [N], never with dropout) y = g o (x W^T + s xa B^T) + b."""
 
     def backward(self, dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-                 xa: Tensor, scaling: float, dropout: Optional[Dropout], needs: Needs) -> Grads:
-        """(dx, dA, dB) for dy in x's dtype with unit stride along its last dimension."""
+                 xa: Tensor, scaling: float, dropout: Optional[Dropout], needs: Needs,
+                 dora: Optional[DoraGrad] = None) -> Grads:
+        """(dx, dA, dB, dm sum) for dy in x's dtype with unit stride along its last dimension; with
+        ``dora`` (never with dropout), LoRA's gradients of dY' = g o dY and the sum for dm."""
+
+    def weight_product(self, weight: Tensor, lora_A: Tensor,
+                       need_sq: bool) -> tuple[Tensor, Optional[Tensor]]:
+        """(W A^T [N, R], ||W_n||^2 [N] if ``need_sq`` else None) in the accumulator dtype, for
+        lora_A in weight's dtype (fastlora/dora.py)."""
+
+    def keep_mask(self, dropout: Dropout, shape, device) -> Tensor:
+        """The boolean keep-mask of a 2-D x of ``shape`` that this route's family draws."""
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,6 +10,12 @@ Problems of at most ``AUTOGRAD_FROM`` multiply-adds (M K N) are bound by host ti
 products: there eager calls run ``autograd_forward``, the same forward ops recorded by PyTorch's
 autograd, whose C++ nodes compute the same backward without the Python of a hand-written one (the
 crossover, measured by benchmarks/cpu_host.py: benchmarks/NOTES.md).
+
+DoRA (fastlora/autograd.py): the forward applies g to y in one elementwise pass before the bias
+(``scale_columns``); the backward is LoRA's for dY' = g o dY, with g taken on the small side where
+it can (dY' B = dY (g o B), dY'^T xa = g o (dY^T xa)) and dY' formed only for the dX product; the
+magnitude's sum is one reduction over an accumulator-dtype [M, N] temporary (the plain route's
+simplicity over memory; the Triton routes keep no such temporary).
 """
 from __future__ import annotations
 
@@ -54,6 +60,20 @@ def addmm_scaled(base: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, al
     return torch.addmm(base, a, b, alpha=alpha)
 
 
+def scale_columns(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = scale o y + bias in place (scale [N] per column, computed in the wider dtype and rounded
+    once to y's): DoRA's g applied after a product that could not apply it."""
+    if bias is None:
+        return y.mul_(scale)
+    return torch.addcmul(bias, y, scale, out=y)
+
+
+def scaled_rows_copy(dy: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """scale o dy (scale [N] per column) as a new tensor in dy's dtype, each element rounded once:
+    DoRA's dY'."""
+    return torch.mul(dy, scale, out=torch.empty_like(dy, memory_format=torch.contiguous_format))
+
+
 # M * K * N up to which eager calls take ``autograd_forward`` (the crossover measured on the CPU).
 AUTOGRAD_FROM = 2**26
 
@@ -68,12 +88,23 @@ class TorchRoute:
         """True when a call on x [M, K] is small enough for ``autograd_forward``."""
         return x.shape[0] * weight.shape[0] * weight.shape[1] <= AUTOGRAD_FROM
 
-    def autograd_forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout):
+    def autograd_forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout, scale=None):
         """y from the forward's own ops, for PyTorch's autograd to differentiate (the dropout mask
-        is drawn once and kept by autograd, with drop(x): small problems only)."""
-        xa = torch.nn.functional.linear(self._drop(x, dropout), as_dtype(lora_A, x.dtype))
-        y = addmm_scaled(bias, xa, as_dtype(lora_B, x.dtype).T, scaling)
-        return torch.addmm(y, x, weight.T)  # out of place: autograd's in-place bookkeeping costs more
+        is drawn once and kept by autograd, with drop(x): small problems only). ``scale``: DoRA's
+        g, differentiable in the magnitude (fastlora/autograd.py's formula, dropout included)."""
+        xd = self._drop(x, dropout)
+        xa = torch.nn.functional.linear(xd, as_dtype(lora_A, x.dtype))
+        if scale is None:
+            y = addmm_scaled(bias, xa, as_dtype(lora_B, x.dtype).T, scaling)
+            return torch.addmm(y, x, weight.T)  # out of place: autograd's in-place bookkeeping costs more
+        # DoRA: y = g o v + b (+ (x - drop(x)) W^T under dropout), v = drop(x) W^T + s xa B^T, as
+        # g o (drop(x) W^T) + s xa (g o B)^T + b summed in g's (the accumulator) dtype: autograd's
+        # backward then reads g on B's side for dY' B, as the hand-written one (small problems, so
+        # the [M, N] accumulator-dtype temporaries cost nothing)
+        acc = scale.dtype
+        low = addmm_scaled(None, xa.to(acc), (lora_B.to(acc) * scale[:, None]).T, scaling)
+        y = torch.addcmul(low if bias is None else low.add_(bias), xd @ weight.T, scale).to(x.dtype)
+        return y if dropout is None else torch.addmm(y, x - xd, weight.T)
 
     @staticmethod
     def xa_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -100,16 +131,42 @@ class TorchRoute:
             return x
         return (x * self.keep_mask(dropout, x.shape, x.device)).div_(1.0 - dropout.p)
 
-    def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout):
+    def weight_product(self, weight, lora_A, need_sq):
+        acc = acc_dtype(weight.dtype)
+        sq = torch.linalg.vector_norm(weight, dim=1, dtype=acc).square_() if need_sq else None
+        return as_dtype(weight @ lora_A.T, acc), sq
+
+    def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout, scale=None):
         xa = self._drop(x, dropout) @ as_dtype(lora_A, x.dtype).T
+        if scale is not None:  # DoRA: g o (x W^T + s xa B^T) + b, g applied before the bias
+            y = addmm_scaled(None, xa, as_dtype(lora_B, x.dtype).T, scaling).addmm_(x, weight.T)
+            return scale_columns(y, scale, bias), xa
         y = addmm_scaled(bias, xa, as_dtype(lora_B, x.dtype).T, scaling)
         return y.addmm_(x, weight.T), xa
 
-    def backward(self, dy, x, weight, lora_A, lora_B, xa, scaling, dropout, needs: Needs) -> Grads:
+    def backward(self, dy, x, weight, lora_A, lora_B, xa, scaling, dropout, needs: Needs,
+                 dora=None) -> Grads:
+        dm = None
+        lora_B_g, dy_w = lora_B, dy  # DoRA: dY' B = dY (g o B), dY' W with dY' = g o dY
+        if dora is not None:
+            if needs.magnitude:
+                out = dora.out.to(acc_dtype(dy.dtype), copy=True)
+                if dora.shift is not None:
+                    out.sub_(dora.shift)
+                dm = out.mul_(dy).sum(0)
+            if not (needs.x or needs.lora_A or needs.lora_B):
+                return Grads(None, None, None, dm)
+            lora_B_g = lora_B.to(dora.scale.dtype) * dora.scale[:, None]
+            dy_w = scaled_rows_copy(dy, dora.scale) if needs.x else None
         dx = da = db = None
         scratch = dy.new_empty(())  # addmm's ignored input, for the three products below
         if needs.x or needs.lora_A:
-            dyb = dy @ as_dtype(lora_B, dy.dtype)
+            b_hi = as_dtype(lora_B_g, dy.dtype)
+            dyb = dy @ b_hi
+            if dora is not None and b_hi.dtype != lora_B_g.dtype:
+                # g o B is in no input's dtype: what rounding it to dy's lost enters as a second
+                # product (the kernels' hi + lo), so that dY' B is as exact as LoRA's dY B
+                dyb = torch.addmm(dyb, dy, (lora_B_g - b_hi.to(lora_B_g.dtype)).to(dy.dtype))
         keep = (self.keep_mask(dropout, x.shape, x.device)
                 if dropout is not None and (needs.x or needs.lora_A) else None)
         scale = scaling if dropout is None else scaling / (1.0 - dropout.p)
@@ -117,7 +174,7 @@ class TorchRoute:
             dx = addmm_scaled(None, dyb, as_dtype(lora_A, dy.dtype), scale, scratch=scratch)
             if keep is not None:
                 dx.mul_(keep)
-            dx = dx.addmm_(dy, weight)
+            dx = dx.addmm_(dy_w, weight)
         # dA and dB scale inside the GEMM (addmm's alpha, applied before its one rounding to x's
         # dtype), as the kernels do; scaling the rounded 16-bit product and rounding it again to
         # the adapters' dtype costs up to an ulp more, past PyTorch's own error.
@@ -128,4 +185,6 @@ class TorchRoute:
             # (xa^T dy)^T: BLAS streams dy row-major this way round
             db = as_dtype(addmm_scaled(None, as_dtype(xa, dy.dtype).T, dy, scaling,
                                        scratch=scratch).T, acc_dtype(dy.dtype))
-        return Grads(dx, da, db)
+            if dora is not None:  # dY'^T xa = g o (dY^T xa): g on the small side, unrounded
+                db = db * dora.scale[:, None]
+        return Grads(dx, da, db, dm)

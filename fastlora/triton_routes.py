@@ -12,14 +12,26 @@ derives; they differ only in who runs the big GEMMs:
            backward  (dY B, dB) in one pass over dY; (dx0 = s D o ((dY B) A), dA) in one pass
                      over x; dx0 += dY W (cuBLAS)
 
-No [M, N] temporary beyond y and dx; the dropout mask is regenerated from its seed in every
+No [M, N] temporary beyond y and dx (DoRA's dY', below); the dropout mask is regenerated from its seed in every
 kernel (never stored); every reduction is deterministic.
+
+DoRA (fastlora/autograd.py) without dropout, g = m / ||W + s B A||_row:
+
+    fused  forward   g o (...) in the GEMM's epilogue, before the bias
+    split  forward   cuBLAS y = x W^T + s xa B^T (no bias), then one elementwise pass y = g o y + b:
+                     cuBLAS applies no per-column scale and no Triton pass touches y here
+    both   backward  the dY pass gives dY' B = dY (g o B) and dB = g o (s dY^T xa) from its one read
+                     of dY (dY' = g o dY), writes dY' for the dX product (cuBLAS cannot scale its
+                     operand; the fused GEMM reads the same tensor) and reduces sum over rows of
+                     dY o (y - b) for dm; then LoRA's dX and x pass on dY'
+    both   norm      W A^T (and ||W_n||^2 when not cached) from one Triton pass over W
+                     (``weight_pass``), the rest [r, r]- and [N, r]-sized (fastlora/dora.py)
 """
 from __future__ import annotations
 
 from . import route_table
 from .routes import Dropout, Grads, Needs, acc_dtype
-from .torch_route import addmm_scaled
+from .torch_route import addmm_scaled, scale_columns
 
 
 def _seed_p(dropout: Dropout | None):
@@ -27,7 +39,8 @@ def _seed_p(dropout: Dropout | None):
 
 
 class _KernelRoute:
-    """What the Triton routes share: the kernels module, and xa kept in the accumulator dtype."""
+    """What the Triton routes share: the kernels module, xa kept in the accumulator dtype, and
+    DoRA's norm pre-pass, dropout mask and dY pass."""
 
     name = ""
 
@@ -38,29 +51,48 @@ class _KernelRoute:
     def xa_dtype(dtype):
         return acc_dtype(dtype)
 
+    def weight_product(self, weight, lora_A, need_sq):
+        return self.k.weight_pass(weight, lora_A, need_sq=need_sq)
+
+    def keep_mask(self, dropout: Dropout, shape, device):
+        """The mask the kernels regenerate from the seed (one per pass, as the torch route's)."""
+        key = (tuple(shape), str(device))
+        if key not in dropout.cache:
+            dropout.cache[key] = self.k.dropout_mask(dropout.seed, tuple(shape), dropout.p)
+        return dropout.cache[key]
+
+    def dy_pass(self, dy, xa, lora_B, scaling, needs: Needs, dora):
+        """(dY' B, dB, dY', dm sum): LoRA's dY pass (dY' = dY, no sum) or DoRA's."""
+        need_dyb = needs.x or needs.lora_A
+        if dora is None:
+            dyb, db = self.k.dy_pass(dy, xa, lora_B, scaling, need_dyb=need_dyb, need_db=needs.lora_B)
+            return dyb, db, dy, None
+        return self.k.dora_dy_pass(dy, xa, lora_B, scaling, dora.scale, dora.out, dora.shift,
+                                   need_dyb=need_dyb, need_db=needs.lora_B, need_scaled=needs.x,
+                                   need_dm=needs.magnitude)
+
 
 class FusedRoute(_KernelRoute):
     name = "fused"
 
-    def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout, *, gemm=None):
+    def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout, scale=None, *, gemm=None):
         k = self.k
         M, K = x.shape
         cfg = k.GemmConfig(**gemm) if gemm else k.gemm_config(M, weight.shape[0], K, lora_A.shape[0],
                                                                 x.dtype, x.device)
         if dropout is None and cfg.xa_in_loop:
-            return k.lora_gemm(x, weight, lora_B, bias, scaling, u=lora_A, config=cfg)
+            return k.lora_gemm(x, weight, lora_B, bias, scaling, u=lora_A, scale=scale, config=cfg)
         # under dropout, regenerating the mask in every output tile would cost a Philox draw per
         # x element per tile: one pass over x instead
         xa = k.xa_pass(x, lora_A, dropout=_seed_p(dropout))
-        y, _ = k.lora_gemm(x, weight, lora_B, bias, scaling, xa=xa, config=cfg)
+        y, _ = k.lora_gemm(x, weight, lora_B, bias, scaling, xa=xa, scale=scale, config=cfg)
         return y, xa
 
-    def backward(self, dy, x, weight, lora_A, lora_B, xa, scaling, dropout, needs: Needs, *,
-                 gemm=None) -> Grads:
+    def backward(self, dy, x, weight, lora_A, lora_B, xa, scaling, dropout, needs: Needs,
+                 dora=None, *, gemm=None) -> Grads:
         k = self.k
         drop = _seed_p(dropout)
-        dyb, db = k.dy_pass(dy, xa, lora_B, scaling, need_dyb=needs.x or needs.lora_A,
-                            need_db=needs.lora_B)
+        dyb, db, dy, dm = self.dy_pass(dy, xa, lora_B, scaling, needs, dora)
         dx = da = None
         if needs.x:
             cfg = k.GemmConfig(**gemm) if gemm else None
@@ -68,43 +100,42 @@ class FusedRoute(_KernelRoute):
                                 dropout=drop, config=cfg)
         if needs.lora_A:
             _, da = k.x_pass(x, dyb, lora_A, scaling, dropout=drop, need_dx=False, need_da=True)
-        return Grads(dx, da, db)
+        return Grads(dx, da, db, dm)
 
 
 class SplitRoute(_KernelRoute):
     name = "split"
 
-    def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout, **_):
+    def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout, scale=None, **_):
         xa = self.k.xa_pass(x, lora_A, dropout=_seed_p(dropout))
+        if scale is not None:  # DoRA: the bias joins after g (see the module docstring)
+            y = addmm_scaled(None, xa.to(x.dtype), lora_B.to(x.dtype).T, scaling).addmm_(x, weight.T)
+            return scale_columns(y, scale, bias), xa
         y = addmm_scaled(bias, xa.to(x.dtype), lora_B.to(x.dtype).T, scaling)
         return y.addmm_(x, weight.T), xa
 
     def backward(self, dy, x, weight, lora_A, lora_B, xa, scaling, dropout, needs: Needs,
-                 **_) -> Grads:
+                 dora=None, **_) -> Grads:
         k = self.k
-        dyb, db = k.dy_pass(dy, xa, lora_B, scaling, need_dyb=needs.x or needs.lora_A,
-                            need_db=needs.lora_B)
+        dyb, db, dy, dm = self.dy_pass(dy, xa, lora_B, scaling, needs, dora)
         dx = da = None
         if needs.x or needs.lora_A:
             dx, da = k.x_pass(x, dyb, lora_A, scaling, dropout=_seed_p(dropout), need_dx=needs.x,
                               need_da=needs.lora_A)
         if needs.x:
             dx = dx.addmm_(dy, weight)
-        return Grads(dx, da, db)
+        return Grads(dx, da, db, dm)
 
 
-class ChosenRoute:
+class ChosenRoute(_KernelRoute):
     """backend="triton": fused or split for each pass, from the route table (route_table.py)."""
 
     name = "triton"
 
     def __init__(self, kernels):
+        super().__init__(kernels)
         self.fused = FusedRoute(kernels)
         self.split = SplitRoute(kernels)
-
-    @staticmethod
-    def xa_dtype(dtype):
-        return acc_dtype(dtype)
 
     def _pick(self, pass_, x, weight, lora_A, dropout):
         M, K = x.shape
@@ -112,10 +143,12 @@ class ChosenRoute:
                                     lora_A.shape[0], dropout is not None)
         return (self.fused if choice.route == "fused" else self.split), choice.gemm
 
-    def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout):
+    def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout, scale=None):
         route, gemm = self._pick("fwd", x, weight, lora_A, dropout)
-        return route.forward(x, weight, bias, lora_A, lora_B, scaling, dropout, gemm=gemm)
+        return route.forward(x, weight, bias, lora_A, lora_B, scaling, dropout, scale, gemm=gemm)
 
-    def backward(self, dy, x, weight, lora_A, lora_B, xa, scaling, dropout, needs: Needs) -> Grads:
+    def backward(self, dy, x, weight, lora_A, lora_B, xa, scaling, dropout, needs: Needs,
+                 dora=None) -> Grads:
         route, gemm = self._pick("bwd", x, weight, lora_A, dropout)
-        return route.backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout, needs, gemm=gemm)
+        return route.backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout, needs, dora,
+                              gemm=gemm)

@@ -218,19 +218,21 @@ def gpu_xa_config(M: int, K: int, block_r: int, dtype: torch.dtype, info: Device
 
 
 def reduce_config(T: int, P: int, R: int, dtype: torch.dtype, device: torch.device, *,
-                  dropout: bool = False, expand: bool = False, rank_out: bool = False) -> PassConfig:
+                  dropout: bool = False, expand: bool = False, rank_out: bool = False,
+                  dora: bool = False) -> PassConfig:
     """A reduction over the rows of L [T, P] (dA, dB, and the passes that add dY B or dx0).
     ``dropout``: the mask of every L element is drawn; ``expand``: an [T, P] output (dx0) is
-    written; ``rank_out``: L E [T, R] (dY B) is written."""
+    written; ``rank_out``: L E [T, R] (dY B) is written; ``dora``: DoRA's dY pass, which also reads
+    y [T, P] and writes the scaled dY' [T, P]."""
     info = device_info(device)
     if device.type != "cuda":
         return PassConfig(_pow2_clamp(T, 16, 128), _pow2_clamp(P, 16, 64))
-    return gpu_reduce_config(bucket(T), P, rank_block(R), dtype, info, dropout, expand, rank_out)
+    return gpu_reduce_config(bucket(T), P, rank_block(R), dtype, info, dropout, expand, rank_out, dora)
 
 
 @functools.lru_cache(maxsize=1024)
 def gpu_reduce_config(T: int, P: int, block_r: int, dtype: torch.dtype, info: DeviceInfo,
-                       dropout: bool, expand: bool, rank_out: bool) -> PassConfig:
+                       dropout: bool, expand: bool, rank_out: bool, dora: bool = False) -> PassConfig:
     """A reduction's config on a GPU described by ``info``, T already bucketed (``reduce_config``)."""
     warps = 4 if block_r <= 32 else 8
     threads = 32 * warps
@@ -244,6 +246,10 @@ def gpu_reduce_config(T: int, P: int, block_r: int, dtype: torch.dtype, info: De
             n += block_r * bp * w + bt * bp * acc                 # F, and the output tile
         if dropout:
             n += 4 * bt * bp                                      # Philox state per element
+        if dora:
+            # the y tile, the scaled dY' tile and their float32 products; g, b and dm's sums;
+            # E's low part (what ptxas reported for these tiles: tests/aot.py)
+            n += bt * bp * (w + 2 * acc) + 3 * bp * acc + (bp * block_r * w if rank_out else 0)
         return n / threads
 
     # the accumulator [block_p, block_r] alone at most 32 registers a thread (the compilers keep
@@ -258,7 +264,8 @@ def gpu_reduce_config(T: int, P: int, block_r: int, dtype: torch.dtype, info: De
         block_p //= 2
     # shared memory: the L tile and the S rows (accumulator dtype) per stage
     acc_bytes = 8 if dtype == torch.float64 else 4
-    block_t, stages = _fit_pass(block_t, lambda bt: bt * (block_p * dtype.itemsize
+    tiles = 2 if dora else 1  # DoRA's dY pass pipelines y's tile beside dY's
+    block_t, stages = _fit_pass(block_t, lambda bt: bt * (tiles * block_p * dtype.itemsize
                                                           + block_r * acc_bytes), 3, info.smem)
     p_blocks = triton.cdiv(P, block_p)
     # enough programs to cover the SMs twice, each reducing at least a few T blocks

@@ -7,7 +7,9 @@ both):
   xa = drop(x) A^T either computed in the K loop from the same x tiles (A [R, K]) or read;
 * dX (``grad_input=True``): dx = dy W + s * D o ((dy B) A), W [N_out, K_in] and A [R, K_in] as
   stored (the kernel's K is N_out, its N is K_in), dy B read from the pass over dY, and D the
-  dropout mask of x (scaled by 1/(1-p)) applied to the low-rank term in the epilogue.
+  dropout mask of x (scaled by 1/(1-p)) applied to the low-rank term in the epilogue;
+* DoRA's forward (``scale=g``): y = g o (x W^T + s * xa B^T) + bias, the per-output-column scale
+  g applied in the epilogue before the bias (fastlora/autograd.py derives DoRA).
 
 Output tiles are visited in grouped order (GROUP_M row blocks share each column of W tiles while
 it sits in L2). Where the operands' strides allow TMA (sm_90+), they come through tensor
@@ -41,12 +43,12 @@ def tile_coords(tile, n_tiles_m, n_tiles_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _lora_tile(
-    tile, tile_out, X, W, U, V, BIAS, Y, XA, seed,
+    tile, tile_out, X, W, U, V, BIAS, SCALE, Y, XA, seed,
     M, N, K, R, stride_xm, stride_wk, stride_wn, stride_vr, stride_vn, stride_ym, scaling, dropout_p,
     W_NK: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
     EPILOGUE_SUBTILE: tl.constexpr, USE_TMA: tl.constexpr, XA_IN_LOOP: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DROPOUT_OUT: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, DROPOUT_OUT: tl.constexpr, EVEN_K: tl.constexpr,
     R_PADDED: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     CHUNKED_ACC: tl.constexpr,
 ):
@@ -125,6 +127,8 @@ def _lora_tile(
         acc += tl.where(keep, b_low / (1.0 - tl.full((1, 1), dropout_p, ACC_DTYPE)), 0.0)
     else:
         acc = tl.dot(b_xas, b_v, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    if HAS_SCALE:  # DoRA: g per output column, before the bias
+        acc = acc * tl.load(SCALE + on, mask=m_n, other=0.0).to(ACC_DTYPE)[None, :]
     if HAS_BIAS:
         acc += tl.load(BIAS + on, mask=m_n, other=0.0).to(ACC_DTYPE)[None, :]
     if USE_TMA:
@@ -144,6 +148,7 @@ def _lora_tile(
     "USE_TMA": lambda a: isinstance(a["X"], TensorDescriptor),
     "XA_IN_LOOP": lambda a: a["U"] is not None,
     "HAS_BIAS": lambda a: a["BIAS"] is not None,
+    "HAS_SCALE": lambda a: a["SCALE"] is not None,
     "DROPOUT_OUT": lambda a: a["SEED"] is not None,
     "EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0,
     "R_PADDED": lambda a: a["R"] < a["BLOCK_R"],
@@ -153,7 +158,7 @@ def _lora_tile(
 })
 @triton.jit(do_not_specialize=["M"])
 def lora_gemm_kernel(
-    X, W, U, V, BIAS, Y, XA, SEED,
+    X, W, U, V, BIAS, SCALE, Y, XA, SEED,
     M, N, K, R,
     stride_xm, stride_wk, stride_wn, stride_vr, stride_vn, stride_ym,
     scaling: "fp64", dropout_p: "fp64",
@@ -161,10 +166,11 @@ def lora_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr,
     USE_TMA: tl.constexpr, XA_IN_LOOP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DROPOUT_OUT: tl.constexpr, EVEN_K: tl.constexpr, R_PADDED: tl.constexpr,
+    HAS_SCALE: tl.constexpr, DROPOUT_OUT: tl.constexpr, EVEN_K: tl.constexpr, R_PADDED: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, CHUNKED_ACC: tl.constexpr,
 ):
-    """Y = X op(W) + BIAS + s * D o (XA op(V)), XA = X U^T (in the loop, written to XA) or read.
+    """Y = SCALE o (X op(W) + s * D o (XA op(V))) + BIAS, XA = X U^T (in the loop, written to XA)
+    or read; SCALE [N] per output column (DoRA's g), ones when None.
 
     X [M, K]; op(W) [K, N] is W^T of W [N, K] (W_NK) or W [K, N] itself; U [R, K]; op(V) [R, N]
     through (stride_vr, stride_vn); XA [M, R] contiguous; Y [M, N]. With USE_TMA, X, W and Y are
@@ -180,38 +186,44 @@ def lora_gemm_kernel(
         tile_out = i_pid - NUM_SMS
         for tile in tl.range(i_pid, n_tiles, NUM_SMS, flatten=True):
             tile_out += NUM_SMS
-            _lora_tile(tile, tile_out, X, W, U, V, BIAS, Y, XA, seed, M, N, K, R, stride_xm,
+            _lora_tile(tile, tile_out, X, W, U, V, BIAS, SCALE, Y, XA, seed, M, N, K, R, stride_xm,
                        stride_wk, stride_wn, stride_vr, stride_vn, stride_ym, scaling, dropout_p,
                        W_NK, INT64, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M, EPILOGUE_SUBTILE,
-                       USE_TMA, XA_IN_LOOP, HAS_BIAS, DROPOUT_OUT, EVEN_K, R_PADDED, ACC_DTYPE,
+                       USE_TMA, XA_IN_LOOP, HAS_BIAS, HAS_SCALE, DROPOUT_OUT, EVEN_K, R_PADDED, ACC_DTYPE,
                        PRECISION, CHUNKED_ACC)
     else:
-        _lora_tile(i_pid, i_pid, X, W, U, V, BIAS, Y, XA, seed, M, N, K, R, stride_xm,
+        _lora_tile(i_pid, i_pid, X, W, U, V, BIAS, SCALE, Y, XA, seed, M, N, K, R, stride_xm,
                    stride_wk, stride_wn, stride_vr, stride_vn, stride_ym, scaling, dropout_p,
                    W_NK, INT64, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M, EPILOGUE_SUBTILE,
-                   USE_TMA, XA_IN_LOOP, HAS_BIAS, DROPOUT_OUT, EVEN_K, R_PADDED, ACC_DTYPE,
+                   USE_TMA, XA_IN_LOOP, HAS_BIAS, HAS_SCALE, DROPOUT_OUT, EVEN_K, R_PADDED, ACC_DTYPE,
                    PRECISION, CHUNKED_ACC)
 
 
 def lora_gemm(x: torch.Tensor, w: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
               scaling: float, *, grad_input: bool = False, u: torch.Tensor | None = None,
               xa: torch.Tensor | None = None, dropout: tuple[torch.Tensor, float] | None = None,
+              scale: torch.Tensor | None = None,
               config: GemmConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, xa) with y = x op(w) + bias + scaling * D o (xa op(v)).
+    """(y, xa) with y = scale o (x op(w) + scaling * D o (xa op(v))) + bias.
 
     Forward (``grad_input=False``): x [M, K], w [N, K], v = B [N, R]; op transposes.
     dX (``grad_input=True``): x = dY [M, K], w [K, N] (the base weight as stored), v = A [R, N].
     ``u`` [R, K] (the forward's A): xa = x u^T is computed in the K loop and returned; otherwise
     ``xa`` [M, R] (any float dtype) is read. ``dropout=(seed, p)`` multiplies the low-rank term by
-    the dropout mask of output element (m, n) over 1 - p (the dX epilogue). Any strides; a fresh
-    contiguous y.
+    the dropout mask of output element (m, n) over 1 - p (the dX epilogue). ``scale`` [N] (DoRA's
+    g, forward only) scales each output column before the bias. Any strides; a fresh contiguous y.
     """
-    check_device(x, w, v, bias, u, xa)
+    check_device(x, w, v, bias, u, xa, scale)
     M, K = x.shape
     N = w.shape[1] if grad_input else w.shape[0]
     R = v.shape[0] if grad_input else v.shape[1]
     if (u is None) == (xa is None):
         raise ValueError("lora_gemm: pass exactly one of u (x u^T in the loop) and xa")
+    if scale is not None:
+        if grad_input or scale.shape != (N,):
+            raise ValueError(f"lora_gemm: scale must be [N] = [{N}] and forward only, got shape "
+                             f"{tuple(scale.shape)} with grad_input={grad_input}")
+        scale = scale.contiguous()
     if x.stride(1) != 1:
         x = x.contiguous()
     if u is not None:
@@ -244,7 +256,7 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     seed, p = dropout if dropout is not None else (None, 0.0)
     int64 = needs_int64(max_offset(x), max_offset(w), max_offset(y), M * block_r, max_offset(v))
     lora_gemm_kernel[(programs,)](
-        x_arg, w_arg, u, v, bias, y_arg, xa, seed,
+        x_arg, w_arg, u, v, bias, scale, y_arg, xa, seed,
         M, N, K, R,
         x.stride(0), w_kn[0], w_kn[1], v_rn[0], v_rn[1], y.stride(0),
         float(scaling), float(p),

@@ -1,7 +1,10 @@
 """The memory-bound passes: the rank-r products that read a large operand once.
 
-* ``xa_pass``: xa = drop(x) A^T, one pass over x by row blocks;
-* ``dy_pass``: dY B and dB = s dY^T xa together, one pass over dY;
+* ``xa_pass``: xa = drop(x) A^T, one pass over x by row blocks (and, for DoRA's norm, W A^T
+  with ||W_n||^2 from one pass over W);
+* ``dy_pass``: dY B and dB = s dY^T xa together, one pass over dY; for DoRA (``dora_dy_pass``) the
+  same pass gives them for dY' = g o dY, writes dY' for the dX product and reduces sum over rows of
+  dY o (y - b) for the magnitude's gradient;
 * ``x_pass``:  dA = s (dY B)^T drop(x) and, if asked, dx0 = s D o ((dY B) A) (the low-rank part
   of dX, which cuBLAS then accumulates onto), one pass over x with one mask draw for both.
 
@@ -22,19 +25,23 @@ from .configs import PassConfig, rank_block, reduce_config, xa_config
 
 @triton.heuristics({
     "HAS_DROPOUT": lambda a: a["SEED"] is not None,
+    "SUM_SQ": lambda a: a["SQ"] is not None,
     "ACC_DTYPE": lambda a: tl_acc_dtype(a["X"]),
     "PRECISION": lambda a: dot_precision(a["X"]),
 })
 @triton.jit(do_not_specialize=["M"])
 def xa_kernel(
-    X, A, XA, SEED,
+    X, A, XA, SQ, SEED,
     M, K, R, stride_xm,
     scale: "fp64", dropout_p: "fp64",
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, INT64: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, SUM_SQ: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """XA[s] = scale * drop(X)[:, chunk s] A[:, chunk s]^T for X [M, K], A [R, K] (contiguous),
-    XA [SPLITS, M, R]. Program (i_m, s): BLOCK_M rows, the s-th chunk of K."""
+    XA [SPLITS, M, R]; with SUM_SQ also SQ[s] = sum over chunk s of X^2, per row [SPLITS, M] (no
+    dropout: DoRA's ||W_n||^2 from the same read of W). Program (i_m, s): BLOCK_M rows, the s-th
+    chunk of K."""
     i_m = tl.program_id(0)
     i_s = tl.program_id(1)
     k_start, k_end = chunk_range(i_s, tl.num_programs(1), K, BLOCK_K)
@@ -47,10 +54,15 @@ def xa_kernel(
         seed = tl.load(SEED)
         p = tl.full((1, 1), dropout_p, tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+    if SUM_SQ:
+        acc_sq = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
     for k0 in range(k_start, k_end, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < k_end
         b_x = tl.load(X + rows[:, None] * stride_xm + o_k[None, :], mask=m_k[None, :], other=0.0)  # [BM, BK]
+        if SUM_SQ:
+            b_xf = b_x.to(ACC_DTYPE)
+            acc_sq += tl.sum(b_xf * b_xf, axis=1)
         if HAS_DROPOUT:
             b_x = tl.where(dropout_keep(seed, o_m[:, None], o_k[None, :], p), b_x, 0.0)
         b_a = tl.load(A + o_r[:, None] * K + o_k[None, :], mask=m_r[:, None] & m_k[None, :],
@@ -60,33 +72,44 @@ def xa_kernel(
     p_xa = XA + widened(i_s, INT64) * M * R + om[:, None] * R + o_r[None, :]
     acc = acc * tl.full((1, 1), scale, ACC_DTYPE)
     tl.store(p_xa, acc.to(XA.dtype.element_ty), mask=(o_m < M)[:, None] & m_r[None, :])
+    if SUM_SQ:
+        tl.store(SQ + widened(i_s, INT64) * M + om, acc_sq, mask=o_m < M)
 
 
 @triton.heuristics({
     "HAS_DROPOUT": lambda a: a["SEED"] is not None,
     "REDUCE": lambda a: a["C"] is not None,
     "RANK_OUT": lambda a: a["Z"] is not None,
+    "SPLIT_E": lambda a: a["E_LO"] is not None,
     "EXPAND_OUT": lambda a: a["OUT"] is not None,
+    "SCALED_OUT": lambda a: a["LG"] is not None,
+    "COL_DOT": lambda a: a["DM"] is not None,
+    "HAS_SHIFT": lambda a: a["SH"] is not None,
     "ACC_DTYPE": lambda a: tl_acc_dtype(a["L"]),
     "PRECISION": lambda a: dot_precision(a["L"]),
 })
 @triton.jit(do_not_specialize=["T"])
 def reduce_kernel(
-    L, S, E, F, C, Z, OUT, SEED,
+    L, S, E, E_LO, F, C, Z, OUT, SEED, G, LG, Y, SH, DM,
     T, P, R, stride_lt,
     c_scale: "fp64", o_scale: "fp64", dropout_p: "fp64",
     BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, INT64: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, REDUCE: tl.constexpr, RANK_OUT: tl.constexpr,
-    EXPAND_OUT: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, REDUCE: tl.constexpr, RANK_OUT: tl.constexpr, SPLIT_E: tl.constexpr,
+    EXPAND_OUT: tl.constexpr, SCALED_OUT: tl.constexpr,
+    COL_DOT: tl.constexpr, HAS_SHIFT: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Over the rows of L [T, P]; program (i_p, c) owns BLOCK_P columns and the c-th chunk of rows:
 
         C[c]   = c_scale * drop(L)^T S              [P, R], the chunk's rows reduced (REDUCE)
-        Z[i_p] = L[:, cols] E[cols]                  [T, R], one partial per column block (RANK_OUT)
+        Z[i_p] = L[:, cols] (E + E_LO)[cols]         [T, R], one partial per column block (RANK_OUT;
+                                                     E_LO, when given, what E's rounding dropped)
         OUT      = o_scale * D o (S F[:, cols])        [T, P]  (EXPAND_OUT)
+        LG       = G o L                               [T, P], column p scaled by G[p] (SCALED_OUT)
+        DM[c]  = sum over the chunk's rows of L o (Y - SH)   [P]  (COL_DOT)
 
-    S [T, R], E [P, R], F [R, P], C [SPLITS, P, R], Z [P_BLOCKS, T, R] and OUT [T, P] contiguous; D
-    is the dropout mask of element (t, p) of L, which is x under dropout.
+    S [T, R], E, E_LO [P, R], F [R, P], C [SPLITS, P, R], Z [P_BLOCKS, T, R], OUT, LG and Y [T, P], G, SH
+    [P] and DM [SPLITS, P] contiguous; D is the dropout mask of element (t, p) of L, which is x
+    under dropout. (DoRA's dY pass: L = dY, G = g, Y = y, SH = bias.)
     """
     i_p = tl.program_id(0)
     i_c = tl.program_id(1)
@@ -100,12 +123,21 @@ def reduce_kernel(
     if HAS_DROPOUT:
         seed = tl.load(SEED)
         p = tl.full((1, 1), dropout_p, tl.float32)
+    if SPLIT_E:
+        b_e_lo = tl.load(E_LO + op[:, None] * R + o_r[None, :], mask=m_p[:, None] & m_r[None, :],
+                         other=0.0).to(DOT_DTYPE)                                        # [BP, BR]
     if RANK_OUT:
         b_e = tl.load(E + op[:, None] * R + o_r[None, :], mask=m_p[:, None] & m_r[None, :],
                       other=0.0).to(DOT_DTYPE)                                           # [BP, BR]
     if EXPAND_OUT:
         b_f = tl.load(F + o_r[:, None] * P + op[None, :], mask=m_r[:, None] & m_p[None, :],
                       other=0.0).to(DOT_DTYPE)                                           # [BR, BP]
+    if SCALED_OUT:
+        b_g = tl.load(G + op, mask=m_p, other=0.0).to(ACC_DTYPE)                        # [BP]
+    if COL_DOT:
+        acc_dm = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
+        if HAS_SHIFT:
+            b_sh = tl.load(SH + op, mask=m_p, other=0.0).to(ACC_DTYPE)                  # [BP]
     acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=ACC_DTYPE)
     for t0 in range(t_start, t_end, BLOCK_T):
         o_t = t0 + tl.arange(0, BLOCK_T)
@@ -117,10 +149,20 @@ def reduce_kernel(
         if REDUCE or EXPAND_OUT:
             b_s = tl.load(S + ot[:, None] * R + o_r[None, :], mask=m_t[:, None] & m_r[None, :],
                           other=0.0).to(DOT_DTYPE)                                       # [BT, BR]
-        if REDUCE or RANK_OUT:
+        if REDUCE or RANK_OUT or SCALED_OUT or COL_DOT:
             b_l = tl.load(L + ot[:, None] * stride_lt + op[None, :], mask=m_tp, other=0.0)  # [BT, BP]
+            if COL_DOT:
+                b_y = tl.load(Y + ot[:, None] * P + op[None, :], mask=m_tp, other=0.0).to(ACC_DTYPE)
+                if HAS_SHIFT:
+                    b_y = b_y - b_sh[None, :]
+                acc_dm += tl.sum(b_l.to(ACC_DTYPE) * b_y, axis=0)
+            if SCALED_OUT:
+                b_lg = (b_l.to(ACC_DTYPE) * b_g[None, :]).to(LG.dtype.element_ty)
+                tl.store(LG + ot[:, None] * P + op[None, :], b_lg, mask=m_tp)
             if RANK_OUT:
                 b_z = tl.dot(b_l, b_e, input_precision=PRECISION, out_dtype=ACC_DTYPE)  # [BT, BR]
+                if SPLIT_E:
+                    b_z = tl.dot(b_l, b_e_lo, b_z, input_precision=PRECISION, out_dtype=ACC_DTYPE)
                 p_z = Z + widened(i_p, INT64) * T * R + ot[:, None] * R + o_r[None, :]
                 tl.store(p_z, b_z.to(Z.dtype.element_ty), mask=m_t[:, None] & m_r[None, :])
             if REDUCE:
@@ -137,6 +179,17 @@ def reduce_kernel(
         p_c = C + widened(i_c, INT64) * P * R + op[:, None] * R + o_r[None, :]
         acc = acc * tl.full((1, 1), c_scale, ACC_DTYPE)
         tl.store(p_c, acc.to(C.dtype.element_ty), mask=m_p[:, None] & m_r[None, :])
+    if COL_DOT:
+        tl.store(DM + widened(i_c, INT64) * P + op, acc_dm, mask=m_p)
+
+
+def split_in(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hi, lo) in ``dtype`` with hi + lo = t to about twice dtype's precision (lo None when t's
+    dtype is already ``dtype``): a product with t in ``dtype``'s dots as two products."""
+    if t.dtype == dtype:
+        return t.contiguous(), None
+    hi = t.to(dtype)
+    return hi, (t - hi.to(t.dtype)).to(dtype)
 
 
 def _fixed_order_sum(parts: torch.Tensor) -> torch.Tensor:
@@ -147,49 +200,67 @@ def xa_pass(x: torch.Tensor, a: torch.Tensor, *, dropout: tuple[torch.Tensor, fl
             config: PassConfig | None = None) -> torch.Tensor:
     """xa = drop(x) a^T [M, R] in the accumulator dtype, for x [M, K] (unit stride along K) and
     a [R, K]; ``dropout=(seed, p)`` applies the dropout mask of x and 1/(1-p)."""
+    return _xa(x, a, dropout, False, config)[0]
+
+
+def weight_pass(w: torch.Tensor, a: torch.Tensor, *, need_sq: bool = True,
+                config: PassConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """DoRA's norm pre-pass, one read of w [N, K]: (w a^T [N, R], ||w_n||^2 [N] if ``need_sq``),
+    both in the accumulator dtype (a [R, K] in any float dtype; the products run in w's)."""
+    return _xa(w, a, None, need_sq, config)
+
+
+def _xa(x, a, dropout, sum_sq: bool, config):
     check_device(x, a)
     M, K = x.shape
     R = a.shape[0]
     acc = acc_dtype(x.dtype)
     if M == 0:
-        return torch.zeros((0, R), device=x.device, dtype=acc)
+        return torch.zeros((0, R), device=x.device, dtype=acc), (x.new_zeros(0, dtype=acc) if sum_sq else None)
     if x.stride(1) != 1:
         x = x.contiguous()
     a = a.contiguous()
     cfg = config or xa_config(M, K, R, x.dtype, x.device, dropout=dropout is not None)
     ws = alloc((cfg.splits, M, R), x, acc)
+    sq = alloc((cfg.splits, M), x, acc) if sum_sq else None
     seed, p = dropout if dropout is not None else (None, 0.0)
     xa_kernel[(triton.cdiv(M, cfg.block_rows), cfg.splits)](
-        x, a, ws, seed, M, K, R, x.stride(0), 1.0 / (1.0 - p), float(p),
+        x, a, ws, sq, seed, M, K, R, x.stride(0), 1.0 / (1.0 - p), float(p),
         BLOCK_M=cfg.block_rows, BLOCK_K=cfg.block_cols, BLOCK_R=rank_block(R),
         INT64=needs_int64(max_offset(x), ws.numel()),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return _fixed_order_sum(ws)
+    return _fixed_order_sum(ws), (_fixed_order_sum(sq) if sum_sq else None)
 
 
 def _reduce(big, s, e, f, scaling, dropout, *, reduce: bool, rank_out: bool, expand_out: bool,
-            out_dtype, config):
-    """Launch ``reduce_kernel``; returns (C summed [P, R] | None, Z summed [T, R] | None, OUT | None)."""
+            out_dtype, config, e_lo=None, scale=None, scaled_out: bool = False, y=None, shift=None):
+    """Launch ``reduce_kernel``; returns (C summed [P, R] | None, Z summed [T, R] | None, OUT | None,
+    LG | None, DM summed [P] | None). ``e_lo``, ``scale`` (G), ``scaled_out`` (LG), ``y`` and
+    ``shift`` (DM): DoRA's dY pass."""
     T, P = big.shape
-    R = (s if s is not None else e).shape[1]
+    R = (s if s is not None else e).shape[1] if (s is not None or e is not None) else 1
     acc = acc_dtype(big.dtype)
+    dora = scale is not None or y is not None
     cfg = config or reduce_config(T, P, R, big.dtype, big.device, dropout=dropout is not None,
-                                  expand=expand_out, rank_out=rank_out)
+                                  expand=expand_out, rank_out=rank_out, dora=dora)
     p_blocks = triton.cdiv(P, cfg.block_cols)
     c = alloc((cfg.splits, P, R), big, acc) if reduce else None
     z = alloc((p_blocks, T, R), big, acc) if rank_out else None
     o = alloc((T, P), big, out_dtype) if expand_out else None
+    lg = alloc((T, P), big, big.dtype) if scaled_out else None
+    dm = alloc((cfg.splits, P), big, acc) if y is not None else None
     seed, p = dropout if dropout is not None else (None, 0.0)
     keep_scale = 1.0 / (1.0 - p)
     int64 = needs_int64(max_offset(big), T * P, p_blocks * T * R, cfg.splits * P * R)
     reduce_kernel[(p_blocks, cfg.splits)](
-        big, s, e, f, c, z, o, seed, T, P, R, big.stride(0),
+        big, s, e, e_lo, f, c, z, o, seed, scale, lg, y, shift, dm, T, P, R, big.stride(0),
         float(scaling) * keep_scale, float(scaling) * keep_scale, float(p),
         BLOCK_T=cfg.block_rows, BLOCK_P=cfg.block_cols, BLOCK_R=rank_block(R), INT64=int64,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return (_fixed_order_sum(c) if reduce else None, _fixed_order_sum(z) if rank_out else None, o)
+    return (_fixed_order_sum(c) if reduce else None, _fixed_order_sum(z) if rank_out else None, o, lg,
+            _fixed_order_sum(dm) if y is not None else None)
 
 
 def dy_pass(dy: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, scaling: float, *,
@@ -207,10 +278,48 @@ def dy_pass(dy: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, scaling: float,
                 zeros if need_db else None)
     if dy.stride(1) != 1:
         dy = dy.contiguous()
-    db, dyb, _ = _reduce(dy, xa.contiguous() if need_db else None, b.contiguous() if need_dyb else None,
-                         None, scaling, None, reduce=need_db, rank_out=need_dyb, expand_out=False,
-                         out_dtype=None, config=config)
+    db, dyb, *_ = _reduce(dy, xa.contiguous() if need_db else None, b.contiguous() if need_dyb else None,
+                          None, scaling, None, reduce=need_db, rank_out=need_dyb, expand_out=False,
+                          out_dtype=None, config=config)
     return dyb, db
+
+
+def dora_dy_pass(dy: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, scaling: float,
+                 scale: torch.Tensor, out: torch.Tensor, shift: torch.Tensor | None, *,
+                 need_dyb: bool = True, need_db: bool = True, need_scaled: bool = True,
+                 need_dm: bool = True, config: PassConfig | None = None):
+    """DoRA's dY pass, one read of dy [M, N] (and of out [M, N] for dm), with dY' = scale o dy
+    (scale [N], accumulator dtype):
+
+        (dY' b [M, R], scaling * dY'^T xa [N, R], dY' [M, N] in dy's dtype,
+         sum over rows of dy o (out - shift) [N])
+
+    dyb, db and the sum in the accumulator dtype; out [M, N] (y, or DoRA's v under dropout),
+    shift [N] (the bias) or None. The products take g on their small side, dY' b = dy (g o b) and
+    dY'^T xa = g o (dy^T xa), so dy is rounded only where dY' is written (for the dX product). What
+    is not needed is neither computed nor returned (None)."""
+    check_device(dy, xa, b, scale, out, shift)
+    M, N = dy.shape
+    R = b.shape[1]
+    acc = acc_dtype(dy.dtype)
+    if M == 0:
+        return (torch.zeros((0, R), device=dy.device, dtype=acc) if need_dyb else None,
+                torch.zeros((N, R), device=dy.device, dtype=acc) if need_db else None,
+                dy.new_empty((0, N)) if need_scaled else None,
+                torch.zeros(N, device=dy.device, dtype=acc) if need_dm else None)
+    if dy.stride(1) != 1:
+        dy = dy.contiguous()
+    g = scale.to(acc).contiguous()
+    bg_hi = bg_lo = None
+    if need_dyb:
+        bg_hi, bg_lo = split_in(b.to(acc) * g[:, None], dy.dtype)
+    db, dyb, _, scaled, dm = _reduce(
+        dy, xa.contiguous() if need_db else None, bg_hi, None, scaling, None, reduce=need_db,
+        rank_out=need_dyb, expand_out=False, out_dtype=None, config=config, e_lo=bg_lo,
+        scale=g if need_scaled else None, scaled_out=need_scaled,
+        y=out.contiguous() if need_dm else None,
+        shift=shift.contiguous() if need_dm and shift is not None else None)
+    return dyb, (db.mul_(g[:, None]) if need_db else None), scaled, dm
 
 
 def x_pass(x: torch.Tensor, dyb: torch.Tensor, a: torch.Tensor, scaling: float, *,
@@ -231,9 +340,9 @@ def x_pass(x: torch.Tensor, dyb: torch.Tensor, a: torch.Tensor, scaling: float, 
                 torch.zeros((R, K), device=x.device, dtype=acc_dtype(x.dtype)) if need_da else None)
     if x.stride(1) != 1:
         x = x.contiguous()
-    da_t, _, dx0 = _reduce(x, dyb.contiguous(), None, a.contiguous() if need_dx else None, scaling,
-                           dropout, reduce=need_da, rank_out=False, expand_out=need_dx,
-                           out_dtype=x.dtype, config=config)
+    da_t, _, dx0, *_ = _reduce(x, dyb.contiguous(), None, a.contiguous() if need_dx else None,
+                               scaling, dropout, reduce=need_da, rank_out=False, expand_out=need_dx,
+                               out_dtype=x.dtype, config=config)
     return dx0, (da_t.T if need_da else None)
 
 

@@ -100,15 +100,18 @@ def _acc(dtype):
 
 
 def gemm_job(item) -> dict:
-    """Every form of the fused GEMM a config serves: forward with x A^T in the loop or read, dX
-    with and without the dropout epilogue; through descriptors when the config says TMA."""
+    """Every form of the fused GEMM a config serves: forward with x A^T in the loop or read, each
+    also with DoRA's per-column scale in the epilogue, dX with and without the dropout epilogue;
+    through descriptors when the config says TMA."""
     cfg, block_r, dtype, cap, dropout = item
     t = _TL[dtype]
     acc = "tl.float64" if dtype == torch.float64 else "tl.float32"
     out = {}
     forms = ([("dx_dropout", True, False)] if dropout else
-             [("fwd_xa_in_loop", False, True), ("fwd_xa_read", False, False), ("dx", True, False)])
+             [("fwd_xa_in_loop", False, True), ("fwd_xa_read", False, False), ("dx", True, False),
+              ("fwd_dora_xa_in_loop", False, True), ("fwd_dora_xa_read", False, False)])
     for form, grad_input, in_loop in forms:
+        dora = "dora" in form
         if in_loop and not cfg.xa_in_loop:
             continue
         tma = cfg.tma and dtype != torch.float64
@@ -126,16 +129,18 @@ def gemm_job(item) -> dict:
             types["U"] = f"*{t}"
         if not grad_input:
             types["BIAS"] = f"*{t}"
+        if dora:
+            types["SCALE"] = f"*{_acc(dtype)}"
         if form == "dx_dropout":
             types["SEED"] = "*i64"
         # W as stored ([N, K] forward, [K, N] dX) and the small adapter operand (B [N, R] forward,
         # A [R, K] dX) have unit stride along their rows; the runtime makes a stride of 1 a constant
         types["stride_wk" if grad_input else "stride_wn"] = "i32"
         types["stride_vr" if grad_input else "stride_vn"] = "i32"
-        const = dict(U=None, BIAS=None, SEED=None, W_NK=not grad_input, INT64=False,
+        const = dict(U=None, BIAS=None, SCALE=None, SEED=None, W_NK=not grad_input, INT64=False,
                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
                      GROUP_M=cfg.group_m, NUM_SMS=132, EPILOGUE_SUBTILE=cfg.epilogue_subtile and tma,
-                     USE_TMA=tma, XA_IN_LOOP=in_loop, HAS_BIAS=not grad_input,
+                     USE_TMA=tma, XA_IN_LOOP=in_loop, HAS_BIAS=not grad_input, HAS_SCALE=dora,
                      DROPOUT_OUT=form == "dx_dropout", EVEN_K=True,
                      # the heavier form, with the epilogue's mask of the padded rank lanes
                      R_PADDED=True, ACC_DTYPE=eval(acc, {"tl": triton.language}),
@@ -150,18 +155,20 @@ def gemm_job(item) -> dict:
     return out
 
 
-# The forms of the reduction kernel, by the config's (dropout, expand, rank_out) flags:
-# (form, writes C, writes Z (dY B), writes O (dx0), dropout)
-REDUCE_FORMS = {(False, False, True): [("dy_pass", True, True, False, False)],
-                (False, False, False): [("da", True, False, False, False)],
-                (False, True, False): [("x_pass", True, False, True, False)],
-                (True, False, False): [("da_dropout", True, False, False, True)],
-                (True, True, False): [("x_pass_dropout", True, False, True, True)]}
+# The forms of the reduction kernel, by the config's (dropout, expand, rank_out, dora) flags:
+# (form, writes C, writes Z (dY B), writes O (dx0), dropout, DoRA's dY pass)
+REDUCE_FORMS = {(False, False, True, False): [("dy_pass", True, True, False, False, False)],
+                (False, False, False, False): [("da", True, False, False, False, False)],
+                (False, True, False, False): [("x_pass", True, False, True, False, False)],
+                (True, False, False, False): [("da_dropout", True, False, False, True, False)],
+                (True, True, False, False): [("x_pass_dropout", True, False, True, True, False)],
+                (False, False, True, True): [("dy_pass_dora", True, True, False, False, True)]}
 
 
 def pass_job(item) -> dict:
-    """The pass over x (xa) or a reduction over rows (the dY pass: dB with dY B; the x pass: dA
-    with dx0, with and without dropout) in a config chosen for those flags."""
+    """The pass over x (xa; over W with ||W_n||^2 for DoRA's norm) or a reduction over rows (the
+    dY pass: dB with dY B, and DoRA's with dY', dm and g o B as hi + lo; the x pass: dA with dx0,
+    with and without dropout) in a config chosen for those flags."""
     kind, cfg, block_r, dtype, cap, flags = item
     dropout = flags[0]
     t, a = _TL[dtype], _acc(dtype)
@@ -169,26 +176,32 @@ def pass_job(item) -> dict:
     prec = "ieee"
     out = {}
     if kind == "xa":
+        sum_sq = flags[3]
         types = {"X": f"*{t}", "A": f"*{t}", "XA": f"*{a}", "M": "i32", "K": "i32", "R": "i32",
                  "stride_xm": "i32", "scale": "fp64", "dropout_p": "fp64"}
         const = dict(BLOCK_M=cfg.block_rows, BLOCK_K=cfg.block_cols, BLOCK_R=block_r, INT64=False,
-                     HAS_DROPOUT=dropout, ACC_DTYPE=acc, PRECISION=prec)
-        if dropout:
-            types["SEED"] = "*i64"
-        else:
-            const["SEED"] = None
+                     HAS_DROPOUT=dropout, SUM_SQ=sum_sq, ACC_DTYPE=acc, PRECISION=prec)
+        for name, on, ty in (("SEED", dropout, "*i64"), ("SQ", sum_sq, f"*{a}")):
+            if on:
+                types[name] = ty
+            else:
+                const[name] = None
         c = compile_kernel(xa_kernel, types, const, cap, cfg.num_warps, cfg.num_stages)
-        out["xa_dropout" if dropout else "xa"] = dict(shared=c.shared, registers=c.registers,
-                                                     spills=c.spill_bytes)
+        form = "weight_pass" if sum_sq else ("xa_dropout" if dropout else "xa")
+        out[form] = dict(shared=c.shared, registers=c.registers, spills=c.spill_bytes)
         return out
-    for form, has_c, has_z, has_o, drop in REDUCE_FORMS[flags]:
+    for form, has_c, has_z, has_o, drop, dora in REDUCE_FORMS[flags]:
+        split_e = dora and dtype in (torch.float16, torch.bfloat16)
         types = {"L": f"*{t}", "S": f"*{a}", "T": "i32", "P": "i32", "R": "i32", "stride_lt": "i32",
                  "c_scale": "fp64", "o_scale": "fp64", "dropout_p": "fp64"}
         const = dict(BLOCK_T=cfg.block_rows, BLOCK_P=cfg.block_cols, BLOCK_R=block_r, INT64=False,
-                     HAS_DROPOUT=drop, REDUCE=has_c, RANK_OUT=has_z, EXPAND_OUT=has_o,
+                     HAS_DROPOUT=drop, REDUCE=has_c, RANK_OUT=has_z, SPLIT_E=split_e,
+                     EXPAND_OUT=has_o, SCALED_OUT=dora, COL_DOT=dora, HAS_SHIFT=dora,
                      ACC_DTYPE=acc, PRECISION=prec)
         for name, on, ty in (("C", has_c, f"*{a}"), ("Z", has_z, f"*{a}"), ("E", has_z, f"*{t}"),
-                             ("OUT", has_o, f"*{t}"), ("F", has_o, f"*{t}"), ("SEED", drop, "*i64")):
+                             ("OUT", has_o, f"*{t}"), ("F", has_o, f"*{t}"), ("SEED", drop, "*i64"),
+                             ("E_LO", split_e, f"*{t}"), ("G", dora, f"*{a}"), ("LG", dora, f"*{t}"),
+                             ("Y", dora, f"*{t}"), ("SH", dora, f"*{t}"), ("DM", dora, f"*{a}")):
             if on:
                 types[name] = ty
             else:
@@ -222,7 +235,8 @@ def production_gemm_configs() -> list:
 
 def production_pass_configs() -> list:
     """Unique (kind, config, R-block, dtype, capability, flags) the pass config functions give
-    (splits dropped: they change the grid, not the code); flags (dropout, expand, rank_out)."""
+    (splits dropped: they change the grid, not the code); flags (dropout, expand, rank_out, dora)
+    for reductions, (dropout, -, -, sum_sq) for the xa kernel (sum_sq: DoRA's pass over W)."""
     seen = {}
     for info, dtype, M, N, K, R in _problems():
         block_r = configs.rank_block(R)
@@ -234,10 +248,14 @@ def production_pass_configs() -> list:
 
         for dropout in (False, True):
             add("xa", configs.gpu_xa_config(configs.bucket(M), K, block_r, dtype, info, dropout),
-                (dropout, False, False))
-        # the dY pass reads dY [M, N]; the x pass reads x [M, K], with or without dx0 and dropout
-        flag_sets = [(N, (False, False, True))] + [(K, (d, e, False)) for d in (False, True)
-                                                   for e in (False, True)]
+                (dropout, False, False, False))
+        # DoRA's norm: the xa kernel over W [N, K] (its rows are N), with ||W_n||^2
+        add("xa", configs.gpu_xa_config(configs.bucket(N), K, block_r, dtype, info, False),
+            (False, False, False, True))
+        # the dY pass reads dY [M, N] (DoRA's also y, writing dY'); the x pass reads x [M, K], with
+        # or without dx0 and dropout
+        flag_sets = ([(N, (False, False, True, False)), (N, (False, False, True, True))]
+                     + [(K, (d, e, False, False)) for d in (False, True) for e in (False, True)])
         for P, flags in flag_sets:
             add("reduce", configs.gpu_reduce_config(configs.bucket(M), P, block_r, dtype, info,
                                                      *flags), flags)
@@ -250,9 +268,10 @@ def item_id(kind, item) -> str:
         tile = (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}" + ("-tma" if cfg.tma else "")
                 + ("-subtile" if cfg.epilogue_subtile else "") + ("-dropout" if dropout else ""))
     else:
-        kind, cfg, block_r, dtype, cap, (dropout, expand, rank_out) = item
+        kind, cfg, block_r, dtype, cap, (dropout, expand, rank_out, dora) = item
         tile = (f"{cfg.block_rows}x{cfg.block_cols}" + ("-dropout" if dropout else "")
-                + ("-dx0" if expand else "") + ("-dyb" if rank_out else ""))
+                + ("-dx0" if expand else "") + ("-dyb" if rank_out else "")
+                + (("-dora" if kind == "reduce" else "-sumsq") if dora else ""))
     return f"{kind}-sm{cap}-{_TL[dtype]}-r{block_r}-{tile}-w{cfg.num_warps}-s{cfg.num_stages}"
 
 

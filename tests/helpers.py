@@ -29,6 +29,23 @@ def assert_within_bound(results, what: str = "") -> None:
     assert not failed, (f"{what}: " if what else "") + "; ".join(failed)
 
 
+def count_launches(monkeypatch):
+    """Triton kernel launches, by kernel name."""
+    from fastlora.kernels import gemm, passes
+    launches = []
+    for module, name in ((gemm, "lora_gemm_kernel"), (passes, "xa_kernel"), (passes, "reduce_kernel")):
+        kernel = getattr(module, name)
+
+        class Counting:
+            def __getitem__(self, grid, _kernel=kernel, _name=name):
+                def launch(*args, **kwargs):
+                    launches.append(_name)
+                    return _kernel[grid](*args, **kwargs)
+                return launch
+        monkeypatch.setattr(module, name, Counting())
+    return launches
+
+
 class Block(nn.Module):
     def __init__(self, d):
         super().__init__()

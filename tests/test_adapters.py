@@ -273,7 +273,8 @@ def test_bad_configs_and_states_are_refused(tmp_path):
     config_file = tmp_path / "adapter_config.json"
     good = json.loads(config_file.read_text())
     for change, match in [({"peft_type": "IA3"}, "peft_type must be 'LORA', got 'IA3'"),
-                          ({"use_dora": True}, "uses PEFT features fastlora does not implement: use_dora"),
+                          ({"lora_bias": True}, "uses PEFT features fastlora does not implement: lora_bias"),
+                          ({"use_dora": "yes"}, "use_dora must be true or false, got 'yes'"),
                           ({"r": 0}, "r must be a positive int, got 0"),
                           ({"bias": "some"}, "bias must be one of"),
                           ({"target_modules": None}, "target_modules must be a regex string or a list")]:

@@ -184,3 +184,49 @@ def test_model_bench_runs_a_tiny_decoder_on_the_cpu(tmp_path, capsys):
     assert all(r["status"] == "ok" and r["tokens"] == 64 and r["tokens_per_s"] > 0 for r in rows)
     assert rows[0]["ratio_to_floor"] == 1.0 and rows[1]["speedup_over_peft"] == 1.0
     assert "fastlora-from-peft" in capsys.readouterr().out
+
+
+def test_bench_dora_times_dora_against_lora_and_peft_dora(tmp_path, capsys, monkeypatch):
+    """--dora: fastlora-dora and peft-dora are checked against PEFT's formula in float64 (the
+    magnitude's gradient too) and timed with fastlora; x peft is against peft-dora, x lora over
+    fastlora. A DoRA provider whose magnitude is off is reported wrong, not timed."""
+    pytest.importorskip("peft")
+    js = tmp_path / "b.json"
+    assert cli.main(["bench", "--dora", "--shape", "64,32,48", "--rank", "4", "--mode", "fwd", "full",
+                     "--rounds", "2", "--quiet", "--device", "cpu", "--json", str(js)]) == 0
+    assert "x lora" in capsys.readouterr().out
+    rows = json.loads(js.read_text())["rows"]
+    assert {r["provider"] for r in rows} == {"base", "fastlora", "fastlora-dora", "peft-dora"}
+    for r in rows:
+        assert r["status"] == "ok" and r["max_rel_err"] < 1e-4, r
+        assert (r["ratio_to_lora"] is not None) == (r["provider"] == "fastlora-dora")
+    assert all(r["speedup_over_peft"] == 1.0 for r in rows if r["provider"] == "peft-dora")
+    assert all(r["speedup_over_peft"] > 0 for r in rows if r["provider"] == "fastlora-dora")
+
+    from fastlora import bench
+    real_build = bench.build
+
+    def broken(provider, w):
+        module, params = real_build(provider, w)
+        if provider == "fastlora-dora":
+            with torch.no_grad():
+                module.lora_magnitude_vector.mul_(1.01)
+        return module, params
+
+    monkeypatch.setattr(bench, "build", broken)
+    assert cli.main(["bench", "--dora", "--shape", "64,32,48", "--mode", "fwd", "--rounds", "2", "--quiet",
+                     "--device", "cpu", "--json", str(js)]) == 1
+    row = next(r for r in json.loads(js.read_text())["rows"] if r["provider"] == "fastlora-dora")
+    assert row["status"] == "wrong" and row["ms"] is None
+
+
+def test_model_bench_dora_on_the_cpu(tmp_path):
+    pytest.importorskip("peft")
+    out = tmp_path / "model.json"
+    assert cli.main(["bench", "--model", "tiny", "--dora", "--device", "cpu", "--layers", "1", "--tokens", "64",
+                     "--seq", "32", "--rounds", "1", "--quiet", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["provider"] for r in rows] == ["floor", "fastlora", "fastlora-dora", "peft-dora"]
+    assert all(r["status"] == "ok" for r in rows)
+    dora = rows[2]
+    assert dora["ratio_to_lora"] > 0 and dora["speedup_over_peft"] > 0 and rows[3]["speedup_over_peft"] == 1.0

@@ -35,10 +35,11 @@ def test_opcheck(backend, M, dtype, p, bias):
     args = (x, w, b, a, bb, 0.5, p, seed, backend)
     torch.library.opcheck(OP, args)
 
-    y, xa = OP(*(t.detach() if isinstance(t, torch.Tensor) else t for t in args))
-    needs = [True, False, bias, True, True]
+    y, xa, kept = OP(*(t.detach() if isinstance(t, torch.Tensor) else t for t in args))
+    assert kept == []  # DoRA's, none for LoRA
+    needs = [True, False, bias, True, True, False]
     torch.library.opcheck(BACKWARD_OP, (torch.randn_like(y), x.detach(), w, a.detach(), bb.detach(),
-                                        xa, seed, 0.5, p, backend, needs))
+                                        xa, seed, 0.5, p, backend, needs, None, None, []))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

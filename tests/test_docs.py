@@ -68,6 +68,12 @@ def test_readme_hugging_face_example_prints_what_the_readme_shows(tmp_path, monk
     assert_prints_what_is_shown(run_block(code, tmp_path, monkeypatch)[0], shown[0])
 
 
+def test_dora_example_prints_what_docs_dora_shows(tmp_path, monkeypatch):
+    heading = "## Use it"
+    (code,), (shown,) = fenced_blocks("docs/dora.md", heading, "python"), fenced_blocks("docs/dora.md", heading, "")
+    assert_prints_what_is_shown(run_block(code, tmp_path, monkeypatch)[0], shown)
+
+
 def test_the_trainer_recipe_saves_adapters_that_load_and_resumes_exactly(tmp_path, monkeypatch):
     """docs/huggingface.md's recipe for an apply_lora model in a real transformers.Trainer: a few
     steps on the CPU, adapters in every checkpoint and at the end, loadable by fastlora and PEFT."""

@@ -35,9 +35,12 @@ def test_opcheck_triton_on_cuda(dtype, p, M):
     a, bb = _rand(r, K, dtype=F32, grad=True, scale=K ** -0.5), _rand(N, r, dtype=F32, grad=True)
     seed = torch.tensor([99], dtype=torch.int64, device="cuda") if p else None
     torch.library.opcheck(OP, (x, w, b, a, bb, 0.5, p, seed, "triton"))
-    y, xa = OP(x.detach(), w, b, a.detach(), bb.detach(), 0.5, p, seed, "triton")
+    y, xa, _ = OP(x.detach(), w, b, a.detach(), bb.detach(), 0.5, p, seed, "triton")
     torch.library.opcheck(BACKWARD_OP, (torch.randn_like(y), x.detach(), w, a.detach(), bb.detach(),
-                                        xa, seed, 0.5, p, "triton", [True, False, True, True, True]))
+                                        xa, seed, 0.5, p, "triton", [True, False, True, True, True, False],
+                                        None, None, []))
+    m = _rand(N, dtype=F32, grad=True) + 1.0  # DoRA's magnitude
+    torch.library.opcheck(OP, (x, w, b, a, bb, 0.5, p, seed, "triton", m.detach().requires_grad_(True)))
 
 
 def _model(p, dtype=BF16, backend="triton"):

@@ -10,8 +10,8 @@ from helpers import DEVICE, HAS_TRITON
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 
 if HAS_TRITON:
-    from fastlora.kernels import (GemmConfig, PassConfig, dropout_mask, dy_pass, lora_gemm, x_pass,
-                                  xa_pass)
+    from fastlora.kernels import (GemmConfig, PassConfig, dora_dy_pass, dropout_mask, dy_pass,
+                                  lora_gemm, weight_pass, x_pass, xa_pass)
     from fastlora.kernels import gemm as gemm_module
     from fastlora.kernels.common import max_offset, needs_int64, tma_ready
 
@@ -60,6 +60,32 @@ def test_gemm_grad_input_reads_w_as_stored_with_dropout_epilogue(cfg):
                       config=cfg)
     keep = dropout_mask(_seed(5), (M, K), 0.3).double() / 0.7
     _close(dx, dy @ w + 0.7 * keep * ((dy @ b) @ a))
+
+
+@pytest.mark.parametrize("cfg", SMALL, ids=SMALL_IDS)
+@pytest.mark.parametrize("in_loop", [True, False], ids=["xa-in-loop", "xa-read"])
+def test_gemm_forward_scales_columns_before_the_bias(cfg, in_loop):
+    """DoRA's forward: y = g o (x W^T + s xa B^T) + b, g applied in the epilogue before the bias."""
+    M, K, N, R = 37, 45, 70, 3
+    x, w, a, b, bias, g = _rand(M, K), _rand(N, K), _rand(R, K), _rand(N, R), _rand(N), _rand(N)
+    kw = dict(u=a) if in_loop else dict(xa=x @ a.T)
+    y, _ = lora_gemm(x, w, b, bias, 0.7, scale=g, config=cfg, **kw)
+    _close(y, g * (x @ w.T + 0.7 * (x @ a.T) @ b.T) + bias)
+    with pytest.raises(ValueError, match="scale must be"):
+        lora_gemm(x, w, b, bias, 0.7, scale=g[:-1], config=cfg, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_gemm_tma_forward_scales_columns(dtype):
+    M, K, N, R = 37, 48, 40, 3
+    x, w, a, b, bias = (_rand(*s, dtype=dtype) for s in ((M, K), (N, K), (R, K), (N, R), (N,)))
+    g = _rand(N, dtype=torch.float32)
+    y, _ = lora_gemm(x, w, b, bias, 0.7, u=a, scale=g,
+                     config=GemmConfig(16, 32, 16, group_m=2, tma=True, epilogue_subtile=True))
+    x64, w64, a64, b64 = x.double(), w.double(), a.double(), b.double()
+    want = g.double() * (x64 @ w64.T + 0.7 * (x64 @ a64.T) @ b64.T) + bias.double()
+    tol = 1e-5 if dtype == torch.float32 else 4e-3
+    assert ((y.double() - want).abs().max() / want.abs().max()).item() < tol
 
 
 def test_gemm_takes_strided_views_through_pointers():
@@ -142,6 +168,46 @@ def test_x_pass_gives_dx0_and_da_with_one_mask(cfg, p):
     dx_only, none = x_pass(x, dyb, a, 0.3, dropout=drop, need_dx=True, need_da=False, config=cfg)
     assert none is None
     _close(dx_only, 0.3 * keep * (dyb @ a))
+
+
+@pytest.mark.parametrize("cfg", PASSES, ids=["splits1", "splits3"])
+def test_weight_pass_gives_w_a_and_row_norms_from_one_read(cfg):
+    N, K, R = 70, 45, 5
+    w, a = _rand(N, K), _rand(R, K)
+    wa, sq = weight_pass(w, a, config=cfg)
+    _close(wa, w @ a.T)
+    _close(sq, (w * w).sum(1))
+    wa_only, none = weight_pass(w, a, need_sq=False, config=cfg)
+    assert none is None
+    _close(wa_only, w @ a.T)
+
+
+@pytest.mark.parametrize("cfg", PASSES, ids=["splits1", "splits3"])
+@pytest.mark.parametrize("shift", [True, False], ids=["bias", "nobias"])
+def test_dora_dy_pass_reads_dy_scaled_and_reduces_for_dm(cfg, shift):
+    """dY' = g o dY where dY is read (dY' B, dB), dY' written, sum over rows of dY o (y - b)."""
+    M, N, R = 70, 37, 5
+    dy, xa, b, y, g = _rand(M, N), _rand(M, R), _rand(N, R), _rand(M, N), _rand(N)
+    bias = _rand(N) if shift else None
+    dyb, db, scaled, dm = dora_dy_pass(dy, xa, b, 0.3, g, y, bias, config=cfg)
+    dyg = dy * g
+    _close(dyb, dyg @ b)
+    _close(db, 0.3 * dyg.T @ xa)
+    _close(scaled, dyg)
+    _close(dm, (dy * (y - (bias if shift else 0))).sum(0))
+    # only the magnitude's sum: nothing else computed or written
+    none_dyb, none_db, none_scaled, dm_only = dora_dy_pass(dy, xa, b, 0.3, g, y, bias, need_dyb=False,
+                                                          need_db=False, need_scaled=False, config=cfg)
+    assert none_dyb is None and none_db is None and none_scaled is None
+    _close(dm_only, dm)
+
+
+def test_dora_dy_pass_rounds_dy_scaled_once_to_dy_dtype():
+    dy, g = _rand(40, 24, dtype=torch.float16), _rand(24, dtype=torch.float32)
+    xa, b, y = _rand(40, 3, dtype=torch.float32), _rand(24, 3, dtype=torch.float16), _rand(40, 24, dtype=torch.float16)
+    _, _, scaled, _ = dora_dy_pass(dy, xa, b, 0.3, g, y, None)
+    assert scaled.dtype == torch.float16
+    assert torch.equal(scaled, (dy.float() * g).half())
 
 
 def test_reductions_are_bitwise_deterministic():

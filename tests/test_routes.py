@@ -7,7 +7,7 @@ import torch
 
 import fastlora
 from fastlora import route_table
-from helpers import HAS_TRITON
+from helpers import HAS_TRITON, count_launches
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 
@@ -85,23 +85,6 @@ def test_triton_backend_chooses_each_pass_from_the_table(table, monkeypatch):
     assert [c[:2] for c in calls] == [("split", "forward"), ("split", "backward")]
 
 
-def _count_launches(monkeypatch):
-    """Triton kernel launches, by kernel name."""
-    from fastlora.kernels import gemm, passes
-    launches = []
-    for module, name in ((gemm, "lora_gemm_kernel"), (passes, "xa_kernel"), (passes, "reduce_kernel")):
-        kernel = getattr(module, name)
-
-        class Counting:
-            def __getitem__(self, grid, _kernel=kernel, _name=name):
-                def launch(*args, **kwargs):
-                    launches.append(_name)
-                    return _kernel[grid](*args, **kwargs)
-                return launch
-        monkeypatch.setattr(module, name, Counting())
-    return launches
-
-
 @pytest.mark.parametrize("backend,fwd,bwd", [
     ("fused", ["lora_gemm_kernel"], ["reduce_kernel", "lora_gemm_kernel", "reduce_kernel"]),
     ("split", ["xa_kernel"], ["reduce_kernel", "reduce_kernel"]),
@@ -110,7 +93,7 @@ def test_kernel_launches_of_a_training_step(backend, fwd, bwd, monkeypatch):
     """A step's Triton launches: fused forward 1 (x A^T in the GEMM's loop); its backward 3 (the
     dY pass, the dX GEMM, the x pass for dA); split forward 1 (the x pass; cuBLAS does the rest)
     and backward 2 (the dY pass; the x pass for dA and dx0)."""
-    launches = _count_launches(monkeypatch)
+    launches = count_launches(monkeypatch)
     layer = fastlora.LoRALinear(40, 24, r=3, backend=backend, init_lora_weights=False)
     x = torch.randn(37, 40, requires_grad=True)
     y = layer(x)
