@@ -35,13 +35,13 @@ step "install (no deps, no network)"
 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -2
 
 step "layer bench per route, headline shapes (bf16, r=16)"
-timeout 80 $BENCH --shape 8192,4096,4096 --shape 8192,4096,14336 --shape 2048,4096,4096 \
+timeout 75 $BENCH --shape 8192,4096,4096 --shape 8192,4096,14336 --shape 2048,4096,4096 \
   --providers base peft fastlora-torch fastlora-fused fastlora-split \
   --json "$OUT_DIR/bench_routes.json" 2>&1 | tee "$OUT_DIR/bench.log" || status=1
 
 step "route table (benchmarks/tune_routes.py --quick)"
 cp fastlora/route_table.json "$OUT_DIR/route_table.json"
-timeout 100 $PY benchmarks/tune_routes.py --quick --rep 25 --out "$OUT_DIR/route_table.json" 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
+timeout 90 $PY benchmarks/tune_routes.py --quick --rep 25 --out "$OUT_DIR/route_table.json" 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
 cp "$OUT_DIR/route_table.json" fastlora/route_table.json  # the runs below choose from it
 
 step "diagnostics"
@@ -49,14 +49,14 @@ timeout 35 $PY benchmarks/gpu_diag.py >> "$OUT_DIR/machine.txt" 2>&1 || status=1
 tail -16 "$OUT_DIR/machine.txt"
 
 step "GPU tests"
-timeout 90 $PY -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_compile.py 2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -25 || status=1
+timeout 80 $PY -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_compile.py 2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -25 || status=1
 
 step "fastlora check"
 timeout 40 $PY -m fastlora check > "$OUT_DIR/check.log" 2>&1 || status=1
 grep -E "FAIL|failure" "$OUT_DIR/check.log" | tail -15
 
 step "layer bench, every provider"
-timeout 70 $BENCH --preset bars --M 1 16 256 2048 8192 --rank 16 64 \
+timeout 65 $BENCH --preset bars --M 1 16 256 2048 8192 --rank 16 64 \
   --providers base peft fastlora fastlora-fused fastlora-split fastlora-torch \
   --json "$OUT_DIR/bench.json" 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
 timeout 20 $BENCH --shape 8192,4096,4096 --dropout 0.1 --mode full --providers base peft fastlora \
@@ -64,7 +64,7 @@ timeout 20 $BENCH --shape 8192,4096,4096 --dropout 0.1 --mode full --providers b
 
 step "model bench (Llama-3-8B-wide layers, 8192 tokens)"
 timeout 45 $BENCH --model llama3-8b --json "$OUT_DIR/model.json" 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
-timeout 40 $BENCH --dora --dtype bf16 --rank 16 --shape 8192,4096,4096 --shape 8192,4096,14336 --mode fwd full --providers fastlora fastlora-dora peft-dora 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
+timeout 30 $BENCH --dora --dtype bf16 --rank 16 --shape 8192,4096,4096 --shape 8192,4096,14336 --mode fwd full --providers fastlora fastlora-dora peft-dora 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
 
 step "done, status $status"
 exit $status
