@@ -8,12 +8,12 @@
 #   bench.log         every table printed below
 #   bench_routes.json the layer bench per route at the headline shapes (bf16, r=16, M 2048/8192)
 #   route_table.json  benchmarks/tune_routes.py's table for this GPU (then used by the runs below)
-#   gpu_tests.log     pytest -m gpu (kernels at real sizes, compile/autocast/checkpoint on CUDA,
-#                     CUDA graph capture of a training step)
+#   gpu_tests.log     pytest -m gpu (compile/autocast/checkpoint on CUDA, kernels at real sizes,
+#                     CUDA graph capture of a training step), with the slowest tests' durations
 #   check.log         fastlora check
-#   bench.json        the layer bench: M 1 16 256 2048 8192, 4096 -> 4096 / 14336, r 16 and 64,
-#                     dropout 0 and 0.1, every provider
 #   model.json        the model bench (Llama-3-8B-wide layers, 8192 tokens a step)
+#   bench.json        the layer bench at the bars: base, PEFT, fastlora at M 2048/8192,
+#                     4096 -> 4096 / 14336, r 16 and 64 (dropout 0.1 and decode in bench.log)
 #
 # Usage: benchmarks/gpu_check.sh OUTDIR   (each step has its own timeout; they add up to 480 s, the
 # first bench's including the kernels' first compiles)
@@ -35,36 +35,42 @@ step "install (no deps, no network)"
 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -2
 
 step "layer bench per route, headline shapes (bf16, r=16)"
-timeout 75 $BENCH --shape 8192,4096,4096 --shape 8192,4096,14336 --shape 2048,4096,4096 \
+timeout 70 $BENCH --shape 8192,4096,4096 --shape 8192,4096,14336 --shape 2048,4096,4096 \
   --providers base peft fastlora-torch fastlora-fused fastlora-split \
   --json "$OUT_DIR/bench_routes.json" 2>&1 | tee "$OUT_DIR/bench.log" || status=1
 
 step "route table (benchmarks/tune_routes.py --quick)"
 cp fastlora/route_table.json "$OUT_DIR/route_table.json"
-timeout 90 $PY benchmarks/tune_routes.py --quick --rep 25 --out "$OUT_DIR/route_table.json" 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
+timeout 60 $PY benchmarks/tune_routes.py --quick --rep 25 --out "$OUT_DIR/route_table.json" 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
 cp "$OUT_DIR/route_table.json" fastlora/route_table.json  # the runs below choose from it
 
 step "diagnostics"
-timeout 35 $PY benchmarks/gpu_diag.py >> "$OUT_DIR/machine.txt" 2>&1 || status=1
+timeout 30 $PY benchmarks/gpu_diag.py >> "$OUT_DIR/machine.txt" 2>&1 || status=1
 tail -16 "$OUT_DIR/machine.txt"
 
+# the compile tests first: on 2026-11-29 (H200) they never ran past the first failure
 step "GPU tests"
-timeout 80 $PY -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_compile.py 2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -25 || status=1
+timeout 130 $PY -m pytest -q -m gpu --durations=15 tests/test_gpu_compile.py tests/test_gpu.py \
+  2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -25 || status=1
 
 step "fastlora check"
-timeout 40 $PY -m fastlora check > "$OUT_DIR/check.log" 2>&1 || status=1
+timeout 50 $PY -m fastlora check > "$OUT_DIR/check.log" 2>&1 || status=1
 grep -E "FAIL|failure" "$OUT_DIR/check.log" | tail -15
 
-step "layer bench, every provider"
-timeout 65 $BENCH --preset bars --M 1 16 256 2048 8192 --rank 16 64 \
-  --providers base peft fastlora fastlora-fused fastlora-split fastlora-torch \
+step "model bench (Llama-3-8B-wide layers, 8192 tokens)"
+timeout 60 $BENCH --model llama3-8b --json "$OUT_DIR/model.json" 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
+
+step "layer bench at the bars: M 2048/8192, r 16/64; dropout 0.1; decode"
+timeout 30 $BENCH --preset bars --M 2048 8192 --rank 16 64 --providers base peft fastlora \
   --json "$OUT_DIR/bench.json" 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
-timeout 20 $BENCH --shape 8192,4096,4096 --dropout 0.1 --mode full --providers base peft fastlora \
+timeout 15 $BENCH --preset bars --M 8192 --dropout 0.1 --providers base peft fastlora \
+  2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
+timeout 15 $BENCH --preset bars --M 1 16 --mode fwd --providers base peft fastlora \
   2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
 
-step "model bench (Llama-3-8B-wide layers, 8192 tokens)"
-timeout 45 $BENCH --model llama3-8b --json "$OUT_DIR/model.json" 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
-timeout 30 $BENCH --dora --dtype bf16 --rank 16 --shape 8192,4096,4096 --shape 8192,4096,14336 --mode fwd full --providers fastlora fastlora-dora peft-dora 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
+step "DoRA"
+timeout 20 $BENCH --dora --rank 16 --shape 8192,4096,4096 --shape 8192,4096,14336 --mode fwd full \
+  --providers fastlora fastlora-dora peft-dora 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
 
 step "done, status $status"
 exit $status

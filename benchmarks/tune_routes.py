@@ -23,27 +23,6 @@ import time
 import torch
 
 
-def candidates(M: int, pass_: str, dropout: bool, kernels) -> list:
-    """Fused-GEMM configs worth timing for a problem (the rule's default first)."""
-    G = kernels.GemmConfig
-    if M <= 64:
-        out = [G(16 if M <= 16 else 64, 32, 128, num_warps=4, num_stages=5),
-               G(16 if M <= 16 else 64, 64, 128, num_warps=4, num_stages=4),
-               G(16 if M <= 16 else 64, 32, 256, num_warps=4, num_stages=3)]
-        if M > 16:
-            out.append(G(64, 64, 64, num_warps=4, num_stages=4, tma=True))
-    else:
-        out = [G(128, 256, 64, num_warps=8, num_stages=3, tma=True, epilogue_subtile=True, xa_in_loop=False),
-               G(128, 256, 64, num_warps=8, num_stages=4, tma=True, epilogue_subtile=True, xa_in_loop=False),
-               G(128, 128, 64, num_warps=8, num_stages=4, tma=True, xa_in_loop=False),
-               G(128, 256, 64, num_warps=8, num_stages=4, xa_in_loop=False)]
-        if pass_ == "fwd" and not dropout:
-            out.append(G(128, 256, 64, num_warps=8, num_stages=3, tma=True, epilogue_subtile=True))
-    if pass_ == "bwd" and dropout:  # the dX epilogue holds Philox state per output element
-        out = [dataclasses.replace(c, block_n=min(c.block_n, 64)) for c in out]
-    return list(dict.fromkeys(out))
-
-
 def problems(quick: bool):
     ms = [1, 16, 256, 2048, 8192] if quick else [1, 16, 64, 256, 1024, 2048, 4096, 8192]
     shapes = [(4096, 4096), (14336, 4096)] + ([] if quick else [(4096, 14336)])
@@ -110,7 +89,9 @@ def main() -> int:
         ref = ref if pass_ == "bwd" else ref[:1]
         times = {"split": triton.testing.do_bench(call(split), warmup=10, rep=args.rep)}
         best_cfg, best_ms = None, float("inf")
-        for cfg in candidates(M, pass_, dropout, kernels):
+        for cfg in kernels.gemm_candidates(M, kernels.rank_block(r), dtype.itemsize,
+                                           kernels.device_info(dev), grad_input=pass_ == "bwd",
+                                           dropout=dropout):
             gemm = dataclasses.asdict(cfg)
             try:
                 got = call(fused, gemm)()

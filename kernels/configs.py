@@ -88,11 +88,14 @@ def _pow2_clamp(n: int, lo: int, hi: int) -> int:
 
 
 def gemm_smem_bytes(cfg: GemmConfig, block_r: int, elt: int) -> int:
-    """Shared memory of the pipelined main loop (x, w and, in the loop, A tiles per stage) and of
-    the TMA store's staging tile."""
+    """Shared memory of the pipelined main loop (x, w and, in the loop, A tiles per stage), of the
+    TMA store's staging tile and of the epilogue's xa [bm, r] and B [bn, r] operands (which the
+    compiler stages through shared memory: ptxas's reports in tests/aot.py match this to 24 bytes
+    for the TMA configs, and it overestimates the others)."""
     per_stage = (cfg.block_m + cfg.block_n + (block_r if cfg.xa_in_loop else 0)) * cfg.block_k
     staging = cfg.block_m * cfg.block_n // (2 if cfg.epilogue_subtile else 1) if cfg.tma else 0
-    return (cfg.num_stages * per_stage + staging) * elt
+    epilogue = (cfg.block_m + cfg.block_n) * block_r
+    return (cfg.num_stages * per_stage + staging + epilogue) * elt
 
 
 def fit_gemm(cfg: GemmConfig, block_r: int, elt: int, smem: int) -> GemmConfig:
@@ -102,6 +105,35 @@ def fit_gemm(cfg: GemmConfig, block_r: int, elt: int, smem: int) -> GemmConfig:
     while gemm_smem_bytes(cfg, block_r, elt) > smem and cfg.block_k > 16:
         cfg = dataclasses.replace(cfg, block_k=cfg.block_k // 2)
     return cfg
+
+
+def gemm_candidates(M: int, block_r: int, elt: int, info: DeviceInfo, *, grad_input: bool = False,
+                    dropout: bool = False) -> list[GemmConfig]:
+    """The configs benchmarks/tune_routes.py times for a 16-bit problem (the rule's kind first),
+    each fitted to the device's shared memory, so none fails to compile for lack of it."""
+    if M <= 64:
+        bm = 16 if M <= 16 else 64
+        out = [GemmConfig(bm, 32, 128, num_warps=4, num_stages=5),
+               GemmConfig(bm, 64, 128, num_warps=4, num_stages=4),
+               GemmConfig(bm, 32, 256, num_warps=4, num_stages=3)]
+        if M > 16:
+            out.append(GemmConfig(64, 64, 64, num_warps=4, num_stages=4, tma=True))
+    else:
+        out = [GemmConfig(128, 256, 64, num_warps=8, num_stages=s, tma=True, epilogue_subtile=True,
+                          xa_in_loop=False) for s in (3, 4)]
+        out += [GemmConfig(128, 128, 64, num_warps=8, num_stages=4, tma=True, xa_in_loop=False),
+                GemmConfig(128, 256, 64, num_warps=8, num_stages=4, xa_in_loop=False)]
+        if not (grad_input or dropout):
+            out.append(GemmConfig(128, 256, 64, num_warps=8, num_stages=3, tma=True,
+                                  epilogue_subtile=True))
+    if grad_input and dropout:  # the dX epilogue holds Philox state per output element
+        out = [dataclasses.replace(c, block_n=min(c.block_n, 64)) for c in out]
+    hopper = info.capability[0] >= 9
+    # before Hopper, no TMA, and a 128x256 accumulator spills (tests/aot.py)
+    out = [fit_gemm(c if hopper else dataclasses.replace(c, block_n=min(c.block_n, 128), tma=False,
+                                                         epilogue_subtile=False),
+                    block_r, elt, info.smem) for c in out]
+    return list(dict.fromkeys(out))
 
 
 def gemm_config(M: int, N: int, K: int, R: int, dtype: torch.dtype, device: torch.device, *,

@@ -233,6 +233,22 @@ def production_gemm_configs() -> list:
     return list(seen)
 
 
+def tuning_gemm_configs() -> list:
+    """The configs benchmarks/tune_routes.py times (bfloat16, its ranks and sizes), as
+    ``production_gemm_configs`` gives them: a candidate must compile where the tuner runs."""
+    seen = {}
+    for cap, sms, smem, _ in GPUS:
+        info = configs.DeviceInfo(cap, sms, smem)
+        for M in (16, 64, 256):  # the candidate lists' M classes
+            for R in (16, 64):
+                for grad_input, dropout in ((False, False), (False, True), (True, False), (True, True)):
+                    for cfg in configs.gemm_candidates(M, R, 2, info, grad_input=grad_input,
+                                                       dropout=dropout):
+                        seen.setdefault((cfg, R, torch.bfloat16, cap[0] * 10 + cap[1],
+                                         grad_input and dropout), None)
+    return list(seen)
+
+
 def production_pass_configs() -> list:
     """Unique (kind, config, R-block, dtype, capability, flags) the pass config functions give
     (splits dropped: they change the grid, not the code); flags (dropout, expand, rank_out, dora)
@@ -276,7 +292,8 @@ def item_id(kind, item) -> str:
 
 
 def all_items() -> list:
-    return ([("gemm", it) for it in production_gemm_configs()]
+    gemms = dict.fromkeys(production_gemm_configs() + tuning_gemm_configs())
+    return ([("gemm", it) for it in gemms]
             + [("pass", it) for it in production_pass_configs()])
 
 

@@ -101,3 +101,21 @@ def test_kernel_launches_of_a_training_step(backend, fwd, bwd, monkeypatch):
     launches.clear()
     y.sum().backward()
     assert launches == bwd
+
+
+@pytest.mark.parametrize("grad_input,dropout", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("M", [1, 64, 8192])
+@pytest.mark.parametrize("R", [16, 64])
+def test_the_tuning_candidates_fit_shared_memory(M, R, grad_input, dropout):
+    """The tuner compiles only configs that fit (on 2026-11-29 the H200 lost a compile to each of
+    three that did not); tests/aot.py compiles the same candidates and checks ptxas agrees."""
+    from fastlora.kernels import configs
+    h100 = configs.DeviceInfo((9, 0), 132, 232448)
+    # ptxas (triton 3.6) put this one at 241696 bytes: the model must not take it for a fit
+    over = configs.GemmConfig(128, 256, 64, num_warps=8, num_stages=4, tma=True, epilogue_subtile=True,
+                              xa_in_loop=False)
+    assert configs.gemm_smem_bytes(over, 16, 2) > h100.smem
+    cands = configs.gemm_candidates(M, R, 2, h100, grad_input=grad_input, dropout=dropout)
+    assert cands and len(set(cands)) == len(cands)
+    assert all(configs.gemm_smem_bytes(c, R, 2) <= h100.smem for c in cands)
+    assert over not in cands
