@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .model import (BIAS_MODES, bias_parameters, check_bias, check_model, inject_lora, join_path,
-                    select_targets, lora_layers)
+from .model import (BIAS_MODES, LORA_LAYERS, base_features, bias_parameters, check_bias, check_model,
+                    inject_lora, join_path, select_targets, lora_layers)
 from .arguments import is_finite_number, lora_scaling
 from .modules import LoRALinear
 
@@ -104,7 +104,7 @@ def load_adapter(model: nn.Module, adapter_directory: str | os.PathLike, *,
                  backend: str = "auto") -> nn.Module:
     """Load a LoRA adapter saved by ``save_adapter`` or by PEFT's ``save_pretrained`` into ``model``.
 
-    If ``model`` has no LoRALinear layers yet, they are created from ``adapter_config.json`` (its
+    If ``model`` has no LoRA layers yet, they are created from ``adapter_config.json`` (its
     target_modules, r, lora_alpha, lora_dropout, use_rslora, rank/alpha patterns; ``backend`` is
     theirs) as ``apply_lora`` would. Otherwise the existing layers must be the ones the adapter was
     trained on, with the same scaling.
@@ -146,9 +146,9 @@ def load_adapter(model: nn.Module, adapter_directory: str | os.PathLike, *,
                          f"a save interrupted between writing the two files, or an edited config; "
                          f"save the adapter again")
 
-    existing = {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
+    existing = {p: m for p, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
     if existing:
-        plan = {path: _Planned(layer.in_features, layer.out_features, layer.r, layer.weight.dtype,
+        plan = {path: _Planned(layer.in_features, layer.out_features, layer.r, base_features(layer)[2],
                                layer.lora_A.dtype, layer.lora_B.dtype)
                 for path, layer in existing.items()}
         _check_scaling(existing, config)
@@ -162,9 +162,9 @@ def load_adapter(model: nn.Module, adapter_directory: str | os.PathLike, *,
         modules = dict(model.named_modules())
         plan = {}
         for path in paths:
-            w = modules[path].weight
+            in_features, out_features, dtype = base_features(modules[path])
             r = _r_alpha(config, path)[0]
-            plan[path] = _Planned(w.shape[1], w.shape[0], r, w.dtype, w.dtype, w.dtype)
+            plan[path] = _Planned(in_features, out_features, r, dtype, dtype, dtype)
 
     slots = _slots(model, plan, config["bias"])
     _check_tensors(state, slots, weights_file)
