@@ -152,6 +152,29 @@ def test_gradcheck_float64_of_x_A_B_and_bias(backend):
     assert torch.autograd.gradcheck(f, (x, b, a, bb), fast_mode=backend != "torch")
 
 
+def test_autocast_computes_in_the_autocast_dtype_as_nn_linear():
+    layer = LoRALinear4bit(quantize_4bit(linear(128, 16)), r=2, init_lora_weights=False, backend="torch")
+    x = torch.randn(3, 128)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        want = fastlora.lora_linear(x, layer.base_layer.dequantize(torch.bfloat16), layer.bias, layer.lora_A,
+                                    layer.lora_B, layer.scaling, backend="torch")
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want)
+
+
+def test_torch_compile_gives_the_eager_outputs_and_gradients(fresh_dynamo):
+    from torch._dynamo.utils import counters
+
+    layer = LoRALinear4bit(quantize_4bit(linear(128, 64)), r=4, init_lora_weights=False, backend="torch")
+    x = torch.randn(8, 128, requires_grad=True)
+    results = []
+    for model in (layer, torch.compile(layer)):
+        y = model(x)
+        results.append([y, *torch.autograd.grad(y.sum(), [x, layer.lora_A, layer.lora_B])])
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-6) for a, b in zip(*results))
+    assert not counters["graph_break"]
+
+
 # ------------------------------------------------------------------------------------------------
 # the dense weight is not kept for the backward
 
