@@ -22,6 +22,7 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from fastlora.kernels import configs
+from fastlora.kernels.dequant import dequant_4bit_kernel
 from fastlora.kernels.gemm import lora_gemm_kernel
 from fastlora.kernels.passes import reduce_kernel, xa_kernel
 
@@ -60,10 +61,11 @@ def _jit(kernel):
 
 
 def compile_kernel(kernel, types: dict, constexprs: dict, cap: int, num_warps: int,
-                   num_stages: int) -> Compiled:
+                   num_stages: int, **options) -> Compiled:
     """``types``: the runtime arguments' types ("*bf16", "i32", "fp64", "tensordesc<...>"); every
     other argument is a constexpr from ``constexprs``; integer arguments get the divisibility-by-16
-    specialisation the runtime gives aligned sizes and strides, except M and T (not specialised)."""
+    specialisation the runtime gives aligned sizes and strides, except M and T (not specialised).
+    ``options``: further compile options the launcher passes (enable_fp_fusion)."""
     fn = _jit(kernel)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -79,7 +81,7 @@ def compile_kernel(kernel, types: dict, constexprs: dict, cap: int, num_warps: i
     assert not missing, f"no value for {missing}"
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     ck = triton.compile(src, target=GPUTarget("cuda", cap, 32),
-                        options={"num_warps": num_warps, "num_stages": num_stages})
+                        options={"num_warps": num_warps, "num_stages": num_stages, **options})
     ptx = ck.asm["ptx"]
     arch = "sm_90a" if cap == 90 else f"sm_{cap}"
     path = f"/tmp/fastlora_aot_{os.getpid()}.ptx"
@@ -198,6 +200,28 @@ def pass_job(item) -> dict:
     return out
 
 
+# The dequantize kernel's forms: output dtype, nested absmax, blocksize (its launcher's BLOCK and warps).
+DEQUANT_FORMS = [(dtype, nested, bs) for dtype in (torch.bfloat16, torch.float16, torch.float32)
+                 for nested in (False, True) for bs in (64, 128, 256)]
+
+
+def dequant_job(item) -> dict:
+    """The 4-bit dequantize kernel as its launcher compiles it (no floating-point contraction: the
+    PTX must hold no fma, or the nested absmax would round once where bitsandbytes rounds twice)."""
+    dtype, nested, blocksize, cap = item
+    types = {"PACKED": "*u8", "ABSMAX": "*u8" if nested else "*fp32", "CODE": "*fp32",
+             "W": f"*{_TL[dtype]}", "n_bytes": "i32"}
+    const = dict(HALF_BLOCKSIZE=blocksize // 2, NESTED_BLOCKSIZE=256 if nested else 1, BLOCK=1024,
+                 NESTED=nested, INT64=False)
+    if nested:
+        types.update(SCALE="*fp32", CODE8="*fp32", OFFSET="*fp32")
+    else:
+        const.update(SCALE=None, CODE8=None, OFFSET=None)
+    c = compile_kernel(dequant_4bit_kernel, types, const, cap, 4, 3, enable_fp_fusion=False)
+    return {"dequant": dict(shared=c.shared, registers=c.registers, spills=c.spill_bytes,
+                            fma="fma.rn" in c.ptx)}
+
+
 def _problems():
     """(DeviceInfo, dtype, M, N, K, R) for every GPU, dtype, shape and rank production sees."""
     for cap, sms, smem, _ in GPUS:
@@ -245,6 +269,9 @@ def production_pass_configs() -> list:
 
 
 def item_id(kind, item) -> str:
+    if kind == "dequant":
+        dtype, nested, blocksize, cap = item
+        return f"dequant-sm{cap}-{_TL[dtype]}-bs{blocksize}{'-nested' if nested else ''}"
     if kind == "gemm":
         cfg, block_r, dtype, cap, dropout = item
         tile = (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}" + ("-tma" if cfg.tma else "")
@@ -257,13 +284,15 @@ def item_id(kind, item) -> str:
 
 
 def all_items() -> list:
+    caps = [cap[0] * 10 + cap[1] for cap, _, _, _ in GPUS]
     return ([("gemm", it) for it in production_gemm_configs()]
-            + [("pass", it) for it in production_pass_configs()])
+            + [("pass", it) for it in production_pass_configs()]
+            + [("dequant", (*form, cap)) for form in DEQUANT_FORMS for cap in caps])
 
 
 def _run(job):
     kind, item = job
-    return (gemm_job if kind == "gemm" else pass_job)(item)
+    return {"gemm": gemm_job, "pass": pass_job, "dequant": dequant_job}[kind](item)
 
 
 def main() -> None:
@@ -286,10 +315,13 @@ def main() -> None:
         for form, info in forms.items():
             flag = "  SPILLS" if info["spills"] else ""
             flag += "  SHARED-MEMORY" if info["shared"] > smem[cap] else ""
-            # the bar (tests/test_aot.py): bfloat16 spills nothing, everything fits
-            bad += bool(info["shared"] > smem[cap] or (info["spills"] and "-bf16-" in name))
+            # the bar (tests/test_aot.py): bfloat16 spills nothing, everything fits, the dequantize
+            # kernel spills nothing and fuses no multiply-add
+            bad += bool(info["shared"] > smem[cap] or (info["spills"] and "-bf16-" in name)
+                        or (form == "dequant" and (info["spills"] or info["fma"])))
             print(f"{name:60s} {form:16s} regs {info['registers']:3d} smem {info['shared']:6d}"
-                  f"{' wgmma' if info.get('wgmma') else ''}{' tma' if info.get('tma') else ''}{flag}")
+                  f"{' wgmma' if info.get('wgmma') else ''}{' tma' if info.get('tma') else ''}"
+                  f"{' FMA' if info.get('fma') else ''}{flag}")
     print(f"triton {triton.__version__}: {len(results)} configs, {bad} past the bar")
     sys.exit(1 if bad else 0)
 
