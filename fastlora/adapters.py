@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .model import (BIAS_MODES, LORA_LAYERS, base_features, bias_parameters, check_bias, check_model,
-                    inject_lora, join_path, select_targets, lora_layers)
+from .model import (BIAS_MODES, LORA_LAYERS, bias_parameters, check_bias, check_model, inject_lora,
+                    join_path, lora_features, select_targets, lora_layers)
 from .arguments import is_finite_number, lora_scaling
 from .modules import LoRALinear
 
@@ -148,8 +148,8 @@ def load_adapter(model: nn.Module, adapter_directory: str | os.PathLike, *,
 
     existing = {p: m for p, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
     if existing:
-        plan = {path: _Planned(layer.in_features, layer.out_features, layer.r, base_features(layer)[2],
-                               layer.lora_A.dtype, layer.lora_B.dtype)
+        plan = {path: _Planned(layer.in_features, layer.out_features, layer.r, layer.lora_A.dtype,
+                               layer.lora_B.dtype)
                 for path, layer in existing.items()}
         _check_scaling(existing, config)
         merged = [p for p, layer in existing.items() if layer.merged]
@@ -162,9 +162,9 @@ def load_adapter(model: nn.Module, adapter_directory: str | os.PathLike, *,
         modules = dict(model.named_modules())
         plan = {}
         for path in paths:
-            in_features, out_features, dtype = base_features(modules[path])
+            in_features, out_features, dtype = lora_features(modules[path])
             r = _r_alpha(config, path)[0]
-            plan[path] = _Planned(in_features, out_features, r, dtype, dtype, dtype)
+            plan[path] = _Planned(in_features, out_features, r, dtype, dtype)
 
     slots = _slots(model, plan, config["bias"])
     _check_tensors(state, slots, weights_file)
@@ -336,7 +336,6 @@ class _Planned:
     in_features: int
     out_features: int
     r: int
-    dtype: torch.dtype
     a_dtype: torch.dtype
     b_dtype: torch.dtype
 

@@ -241,9 +241,8 @@ class Linear4bit(_KeepsFormatDtypes):
         blob_key = f"{prefix}weight.quant_state.bitsandbytes__{quant_type}"
         needed = [f"{prefix}weight.{n}" for n in _STATE_KEYS[:2 if nested_blocksize is None else 4]]
         missing = [k for k in needed + [blob_key] if k not in ours]
-        if missing:
-            error_msgs.append(f"Linear4bit {prefix.rstrip('.') or '<root>'}: the state dict lacks "
-                              f"{', '.join(missing)} (a 4-bit weight of another quant type or nesting?)")
+        if missing:  # (a 4-bit weight of another quant type or nesting, or none)
+            missing_keys.extend(missing)
             return
         info = json.loads(bytes(ours[blob_key].cpu().tolist()).decode("utf-8"))
         want = {"quant_type": quant_type, "blocksize": blocksize, "dtype": str(dtype).replace("torch.", ""),
@@ -295,6 +294,11 @@ def quantize_4bit(linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 6
 # the LoRA layer
 
 
+# The adapters' dtype over a 4-bit base: float32, as PEFT's QLoRA layers hold them (so that their
+# adapter files load both ways), whatever the compute dtype.
+ADAPTER_DTYPE = torch.float32
+
+
 def is_4bit_linear(module) -> bool:
     """True for a 4-bit base a LoRALinear4bit takes: fastlora's Linear4bit or a quantized
     bitsandbytes Linear4bit."""
@@ -317,9 +321,9 @@ class LoRALinear4bit(_KeepsFormatDtypes):
 holds the base's tensors under ``<path>.base_layer.`` (in the base's own format) and the bias under
 both ``<path>.bias`` and ``<path>.base_layer.bias`` (one Parameter).
 
-    The adapters are made in the dtype the weight was quantized from (the quant state's), on its
-    device; ``r``, ``alpha``, ``dropout``, ``use_rslora``, ``init_lora_weights`` and ``backend``
-    are LoRALinear's.
+    The adapters are float32 (``ADAPTER_DTYPE``, as PEFT makes them over a 4-bit base; their
+    products run in the compute dtype), on the weight's device; ``r``, ``alpha``, ``dropout``,
+    ``use_rslora``, ``init_lora_weights`` and ``backend`` are LoRALinear's.
 
     ``merge()`` follows PEFT for 4-bit bases: dequantize, add s B A, requantize in the same layout
     (with its warning: the merged layer differs from the unmerged one by that rounding); the
@@ -343,7 +347,7 @@ both ``<path>.bias`` and ``<path>.base_layer.bias`` (one Parameter).
         self.scaling = lora_scaling(alpha, r, use_rslora)
         self.dropout = dropout
         self.backend = backend
-        kw = {"device": w4.device, "dtype": w4.dtype}
+        kw = {"device": w4.device, "dtype": ADAPTER_DTYPE}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **kw))
         init_lora_parameters(self.lora_A, self.lora_B, init_lora_weights)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .linear4bit import LoRALinear4bit, is_4bit_linear, weight4bit
+from .linear4bit import ADAPTER_DTYPE, LoRALinear4bit, is_4bit_linear, weight4bit
 from .modules import LoRALinear, has_own_forward
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -326,12 +326,12 @@ def bias_parameters(model: nn.Module, layers: dict[str, nn.Module],
     return {join_path(path, "bias"): layer.bias for path, layer in layers.items() if layer.bias is not None}
 
 
-def base_features(module: nn.Module) -> tuple[int, int, torch.dtype]:
-    """(in_features, out_features, dtype of the weight) of a linear layer or a LoRA layer; for a
-    4-bit one, the dtype it dequantizes to (its adapters' dtype)."""
-    if isinstance(module, LoRALinear4bit) or is_4bit_linear(module):
-        w4 = weight4bit(module.base_layer if isinstance(module, LoRALinear4bit) else module)
-        return w4.in_features, w4.out_features, w4.dtype
+def lora_features(module: nn.Module) -> tuple[int, int, torch.dtype]:
+    """(in_features, out_features, the adapters' dtype) of a LoRA layer over ``module``, a linear
+    layer: the weight's dtype over a 16-bit one, ADAPTER_DTYPE (float32) over a 4-bit one."""
+    if is_4bit_linear(module):
+        w4 = weight4bit(module)
+        return w4.in_features, w4.out_features, ADAPTER_DTYPE
     return module.weight.shape[1], module.weight.shape[0], module.weight.dtype
 
 

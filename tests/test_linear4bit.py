@@ -72,7 +72,7 @@ def test_linear4bit_keeps_its_format_through_to_dtype_and_refuses_another_layout
     assert all(torch.equal(after[k], before[k]) for k in before if k != "bias")
     assert layer.dequantize().dtype == torch.float32
     plain = quantize_4bit(lin, double_quant=False)
-    with pytest.raises(RuntimeError, match=r"lacks .*weight.nested_absmax"):
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: .*weight.nested_absmax"):
         plain_nested = quantize_4bit(lin)
         plain_nested.load_state_dict(plain.state_dict())
     with pytest.raises(RuntimeError, match=r"'blocksize': 128.* this layer's .*'blocksize': 64"):
@@ -378,6 +378,50 @@ def test_apply_lora_and_load_adapter_on_a_bitsandbytes_model_match_peft(tmp_path
     assert isinstance(ours.model.layers[1].self_attn.v_proj, LoRALinear4bit)
     ids = input_ids()
     assert_same_as_peft(logits_and_lora_grads(ours, ids), logits_and_lora_grads(theirs, ids), torch.float32)
+
+
+def test_a_bf16_4bit_model_takes_peft_float32_qlora_adapters_as_they_are(tmp_path):
+    from hf_tiny import input_ids, peft_twin, tiny_llama_4bit
+
+    targets = ("q_proj", "v_proj")
+    theirs = peft_twin(tiny_llama_4bit(targets, dtype=torch.bfloat16, compute_dtype=torch.bfloat16),
+                       list(targets)).train()
+    theirs.save_pretrained(tmp_path)
+    ours = fastlora.apply_lora(tiny_llama_4bit(targets, dtype=torch.bfloat16, compute_dtype=torch.bfloat16),
+                               list(targets), r=8, alpha=16, backend="torch")
+    assert ours.model.layers[0].self_attn.q_proj.lora_A.dtype == torch.float32
+    ours = fastlora.load_adapter(ours, tmp_path).train()  # no dtype conversion needed
+    theirs_p = {n.replace("base_model.model.", "").replace(".default.weight", ""): p
+                for n, p in theirs.named_parameters() if "lora_" in n}
+    ours_p = {n: p for n, p in ours.named_parameters() if "lora_" in n}
+    assert theirs_p.keys() == ours_p.keys() and all(torch.equal(ours_p[k], theirs_p[k]) for k in ours_p)
+    ids = input_ids()
+    with torch.no_grad():
+        got, want = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
+    assert got.dtype == torch.bfloat16
+    # bfloat16 logits; the LoRA branch in bfloat16 here, in float32 in PEFT
+    assert (got.float() - want.float()).abs().max() <= 0.05 * want.float().abs().max()
+
+
+def test_from_peft_keeps_working_after_bitsandbytes_repacks_for_its_cpu_kernel():
+    """PEFT's own forward in eval mode without gradients (here under disable_adapter) lets
+    bitsandbytes repack its weights in place on an AVX512-BF16 CPU; the fused path then reads that
+    layout (absmax now in bfloat16) and merging into it is refused."""
+    from hf_tiny import input_ids, peft_twin, tiny_llama_4bit
+
+    model = fastlora.from_peft(peft_twin(tiny_llama_4bit(), ["q_proj", "v_proj"]), backend="torch")  # eval
+    ids = input_ids()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        with model.disable_adapter():
+            model(input_ids=ids)
+        q = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+        if not getattr(q.weight.quant_state, "packing_format_for_cpu", False):
+            pytest.skip("bitsandbytes did not repack here (no AVX512-BF16)")
+        after = model(input_ids=ids).logits
+    assert (after - before).abs().max() <= 2e-3 * before.abs().max()  # the absmax's bfloat16 rounding
+    with pytest.raises(ValueError, match="repacked this base for its CPU inference kernel"):
+        LoRALinear4bit(q).merge()
 
 
 # ------------------------------------------------------------------------------------------------
