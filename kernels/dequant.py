@@ -1,4 +1,6 @@
-"""Dequantize a 4-bit weight (bitsandbytes' NF4/FP4 layout, fastlora/quant4bit.py) to a dense one.
+"""4-bit weights (bitsandbytes' NF4/FP4 layout, fastlora/quant4bit.py) in device code: the absmax of
+a block (``block_absmax``, also read by the fused GEMM's 4-bit form, kernels/gemm.py) and a kernel
+that dequantizes a whole weight to a dense one.
 
     W[2i]   = code[packed[i] >> 4] * absmax[2i // bs]       in float32, rounded once to W's dtype
     W[2i+1] = code[packed[i] & 15] * absmax[2i // bs]
@@ -10,11 +12,42 @@ Memory-bound: each program turns BLOCK bytes into 2 BLOCK elements.
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from .common import check_device, needs_int64
+
+
+class Packed4bit(NamedTuple):
+    """A 4-bit weight [N, K] as the kernels take it (fastlora/quant4bit.py describes the format):
+    ``packed`` uint8 [N K / 2], ``absmax`` float32 [N K / blocksize] (or its uint8 codes when
+    nested, with ``scale``, ``code8`` [256] and ``offset`` [1]), ``code`` float32 [16]; contiguous."""
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    code: torch.Tensor
+    scale: Optional[torch.Tensor]
+    code8: Optional[torch.Tensor]
+    offset: Optional[torch.Tensor]
+    shape: tuple
+    blocksize: int
+    nested_blocksize: int = 1
+
+
+@triton.jit
+def block_absmax(ABSMAX, SCALE, CODE8, OFFSET, blk, mask, NESTED: tl.constexpr,
+                 NESTED_BLOCKSIZE: tl.constexpr):
+    """absmax[blk] in float32: stored, or code8[q[blk]] * scale[blk // nbs] + offset, rounded after
+    the product and after the sum (the launchers turn floating-point contraction off)."""
+    if NESTED:
+        q = tl.load(ABSMAX + blk, mask=mask, other=0).to(tl.int32)
+        absmax = tl.load(CODE8 + q) * tl.load(SCALE + blk // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        absmax = absmax + tl.load(OFFSET)
+    else:
+        absmax = tl.load(ABSMAX + blk, mask=mask, other=0.0)
+    return absmax
 
 
 @triton.heuristics({
@@ -38,13 +71,8 @@ def dequant_4bit_kernel(
     b_p = tl.load(PACKED + o_b, mask=m_b, other=0)                                # [BLOCK]
     hi = tl.load(CODE + (b_p >> 4).to(tl.int32))
     lo = tl.load(CODE + (b_p & 15).to(tl.int32))
-    blk = o_b // HALF_BLOCKSIZE  # both codes of a byte share a block (blocksizes are even)
-    if NESTED:
-        q = tl.load(ABSMAX + blk, mask=m_b, other=0).to(tl.int32)
-        absmax = tl.load(CODE8 + q) * tl.load(SCALE + blk // NESTED_BLOCKSIZE, mask=m_b, other=0.0)
-        absmax = absmax + tl.load(OFFSET)
-    else:
-        absmax = tl.load(ABSMAX + blk, mask=m_b, other=0.0)
+    # both codes of a byte share a block (blocksizes are even)
+    absmax = block_absmax(ABSMAX, SCALE, CODE8, OFFSET, o_b // HALF_BLOCKSIZE, m_b, NESTED, NESTED_BLOCKSIZE)
     w = tl.interleave(hi * absmax, lo * absmax).to(W.dtype.element_ty)           # [2 BLOCK]
     o_w = 2 * i_b * BLOCK + tl.arange(0, 2 * BLOCK)
     if INT64:
