@@ -64,6 +64,6 @@ timeout 30 $BENCH --shape 8192,4096,4096 --shape 2048,4096,4096 --shape 8192,409
 step "model bench (Llama-3-8B-wide layers, 8192 tokens)"
 timeout 50 $BENCH --model llama3-8b --json "$OUT_DIR/model.json" 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
 
-ls .whl/bitsandbytes-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; timeout 40 $BENCH --base nf4 --shape 16,4096,4096 --shape 16,4096,14336 --shape 8192,4096,4096 --shape 8192,4096,14336 --providers base peft fastlora 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
+ls .whl/bitsandbytes-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; timeout 40 $BENCH --base nf4 --shape 16,4096,4096 --shape 16,4096,14336 --shape 8192,4096,4096 --shape 8192,4096,14336 --providers base peft fastlora fastlora-fused 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
 step "done, status $status"
 exit $status

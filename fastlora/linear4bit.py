@@ -1,37 +1,46 @@
 """4-bit frozen bases (QLoRA): fastlora's ``Linear4bit``, ``quantize_4bit`` and ``LoRALinear4bit``.
 
 ``LoRALinear4bit`` is a LoRA layer over a 4-bit base, fastlora's ``Linear4bit`` or bitsandbytes'
-``Linear4bit`` (read by attribute, fastlora/quant4bit.py). Its forward dequantizes W to the compute
-dtype (``dense_weight``: a Triton kernel on CUDA, plain PyTorch elsewhere, equal bit for bit) and
-calls ``fastlora.lora_linear`` with it:
+``Linear4bit`` (read by attribute, fastlora/quant4bit.py). It computes
 
     y = x W^T + b + s * (dropout(x) A^T) B^T,     W = dequantize(4-bit W) in the compute dtype
 
-The dense W is not kept for the backward: while lora_linear runs, saved-tensor hooks replace it in
-the autograd graph by how to make it again (dequantize once more in the backward, as bitsandbytes'
-own matmul does), so a training step holds one layer's dense W at a time. Other saved tensors go
-to whatever hooks were already installed (activation checkpointing's), unchanged.
+by one of two routes (``route_4bit``):
+
+- "fused4bit": the fused GEMM reads W's tiles in 4 bits and dequantizes them in its K loop, for
+  the forward and for dX (kernels/gemm.py's 4-bit form, through triton_routes.FusedRoute); the
+  autograd graph holds the 4-bit weight only. backend="fused", and "triton"/"auto" up to
+  FUSED_4BIT_MAX_M rows.
+- otherwise W is dequantized once (``dense_weight``: a Triton kernel on CUDA, plain PyTorch
+  elsewhere, equal bit for bit) and ``fastlora.lora_linear`` runs on it with the backend asked
+  for. The dense W is not kept for the backward: while lora_linear runs, saved-tensor hooks replace
+  it in the autograd graph by how to make it again (dequantize once more in the backward, as
+  bitsandbytes' own matmul does), so a training step holds one layer's dense W at a time. Other
+  saved tensors go to whatever hooks were already installed (activation checkpointing's).
 
 The compute dtype is bitsandbytes' rule: the base's ``compute_dtype`` when set (x is cast to it and
 the output back to x's dtype), else x's dtype; under autocast, the autocast dtype (as nn.Linear).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from .arguments import lora_scaling
-from .autocast import autocast_on
-from .functional import lora_linear
+from .arguments import check_lora_args, lora_scaling
+from .autocast import autocast_cast, autocast_on
+from .functional import draw_seed, lora_linear
 from .modules import check_lora_options, init_lora_parameters
 from .quant4bit import (NestedAbsmax, Weight4bit, check_quant_type, describe, is_bnb_4bit,
                         quantize)
-from .routes import triton_kernels
+from .routes import Dropout, Needs, acc_dtype, resolve, triton_kernels
 
 # ------------------------------------------------------------------------------------------------
 # the dense weight, and keeping it out of the autograd graph
@@ -103,11 +112,99 @@ def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+# Rows up to which backend "triton" (and "auto" on CUDA) reads W in 4 bits inside the fused GEMM
+# (decode: W read once, in 4 bits); above it W is dequantized once and the 16-bit routes run, since
+# the fused form dequantizes every W tile once per row block. A guess, not measured on a GPU yet:
+# a route-table entry should replace it.
+FUSED_4BIT_MAX_M = 64
+
+
+def route_4bit(backend: str, x: Tensor, r: int) -> str:
+    """"fused4bit" (the fused GEMM reading W in 4 bits), or the route ``lora_linear`` runs on the
+    dequantized W ("torch", "triton", "split"); a ValueError when ``backend`` cannot run here."""
+    name = resolve(backend, x, r)
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    if rows > 0 and (name == "fused" or (name == "triton" and rows <= FUSED_4BIT_MAX_M)):
+        return "fused4bit"
+    return name
+
+
+def packed_4bit(w4: Weight4bit):
+    """``w4`` as the kernels take it (fastlora.kernels.Packed4bit)."""
+    n = w4.nested
+    return triton_kernels().Packed4bit(
+        w4.packed.reshape(-1), w4.absmax, w4.code, None if n is None else n.scale,
+        None if n is None else n.code, None if n is None else n.offset, w4.shape, w4.blocksize,
+        1 if n is None else n.blocksize)
+
+
+class LoRA4bitFunction(torch.autograd.Function):
+    """y for a 2-D x with W read in 4 bits by the fused GEMM, forward and dX (FusedRoute's passes,
+    fastlora/autograd.py derives them); the graph keeps x, the adapters, xa, the seed and the 4-bit
+    weight, never a dense one."""
+
+    @staticmethod
+    def forward(ctx, x, bias, lora_A, lora_B, scaling, dropout_p, seed, packed):
+        from .triton_routes import FusedRoute
+
+        kernels = triton_kernels()
+        route = FusedRoute(kernels)
+        cfg = kernels.gemm_config(x.shape[0], packed.shape[0], x.shape[1], lora_A.shape[0], x.dtype,
+                                  x.device, four_bit=True)
+        dropout = Dropout(seed, dropout_p) if dropout_p > 0 else None
+        y, xa = route.forward(x, packed, bias, lora_A, lora_B, scaling, dropout, gemm=dataclasses.asdict(cfg))
+        ctx.save_for_backward(x, lora_A, lora_B, xa, seed)
+        ctx.route, ctx.packed, ctx.scaling, ctx.dropout_p = route, packed, scaling, dropout_p
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        need_x, need_bias, need_a, need_b = ctx.needs_input_grad[:4]
+        dy = dy.to(x.dtype) if dy.dtype != x.dtype else dy
+        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+        dx = dbias = da = db = None
+        if need_x or need_a or need_b:
+            dropout = Dropout(seed, ctx.dropout_p) if ctx.dropout_p > 0 else None
+            dx, da, db = ctx.route.backward(dy, x, ctx.packed, lora_A, lora_B, xa, ctx.scaling, dropout,
+                                            Needs(need_x, need_a, need_b))
+            da = da.to(lora_A.dtype).contiguous() if need_a else None
+            db = db.to(lora_B.dtype).contiguous() if need_b else None
+        if need_bias:
+            dbias = dy.sum(0, dtype=acc_dtype(dy.dtype)).to(x.dtype)
+        # x, bias, lora_A, lora_B, scaling, dropout_p, seed, packed
+        return dx, dbias, da, db, None, None, None, None
+
+
+def _fused_4bit(x, w4, bias, lora_A, lora_B, scaling, dropout_p, training):
+    """lora_linear's contract (arguments checked, autocast as nn.Linear, any leading dimensions)
+    for the fused route over a 4-bit W; x and bias already in the compute dtype."""
+    device_type = x.device.type
+    cast = autocast_on(device_type) and x.dtype != torch.float64
+    if cast:
+        x, bias, lora_A, lora_B = autocast_cast(device_type, (x, bias, lora_A, lora_B))
+    proxy = x.new_zeros(()).expand(w4.shape)  # W's shape, dtype and device, no memory
+    scaling, dropout_p = check_lora_args(x, proxy, bias, lora_A, lora_B, scaling, dropout_p, "fused")
+    p = dropout_p if training else 0.0
+    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    seed = draw_seed(x.device) if p > 0 else None
+    with torch.autocast(device_type, enabled=False) if cast else contextlib.nullcontext():
+        y = LoRA4bitFunction.apply(x2, bias, lora_A, lora_B, scaling, p, seed, packed_4bit(w4))
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], w4.shape[0])
+
+
 def lora_linear_4bit(x: Tensor, w4: Weight4bit, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                      scaling: float, dropout_p: float = 0.0, training: bool = True,
                      backend: str = "auto", compute_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """``fastlora.lora_linear`` with the frozen W given in 4 bits (see the module docstring)."""
+    """``fastlora.lora_linear`` with the frozen W given in 4 bits (see the module docstring for the
+    two routes)."""
     dtype, cast_back = _compute_dtype(x, compute_dtype)
+    if not torch.compiler.is_compiling() and route_4bit(backend, x, lora_A.shape[0]) == "fused4bit":
+        y = _fused_4bit(_as(x, dtype) if cast_back else x, w4, _as(bias, dtype) if cast_back else bias,
+                        lora_A, lora_B, scaling, dropout_p, training)
+        return _as(y, x.dtype) if cast_back else y
     dense = dense_weight(w4, dtype, backend)
     args = (_as(x, dtype) if cast_back else x, dense, _as(bias, dtype) if cast_back else bias, lora_A,
             lora_B, scaling)

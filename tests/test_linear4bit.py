@@ -13,8 +13,8 @@ from torch import nn
 import fastlora
 from fastlora import checks
 from fastlora import quant4bit as Q
-from fastlora.linear4bit import Linear4bit, LoRALinear4bit, lora_linear_4bit, quantize_4bit
-from helpers import BACKENDS, ROUTES, assert_within_bound
+from fastlora.linear4bit import Linear4bit, LoRALinear4bit, lora_linear_4bit, quantize_4bit, route_4bit
+from helpers import HAS_TRITON, ROUTES, assert_within_bound
 
 VARIANTS = [("nf4", 64, True), ("nf4", 128, False), ("fp4", 64, False), ("fp4", 256, True)]
 
@@ -138,7 +138,7 @@ def test_three_way_bound_in_every_format(four_bit_three_way, variant):
     assert_within_bound(four_bit_three_way(case, "torch", variant), variant_id(variant))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ROUTES)
 def test_gradcheck_float64_of_x_A_B_and_bias(backend):
     w4 = Q.quantize(torch.randn(5, 64) * 0.1, "nf4", 64)
     g = torch.Generator().manual_seed(0)
@@ -193,7 +193,10 @@ def saved_shapes(fn):
     return shapes, out
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+DENSE_ROUTES = [r for r in ROUTES if r != "fused"]  # the routes that run on a dequantized W
+
+
+@pytest.mark.parametrize("backend", DENSE_ROUTES)
 def test_the_dense_weight_is_dequantized_again_not_kept(backend, monkeypatch):
     import fastlora.linear4bit as L
 
@@ -216,6 +219,41 @@ def test_the_dense_weight_is_dequantized_again_not_kept(backend, monkeypatch):
     assert (48, 128) in shapes or (128, 48) in shapes  # (the check above can see it)
     y2.backward(torch.ones_like(y2))
     assert torch.equal(y, y2) and torch.equal(x.grad, x2.grad) and torch.equal(layer.lora_A.grad, a.grad)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="the fused route needs triton")
+def test_the_fused_route_reads_w_in_4_bits_and_keeps_no_dense_weight(monkeypatch):
+    import fastlora.linear4bit as L
+
+    layer = LoRALinear4bit(quantize_4bit(linear(128, 48)), r=4, init_lora_weights=False, backend="fused")
+    made, launched = [], []
+    monkeypatch.setattr(L, "dense_weight", lambda *a, **k: made.append(1))
+    kernels = L.triton_kernels()
+    real = kernels.lora_gemm
+    monkeypatch.setattr(kernels, "lora_gemm",
+                        lambda x, w, *a, **k: launched.append(type(w).__name__) or real(x, w, *a, **k))
+    x = torch.randn(2, 3, 128, requires_grad=True)
+    shapes, y = saved_shapes(lambda: layer(x))
+    assert (48, 128) not in shapes and (128, 48) not in shapes and (6, 128) in shapes, shapes
+    y.backward(torch.ones_like(y))
+    assert made == [] and launched == ["Packed4bit", "Packed4bit"]  # the forward and dX
+    w = layer.weight4bit().dequantize()
+    x2, a, b = (t.detach().clone().requires_grad_(True) for t in (x, layer.lora_A, layer.lora_B))
+    y2 = fastlora.lora_linear(x2, w, layer.bias, a, b, layer.scaling, backend="torch")
+    y2.backward(torch.ones_like(y2))
+    for got, want in ((y, y2), (x.grad, x2.grad), (layer.lora_A.grad, a.grad), (layer.lora_B.grad, b.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="the Triton routes need triton")
+def test_which_route_runs_over_a_4bit_weight():
+    x = torch.randn(3, 64)
+    assert route_4bit("fused", x, 8) == "fused4bit"
+    assert route_4bit("triton", torch.randn(2, 32, 64), 8) == "fused4bit"  # 64 rows
+    assert route_4bit("triton", torch.randn(65, 64), 8) == "triton"       # dequantize, then lora_linear
+    assert route_4bit("split", x, 8) == "split" and route_4bit("torch", x, 8) == "torch"
+    assert route_4bit("auto", x, 8) == ("fused4bit" if x.is_cuda else "torch")
+    assert route_4bit("fused", torch.randn(0, 64), 8) == "fused"  # nothing to launch
 
 
 def test_under_activation_checkpointing_the_block_is_recomputed():
