@@ -120,8 +120,9 @@ FUSED_4BIT_MAX_M = 64
 
 
 def route_4bit(backend: str, x: Tensor, r: int) -> str:
-    """"fused4bit" (the fused GEMM reading W in 4 bits), or the route ``lora_linear`` runs on the
-    dequantized W ("torch", "triton", "split"); a ValueError when ``backend`` cannot run here."""
+    """The route over a 4-bit W for x: "fused4bit" (the fused GEMM reading W in 4 bits), or the one
+    ``lora_linear`` runs on the dequantized W ("torch", "triton", "split"); a ValueError when
+    ``backend`` cannot run here."""
     name = resolve(backend, x, r)
     rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
     if rows > 0 and (name == "fused" or (name == "triton" and rows <= FUSED_4BIT_MAX_M)):
@@ -132,10 +133,10 @@ def route_4bit(backend: str, x: Tensor, r: int) -> str:
 def packed_4bit(w4: Weight4bit):
     """``w4`` as the kernels take it (fastlora.kernels.Packed4bit)."""
     n = w4.nested
-    return triton_kernels().Packed4bit(
-        w4.packed.reshape(-1), w4.absmax, w4.code, None if n is None else n.scale,
-        None if n is None else n.code, None if n is None else n.offset, w4.shape, w4.blocksize,
-        1 if n is None else n.blocksize)
+    nested = (None, None, None, 1) if n is None else (n.scale.contiguous(), n.code.contiguous(),
+                                                      n.offset.contiguous(), n.blocksize)
+    return triton_kernels().Packed4bit(w4.packed.reshape(-1).contiguous(), w4.absmax.contiguous(),
+                                       w4.code.contiguous(), *nested[:3], w4.shape, w4.blocksize, nested[3])
 
 
 class LoRA4bitFunction(torch.autograd.Function):
