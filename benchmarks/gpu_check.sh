@@ -41,7 +41,7 @@ timeout 70 $BENCH --shape 8192,4096,4096 --shape 8192,4096,14336 --shape 2048,40
 
 step "route table (benchmarks/tune_routes.py --quick)"
 cp fastlora/route_table.json "$OUT_DIR/route_table.json"
-timeout 60 $PY benchmarks/tune_routes.py --quick --rep 25 --out "$OUT_DIR/route_table.json" 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
+timeout 55 $PY benchmarks/tune_routes.py --quick --rep 25 --out "$OUT_DIR/route_table.json" 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
 cp "$OUT_DIR/route_table.json" fastlora/route_table.json  # the runs below choose from it
 
 step "diagnostics"
@@ -54,23 +54,29 @@ timeout 130 $PY -m pytest -q -m gpu --durations=15 tests/test_gpu_compile.py tes
   2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -25 || status=1
 
 step "fastlora check"
-timeout 50 $PY -m fastlora check > "$OUT_DIR/check.log" 2>&1 || status=1
+timeout 45 $PY -m fastlora check > "$OUT_DIR/check.log" 2>&1 || status=1
 grep -E "FAIL|failure" "$OUT_DIR/check.log" | tail -15
 
 step "model bench (Llama-3-8B-wide layers, 8192 tokens)"
-timeout 60 $BENCH --model llama3-8b --json "$OUT_DIR/model.json" 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
+timeout 50 $BENCH --model llama3-8b --json "$OUT_DIR/model.json" 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
 
 step "layer bench at the bars: M 2048/8192, r 16/64; dropout 0.1; decode"
-timeout 30 $BENCH --preset bars --M 2048 8192 --rank 16 64 --providers base peft fastlora \
+timeout 25 $BENCH --preset bars --M 2048 8192 --rank 16 64 --providers base peft fastlora \
   --json "$OUT_DIR/bench.json" 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
-timeout 15 $BENCH --preset bars --M 8192 --dropout 0.1 --providers base peft fastlora \
+timeout 10 $BENCH --preset bars --M 8192 --dropout 0.1 --providers base peft fastlora \
   2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
-timeout 15 $BENCH --preset bars --M 1 16 --mode fwd --providers base peft fastlora \
+timeout 10 $BENCH --preset bars --M 1 16 --mode fwd --providers base peft fastlora \
   2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
 
 step "DoRA"
 timeout 20 $BENCH --dora --rank 16 --shape 8192,4096,4096 --shape 8192,4096,14336 --mode fwd full \
   --providers fastlora fastlora-dora peft-dora 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
+
+step "QLoRA (nf4 base; PEFT's needs bitsandbytes' wheel carried in .whl/)"
+ls .whl/bitsandbytes-*.whl >/dev/null 2>&1 && $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site
+timeout 35 $BENCH --base nf4 --shape 16,4096,4096 --shape 16,4096,14336 --shape 8192,4096,4096 \
+  --shape 8192,4096,14336 --providers base peft fastlora fastlora-fused 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
 
 step "done, status $status"
 exit $status

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .model import (BIAS_MODES, bias_parameters, check_bias, check_model, inject_lora, join_path,
-                    select_targets, lora_layers)
+from .model import (BIAS_MODES, LORA_LAYERS, bias_parameters, check_bias, check_model, inject_lora,
+                    join_path, lora_features, select_targets, lora_layers)
 from .arguments import is_finite_number, lora_scaling
 from .modules import LoRALinear
 
@@ -109,7 +109,7 @@ def load_adapter(model: nn.Module, adapter_directory: str | os.PathLike, *,
                  backend: str = "auto") -> nn.Module:
     """Load a LoRA adapter saved by ``save_adapter`` or by PEFT's ``save_pretrained`` into ``model``.
 
-    If ``model`` has no LoRALinear layers yet, they are created from ``adapter_config.json`` (its
+    If ``model`` has no LoRA layers yet, they are created from ``adapter_config.json`` (its
     target_modules, r, lora_alpha, lora_dropout, use_rslora, use_dora, rank/alpha patterns;
     ``backend`` is theirs) as ``apply_lora`` would. Otherwise the existing layers must be the ones the
     adapter was trained on, with the same scaling and the same use_dora.
@@ -151,11 +151,11 @@ def load_adapter(model: nn.Module, adapter_directory: str | os.PathLike, *,
                          f"a save interrupted between writing the two files, or an edited config; "
                          f"save the adapter again")
 
-    existing = {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
+    existing = {p: m for p, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
     if existing:
-        plan = {path: _Planned(layer.in_features, layer.out_features, layer.r, layer.weight.dtype,
-                               layer.lora_A.dtype, layer.lora_B.dtype, layer.use_dora,
-                               layer.lora_magnitude_vector.dtype if layer.use_dora else layer.weight.dtype)
+        plan = {path: _Planned(layer.in_features, layer.out_features, layer.r, layer.lora_A.dtype,
+                               layer.lora_B.dtype, layer.use_dora,
+                               layer.lora_magnitude_vector.dtype if layer.use_dora else None)
                 for path, layer in existing.items()}
         _check_scaling(existing, config)
         other = [p for p, layer in existing.items() if layer.use_dora != config["use_dora"]]
@@ -173,13 +173,13 @@ def load_adapter(model: nn.Module, adapter_directory: str | os.PathLike, *,
         modules = dict(model.named_modules())
         plan = {}
         for path in paths:
-            w = modules[path].weight
+            in_features, out_features, dtype = lora_features(modules[path])
             r = _r_alpha(config, path)[0]
-            if config["use_dora"] and r > min(w.shape):
+            if config["use_dora"] and r > min(in_features, out_features):
                 raise ValueError(f"load_adapter (adapter_config.json): layer {path!r} has r={r} but "
-                                 f"DoRA needs r <= min(in_features, out_features) = {min(w.shape)}")
-            plan[path] = _Planned(w.shape[1], w.shape[0], r, w.dtype, w.dtype, w.dtype,
-                                  config["use_dora"], w.dtype)
+                                 f"DoRA needs r <= min(in_features, out_features) = "
+                                 f"{min(in_features, out_features)}")
+            plan[path] = _Planned(in_features, out_features, r, dtype, dtype, config["use_dora"], dtype)
 
     slots = _slots(model, plan, config["bias"])
     _check_tensors(state, slots, weights_file)
@@ -354,7 +354,6 @@ class _Planned:
     in_features: int
     out_features: int
     r: int
-    dtype: torch.dtype
     a_dtype: torch.dtype
     b_dtype: torch.dtype
     use_dora: bool = False

@@ -111,11 +111,11 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, l
     [] for LoRA, DoRA's [n] without dropout and [n, v] with it."""
     route = get_route(resolve(backend, x, lora_A.shape[0]))
     drop = _dropout(seed, dropout_p)
-    if x.shape[0] == 0:  # nothing to launch over x; DoRA's norm is an output all the same
+    if x.shape[0] == 0:  # nothing to launch (an idle MoE expert); DoRA's kept norm is an output
+        # of the operator all the same: zeros, not uninitialised memory (the backward of M = 0
+        # reads none of it)
         y, xa, kept = empty_outputs(x, lora_B, route.xa_dtype(x.dtype), magnitude, dropout_p)
-        if magnitude is not None:
-            kept[0] = dora.weight_norm(route, weight, lora_A, lora_B, scaling)
-        return y, xa, kept
+        return y, xa, [t.zero_() for t in kept]
     if magnitude is None:
         y, xa = route.forward(x, weight, bias, lora_A, lora_B, scaling, drop)
         return y, xa, []

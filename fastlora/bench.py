@@ -15,6 +15,12 @@ provider for rep / rounds ms, and the median (p20, p80) of the rounds' medians i
 DoRA (``--dora``): ``fastlora-dora`` (LoRALinear(use_dora=True)) and ``peft-dora`` (PEFT's
 LoraConfig(use_dora=True)) get the same magnitude besides the same weights; their ``x peft`` is
 against ``peft-dora``, and ``x lora`` is fastlora-dora's time over fastlora's (LoRA) in the run.
+
+With a 4-bit base (``--base nf4`` or ``fp4``: QLoRA) the LoRA providers hold the frozen weight in
+bitsandbytes' format (blocks of 64, nested absmax), all of them the same bytes: ``peft`` is PEFT's
+LoRA over bitsandbytes' Linear4bit, ``fastlora`` (and the route-forcing ones) LoRALinear4bit; the
+floor stays the 16-bit base's F.linear. They are checked against the float64 reference on the
+dequantized weight, and ``W MB`` reports the bytes each holds the frozen weight in.
 """
 from __future__ import annotations
 
@@ -34,8 +40,14 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .linear4bit import LoRALinear4bit
 from .modules import LoRALinear
 from .reference import LoRALinearReference, dora_linear_reference, lora_linear_reference
+
+# The frozen weight of a bench problem: 16-bit ("dense") or 4-bit in bitsandbytes' format.
+BASES = ("dense", "nf4", "fp4")
+# Providers that run over a 4-bit base (the floor, "base", is the dense F.linear in every case).
+PROVIDERS_4BIT = ("base", "peft", "fastlora", "fastlora-fused", "fastlora-split", "fastlora-torch")
 
 PRESETS = {
     "llama-7b": [(4096, 4096), (4096, 11008)],
@@ -83,6 +95,8 @@ class Row:
     mem_over_base_mb: float = math.nan   # NaN on CPU: unmeasured
     max_rel_err: float = math.nan
     note: str = ""
+    base: str = "dense"                  # the frozen weight: dense, nf4 or fp4
+    weight_mb: float = math.nan          # bytes the provider holds the frozen weight in
 
 
 def flops(M: int, K: int, N: int, r: int, mode: str, lora: bool, dora: bool = False) -> float:
@@ -107,9 +121,17 @@ class Weights:
     scaling: float
     dropout: float
     magnitude: torch.Tensor  # DoRA's: ||W + s B A||_row, each feature off by up to 10%
+    w4: object = None   # the weight in 4 bits (fastlora.quant4bit.Weight4bit) for a 4-bit base
+
+    @property
+    def frozen(self) -> torch.Tensor:
+        """The frozen weight the LoRA providers compute with: ``weight``, or the 4-bit one
+        dequantized (float32)."""
+        return self.weight if self.w4 is None else self.w4.dequantize(torch.float32)
 
 
-def make_weights(K: int, N: int, r: int, dtype, device, dropout: float, seed: int = 0) -> Weights:
+def make_weights(K: int, N: int, r: int, dtype, device, dropout: float, seed: int = 0,
+                 base: str = "dense") -> Weights:
     g = torch.Generator(device="cpu").manual_seed(seed)
 
     def rnd(*shape, scale):
@@ -117,8 +139,37 @@ def make_weights(K: int, N: int, r: int, dtype, device, dropout: float, seed: in
 
     w, b, a, bb = rnd(N, K, scale=K ** -0.5), rnd(N, scale=1.0), rnd(r, K, scale=K ** -0.5), rnd(N, r, scale=r ** -0.5)
     m = torch.linalg.norm(w + 2.0 * bb @ a, dim=1) * (0.9 + 0.2 * torch.rand(N, generator=g))
-    return Weights(*(t.to(device=device, dtype=dtype) for t in (w, b, a, bb)), scaling=2.0, dropout=dropout,
-                   magnitude=m.to(device=device, dtype=dtype))
+    w = Weights(*(t.to(device=device, dtype=dtype) for t in (w, b, a, bb)), scaling=2.0, dropout=dropout,
+                magnitude=m.to(device=device, dtype=dtype))
+    if base != "dense":
+        from .quant4bit import quantize
+        w.w4 = quantize(w.weight, base, 64, double_quant=True)
+    return w
+
+
+def bnb_linear4bit(w4, bias: torch.Tensor | None, compute_dtype=None) -> nn.Module:
+    """bitsandbytes' Linear4bit holding the 4-bit weight ``w4`` (its tensors, not a copy) and
+    ``bias``: the bytes fastlora's providers use, in bitsandbytes' objects."""
+    import bitsandbytes as bnb  # optional extra "qlora"
+
+    F = bnb.functional
+    n = w4.nested
+    state = F.QuantState(absmax=w4.absmax, shape=torch.Size(w4.shape), code=w4.code, blocksize=w4.blocksize,
+                         quant_type=w4.quant_type, dtype=w4.dtype,
+                         offset=None if n is None else n.offset.reshape(()),
+                         state2=None if n is None else F.QuantState(absmax=n.scale, code=n.code,
+                                                                    blocksize=n.blocksize,
+                                                                    dtype=torch.float32))
+    layer = bnb.nn.Linear4bit(w4.in_features, w4.out_features, bias=bias is not None,
+                              compute_dtype=compute_dtype, compress_statistics=n is not None,
+                              quant_type=w4.quant_type, device="meta")
+    layer.weight = bnb.nn.Params4bit(w4.packed, requires_grad=False, quant_state=state,
+                                     blocksize=w4.blocksize, compress_statistics=n is not None,
+                                     quant_type=w4.quant_type, bnb_quantized=True, module=layer)
+    layer.quant_state = state
+    if bias is not None:
+        layer.bias = nn.Parameter(bias, requires_grad=False)
+    return layer
 
 
 def build(provider: str, w: Weights) -> tuple[Callable, list[torch.Tensor]]:
@@ -127,6 +178,8 @@ def build(provider: str, w: Weights) -> tuple[Callable, list[torch.Tensor]]:
     r = w.lora_A.shape[0]
     if provider == "base":
         return (lambda x: nn.functional.linear(x, w.weight, w.bias)), []
+    if w.w4 is not None:
+        return _build_4bit(provider, w)
     if provider in ("reference", "compiled"):
         m = LoRALinearReference(K, N, r=r, alpha=w.scaling * r, dropout=w.dropout,
                                 device=w.weight.device, dtype=w.weight.dtype)
@@ -164,6 +217,33 @@ def build(provider: str, w: Weights) -> tuple[Callable, list[torch.Tensor]]:
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
 
 
+def _build_4bit(provider: str, w: Weights) -> tuple[Callable, list[torch.Tensor]]:
+    """The LoRA providers over the 4-bit weight ``w.w4`` (every one the same bytes)."""
+    from .linear4bit import Linear4bit
+
+    r = w.lora_A.shape[0]
+    if provider in FASTLORA_BACKENDS:
+        m = LoRALinear4bit(Linear4bit(w.w4, w.bias), r=r, alpha=w.scaling * r, dropout=w.dropout,
+                           backend=FASTLORA_BACKENDS[provider])
+        with torch.no_grad():
+            m.lora_A = nn.Parameter(w.lora_A.clone())
+            m.lora_B = nn.Parameter(w.lora_B.clone())
+        return m, [m.lora_A, m.lora_B]
+    if provider == "peft":
+        import peft
+
+        holder = nn.Module()
+        holder.proj = bnb_linear4bit(w.w4, w.bias)
+        holder.is_loaded_in_4bit = True  # what PEFT reads to wrap a bitsandbytes Linear4bit
+        cfg = peft.LoraConfig(r=r, lora_alpha=w.scaling * r, lora_dropout=w.dropout, target_modules=["proj"])
+        layer = peft.get_peft_model(holder, cfg).base_model.model.proj
+        with torch.no_grad():
+            layer.lora_A["default"].weight = nn.Parameter(w.lora_A.clone())
+            layer.lora_B["default"].weight = nn.Parameter(w.lora_B.clone())
+        return layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    raise ValueError(f"provider {provider!r} does not run over a 4-bit base; expected one of {PROVIDERS_4BIT}")
+
+
 def _share(m: nn.Module, w: Weights) -> None:
     with torch.no_grad():
         m.weight = nn.Parameter(w.weight, requires_grad=False)
@@ -172,8 +252,16 @@ def _share(m: nn.Module, w: Weights) -> None:
         m.lora_B = nn.Parameter(w.lora_B.clone())
 
 
-def provider_available(provider: str, device: torch.device) -> str | None:
-    """None if the provider can run here, else why not."""
+def provider_available(provider: str, device: torch.device, base: str = "dense") -> str | None:
+    """None if the provider can run here (over a ``base`` weight), else why not."""
+    if base != "dense" and provider not in PROVIDERS_4BIT:
+        return f"not over a 4-bit base (those are {', '.join(PROVIDERS_4BIT)})"
+    if base != "dense" and provider == "peft":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            return ("bitsandbytes not installed (pip install bitsandbytes, or from a fastlora checkout "
+                    "pip install -e '.[qlora]')")
     if provider in ("peft", "peft-dora"):
         try:
             import peft  # noqa: F401
@@ -235,13 +323,15 @@ class Spec:
     dtype: torch.dtype
     mode: str
     dropout: float
+    base: str = "dense"
 
 
 def _callables(provider: str, spec: Spec, device, n_sets: int):
     """Timed closure(s) for one provider, plus its output/grad check closure."""
     sets = []
     for i in range(n_sets):
-        w = make_weights(spec.K, spec.N, spec.r, spec.dtype, device, spec.dropout, seed=i)
+        w = make_weights(spec.K, spec.N, spec.r, spec.dtype, device, spec.dropout, seed=i,
+                         base="dense" if provider == "base" else spec.base)  # the floor: 16-bit
         module, params = build(provider, w)
         sets.append((w, module, params))
     g = torch.Generator(device="cpu").manual_seed(123)
@@ -288,10 +378,10 @@ def _callables(provider: str, spec: Spec, device, n_sets: int):
             xd = x.detach().double().requires_grad_(True)
             ref = [t.double().requires_grad_(True) for t in (w.lora_A, w.lora_B, w.magnitude)]
             if provider in DORA_PROVIDERS:
-                y64 = dora_linear_reference(xd, w.weight, w.bias, ref[0], ref[1], w.scaling, ref[2],
+                y64 = dora_linear_reference(xd, w.frozen, w.bias, ref[0], ref[1], w.scaling, ref[2],
                                             upcast=True)
             else:
-                y64 = lora_linear_reference(xd, w.weight, w.bias, ref[0], ref[1], w.scaling, upcast=True)
+                y64 = lora_linear_reference(xd, w.frozen, w.bias, ref[0], ref[1], w.scaling, upcast=True)
                 ref = ref[:2]
             errs = [_rel(y, y64)]
             if spec.mode != "fwd":
@@ -304,7 +394,9 @@ def _callables(provider: str, spec: Spec, device, n_sets: int):
             if hasattr(module, "train"):
                 module.train(was_training)
 
-    return fn, check, inference
+    w = sets[0][0]
+    held = w.w4.nbytes() if w.w4 is not None else w.weight.numel() * w.weight.element_size()
+    return fn, check, inference, held / 2**20
 
 
 def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -316,7 +408,7 @@ def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
 def _set_dropout(module, p: float) -> None:
     """Dropout of a provider module, whatever its kind (ours, the reference, PEFT's, compiled)."""
     target = getattr(module, "_orig_mod", module)
-    if isinstance(target, LoRALinear):
+    if isinstance(target, (LoRALinear, LoRALinear4bit)):
         target.dropout = p
     elif isinstance(target, LoRALinearReference):
         target.dropout.p = p
@@ -331,19 +423,22 @@ def _n_weight_sets(spec: Spec, device) -> int:
         return 1
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
     set_bytes = (spec.N * spec.K + spec.r * (spec.N + spec.K)) * spec.dtype.itemsize
+    if spec.base != "dense":  # the 4-bit providers read half a byte a weight: more sets
+        return max(1, min(16, math.ceil(2 * l2 / (set_bytes / 4))))
     return max(1, min(8, math.ceil(2 * l2 / set_bytes)))
 
 
 def run(shapes: list[tuple[int, int, int]], ranks: list[int], dtype: torch.dtype, modes: list[str],
         providers: list[str], device: torch.device, dropout: float = 0.0, cpu_rounds: int = 15,
         cuda_rep: float = 100, progress: Callable[[str], None] | None = None,
-        cuda_rounds: int = 1) -> list[Row]:
+        cuda_rounds: int = 1, base: str = "dense") -> list[Row]:
     """One Row per (shape, rank, mode, provider). ``cuda_rep``: ms of timed repeats on CUDA, in
-    ``cuda_rounds`` interleaved rounds."""
+    ``cuda_rounds`` interleaved rounds; ``base``: the frozen weight, "dense" or 4-bit ("nf4",
+    "fp4")."""
     rows: list[Row] = []
     jobs = [(s, r, m) for s in shapes for r in ranks for m in modes]
     for i, ((M, K, N), r, mode) in enumerate(jobs):
-        spec = Spec(M, K, N, r, dtype, mode, dropout)
+        spec = Spec(M, K, N, r, dtype, mode, dropout, base)
         if progress:
             progress(f"[{i + 1}/{len(jobs)}] M={M} {K}->{N} r={r} {mode}")
         rows += _run_one(spec, providers, device, cpu_rounds, cuda_rep, cuda_rounds)
@@ -354,16 +449,16 @@ def _run_one(spec: Spec, providers: list[str], device, cpu_rounds: int, cuda_rep
              cuda_rounds: int = 1) -> list[Row]:
     dname = next(k for k, v in DTYPES.items() if v == spec.dtype)
     base = dict(shape=f"{spec.M},{spec.K},{spec.N}", M=spec.M, in_features=spec.K, out_features=spec.N,
-                rank=spec.r, dtype=dname, mode=spec.mode, dropout=spec.dropout)
+                rank=spec.r, dtype=dname, mode=spec.mode, dropout=spec.dropout, base=spec.base)
     n_sets = _n_weight_sets(spec, device)
     rows, timed = {}, {}
     for p in providers:
-        why = provider_available(p, device)
+        why = provider_available(p, device, spec.base)
         if why:
             rows[p] = Row(**base, provider=p, status="unavailable", note=why)
             continue
         try:
-            fn, check, inference = _callables(p, spec, device, n_sets)
+            fn, check, inference, weight_mb = _callables(p, spec, device, n_sets)
             err = check()
         except Exception as e:  # a provider that cannot run this case is reported, not fatal
             rows[p] = Row(**base, provider=p, status="error", note=f"{type(e).__name__}: {e}"[:200])
@@ -373,7 +468,7 @@ def _run_one(spec: Spec, providers: list[str], device, cpu_rounds: int, cuda_rep
             rows[p] = Row(**base, provider=p, status="wrong", max_rel_err=err,
                           note=f"max rel err {err:.3g} > {tol:g} vs float64 reference")
             continue
-        rows[p] = Row(**base, provider=p, status="ok", max_rel_err=err,
+        rows[p] = Row(**base, provider=p, status="ok", max_rel_err=err, weight_mb=weight_mb,
                       note="inference, CUDA graph" if inference else "")
         timed[p] = (fn, inference)
 
@@ -463,13 +558,16 @@ def format_table(rows: list[Row], env: dict) -> str:
     head = (f"fastlora bench | {env['machine']} ({env['device']}) | torch {env['torch']} | "
             f"triton {env['triton']} | commit {env['commit']} | {env['date']}")
     dora = any(r.provider in DORA_PROVIDERS for r in rows)
-    cols = ["shape", "r", "dtype", "mode", "provider", "ms", "p20-p80", "x base", "x peft",
-            *(["x lora"] if dora else []), "TFLOP/s", "+MB", "status"]
-    lines = [[r.shape, str(r.rank), r.dtype, r.mode, r.provider, fmt_number(r.ms, ".4g"),
-              f"{fmt_number(r.ms_p20, '.4g')}-{fmt_number(r.ms_p80, '.4g')}",
+    four_bit = any(r.base != "dense" for r in rows)  # then: the base and the frozen weight's bytes
+    cols = ["shape", "r", "dtype", *(["base"] if four_bit else []), "mode", "provider", "ms", "p20-p80",
+            "x base", "x peft", *(["x lora"] if dora else []), "TFLOP/s", "+MB",
+            *(["W MB"] if four_bit else []), "status"]
+    lines = [[r.shape, str(r.rank), r.dtype, *([r.base] if four_bit else []), r.mode, r.provider,
+              fmt_number(r.ms, ".4g"), f"{fmt_number(r.ms_p20, '.4g')}-{fmt_number(r.ms_p80, '.4g')}",
               fmt_number(r.ratio_to_base, ".3f"), fmt_number(r.speedup_over_peft, ".2f"),
               *([fmt_number(r.ratio_to_lora, ".3f")] if dora else []),
               fmt_number(r.tflops, ".3g"), fmt_number(r.mem_over_base_mb, ".1f"),
+              *([fmt_number(r.weight_mb, ".3g")] if four_bit else []),
               r.status + (f" ({r.note})" if r.note and r.status != "ok" else "")] for r in rows]
     return text_table(head, cols, lines)
 

@@ -15,6 +15,11 @@ Every provider starts from the same weights and sees the same batch; tokens/s, t
 step time to the floor's, its speedup over PEFT (DoRA providers: over peft-dora), fastlora-dora's
 time over fastlora's (``x lora``) and its peak memory are reported. Timing as the layer bench
 (fastlora/bench.py): CUDA events on a GPU, interleaved rounds on the CPU.
+
+With a 4-bit base (``--base nf4``/``fp4``, QLoRA) the seven projections of every LoRA provider hold
+their weights in bitsandbytes' 4-bit format (blocks of 64, nested absmax; the same bytes for
+all): ``peft`` and ``fastlora-from-peft`` in bitsandbytes' Linear4bit, ``fastlora`` in fastlora's;
+the floor stays the 16-bit frozen model.
 """
 from __future__ import annotations
 
@@ -58,6 +63,7 @@ class ModelRow:
     ratio_to_lora: float = math.nan      # fastlora-dora: over fastlora (LoRA)
     peak_mb: float = math.nan
     note: str = ""
+    base: str = "dense"
 
 
 def _config(name: str, layers: int | None):
@@ -70,7 +76,29 @@ def _config(name: str, layers: int | None):
                                     max_position_embeddings=8192)
 
 
-def _build(provider: str, config, dtype, device, rank: int):
+def to_4bit(model: torch.nn.Module, quant_type: str, kind: str) -> torch.nn.Module:
+    """Replace the TARGETS projections of ``model`` by 4-bit ones holding their weights (blocks of
+    64, nested absmax), in place: fastlora's Linear4bit (``kind="fastlora"``) or bitsandbytes'
+    (``kind="bitsandbytes"``, the model then marked as loaded in 4 bits, as PEFT expects). A
+    projection whose rows are not a multiple of 64 stays 16-bit (the tiny model's down_proj)."""
+    from .bench import bnb_linear4bit
+    from .linear4bit import Linear4bit
+    from .quant4bit import quantize
+
+    for path, module in list(model.named_modules()):
+        if (path.rpartition(".")[2] in TARGETS and isinstance(module, torch.nn.Linear)
+                and module.in_features % 64 == 0):
+            w4 = quantize(module.weight.detach(), quant_type, 64, double_quant=True)
+            bias = None if module.bias is None else module.bias.detach()
+            new = Linear4bit(w4, bias) if kind == "fastlora" else bnb_linear4bit(w4, bias)
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent), name, new)
+    if kind != "fastlora":
+        model.is_loaded_in_4bit = True
+    return model
+
+
+def _build(provider: str, config, dtype, device, rank: int, base: str = "dense"):
     """(model, trainable parameters) for ``provider``, from the same seeded weights."""
     import transformers
 
@@ -80,6 +108,8 @@ def _build(provider: str, config, dtype, device, rank: int):
     if provider == "floor":
         return model, []
     dora = provider in DORA_PROVIDERS
+    if base != "dense":
+        model = to_4bit(model, base, "fastlora" if provider == "fastlora" else "bitsandbytes")
     if provider in ("fastlora", "fastlora-dora"):
         import fastlora
         model = fastlora.apply_lora(model, TARGETS, r=rank, alpha=2 * rank, use_dora=dora)
@@ -118,7 +148,7 @@ def _step_fn(model, params, embeds, labels):
 
 def run(name: str, providers: list[str], device: torch.device, dtype: torch.dtype, *,
         tokens: int, seq: int, rank: int = 16, layers: int | None = None, cpu_rounds: int = 5,
-        progress=None) -> list[ModelRow]:
+        progress=None, base: str = "dense") -> list[ModelRow]:
     config = _config(name, layers)
     batch = max(1, tokens // seq)
     g = torch.Generator().manual_seed(2)
@@ -126,20 +156,21 @@ def run(name: str, providers: list[str], device: torch.device, dtype: torch.dtyp
     labels = torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device)
     dname = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
              torch.float64: "fp64"}[dtype]
-    base = dict(model=name, layers=config.num_hidden_layers, tokens=batch * seq, rank=rank, dtype=dname)
+    fields = dict(model=name, layers=config.num_hidden_layers, tokens=batch * seq, rank=rank, dtype=dname,
+                  base=base)
     rows, steps = {}, {}
     for p in providers:
         if progress:
             progress(f"model {name}: building {p}")
         try:
-            model, params = _build(p, config, dtype, device, rank)
+            model, params = _build(p, config, dtype, device, rank, base)
             step = _step_fn(model, params, embeds, labels)
             step()  # warm-up: compiles kernels, allocates optimizer state
             step()
         except Exception as e:  # a provider that cannot run is reported, not fatal
-            rows[p] = ModelRow(**base, provider=p, status="error", note=f"{type(e).__name__}: {e}"[:200])
+            rows[p] = ModelRow(**fields, provider=p, status="error", note=f"{type(e).__name__}: {e}"[:200])
             continue
-        rows[p] = ModelRow(**base, provider=p, status="ok")
+        rows[p] = ModelRow(**fields, provider=p, status="ok")
         steps[p] = step
         if device.type == "cuda":
             import triton.testing
@@ -182,9 +213,11 @@ def format_table(rows: list[ModelRow], env: dict) -> str:
     head = (f"fastlora bench --model | {env['machine']} ({env['device']}) | torch {env['torch']} | "
             f"triton {env['triton']} | commit {env['commit']} | {env['date']}")
     dora = any(r.provider in DORA_PROVIDERS for r in rows)
-    cols = ["model", "layers", "tokens", "r", "dtype", "provider", "ms", "p20-p80", "tokens/s",
-            "x floor", "x peft", *(["x lora"] if dora else []), "peak MB", "status"]
-    lines = [[r.model, str(r.layers), str(r.tokens), str(r.rank), r.dtype, r.provider,
+    four_bit = any(r.base != "dense" for r in rows)
+    cols = ["model", "layers", "tokens", "r", "dtype", *(["base"] if four_bit else []), "provider", "ms",
+            "p20-p80", "tokens/s", "x floor", "x peft", *(["x lora"] if dora else []), "peak MB", "status"]
+    lines = [[r.model, str(r.layers), str(r.tokens), str(r.rank), r.dtype,
+              *([r.base] if four_bit else []), r.provider,
               fmt_number(r.ms, ".4g"), f"{fmt_number(r.ms_p20, '.4g')}-{fmt_number(r.ms_p80, '.4g')}",
               fmt_number(r.tokens_per_s, ".4g"), fmt_number(r.ratio_to_floor, ".3f"),
               fmt_number(r.speedup_over_peft, ".2f"), *([fmt_number(r.ratio_to_lora, ".3f")] if dora else []),

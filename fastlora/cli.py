@@ -77,7 +77,7 @@ def bench(args) -> int:
         rows = BM.run(args.model, args.providers or list(default), device, dtype,
                       tokens=args.tokens or (8192 if cuda else 512), seq=args.seq or (2048 if cuda else 128),
                       rank=(args.rank or [16])[0], layers=args.layers, cpu_rounds=args.rounds,
-                      progress=progress)
+                      progress=progress, base=args.base)
         table, plot = BM.format_table, BM.plot
     else:
         if args.shape:
@@ -88,12 +88,14 @@ def bench(args) -> int:
             shapes = [(m, k, n) for k, n in B.PRESETS[preset] for m in ms]
         if args.dora:
             providers = args.providers or list(B.DORA_DEFAULT)
+        elif args.base != "dense":  # QLoRA: the floor, PEFT over bitsandbytes, and fastlora
+            providers = args.providers or ["base", "peft", "fastlora"]
         else:
             providers = args.providers or (["base", "reference", "peft", *B.FASTLORA_BACKENDS] if cuda
                                            else ["base", "reference", "peft", "fastlora"])
         rows = B.run(shapes, args.rank or [16], dtype, args.mode or ["fwd", "full"], providers, device,
                      dropout=args.dropout, cpu_rounds=args.rounds, cuda_rep=args.rep, progress=progress,
-                     cuda_rounds=DORA_CUDA_ROUNDS if args.dora else 1)
+                     cuda_rounds=DORA_CUDA_ROUNDS if args.dora else 1, base=args.base)
         table, plot = B.format_table, B.plot
     if progress:
         progress("done")
@@ -263,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "fp64"], help="default: bf16 on GPU, fp32 on CPU")
     b.add_argument("--mode", choices=["fwd", "bwd", "full"], nargs="+", help="default: fwd full")
     b.add_argument("--dropout", type=_probability, default=0.0)
+    b.add_argument("--base", choices=["dense", "nf4", "fp4"], default="dense",
+                   help="the frozen weight: dense (16-bit, default) or 4-bit in bitsandbytes' format "
+                        "(QLoRA; the floor stays the dense base; peft then needs bitsandbytes)")
     b.add_argument("--providers", nargs="+", metavar="PROVIDER",
                    help="layer bench: base reference peft compiled fastlora fastlora-fused "
                         "fastlora-split fastlora-torch fastlora-dora peft-dora (default: base "
@@ -319,6 +324,11 @@ def _check_providers(args) -> None:
     if unknown:
         args.bench_parser.error(f"argument --providers: {unknown[0]!r} is not a provider of the "
                                 f"{'model' if args.model else 'layer'} bench; choose from {', '.join(known)}")
+    dense_only = [p for p in args.providers or [] if not args.model and args.base != "dense"
+                  and p not in B.PROVIDERS_4BIT]
+    if dense_only:
+        args.bench_parser.error(f"argument --providers: {dense_only[0]!r} does not run over a 4-bit base "
+                                f"(--base {args.base}); choose from {', '.join(B.PROVIDERS_4BIT)}")
     if args.model and (args.shape or args.M or args.preset):
         args.bench_parser.error("argument --model: times a whole model; --shape, --M and --preset "
                                 "are the layer bench's")

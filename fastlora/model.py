@@ -1,7 +1,8 @@
-"""LoRA on a whole model: inject LoRALinear layers, choose what trains, merge and unload.
+"""LoRA on a whole model: inject LoRA layers, choose what trains, merge and unload.
 
 Module paths are those of ``model.named_modules()``; matching follows PEFT's LoraConfig so that the
-same ``target_modules`` selects the same layers in both libraries.
+same ``target_modules`` selects the same layers in both libraries. An nn.Linear becomes a
+LoRALinear; a 4-bit linear (fastlora's or bitsandbytes' Linear4bit) a LoRALinear4bit over it.
 """
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from .linear4bit import ADAPTER_DTYPE, LoRALinear4bit, is_4bit_linear, weight4bit
 from .modules import LoRALinear, has_own_forward
 
 BIAS_MODES = ("none", "all", "lora_only")
 ALL_LINEAR = "all-linear"
+# The LoRA layer types the model helpers handle.
+LORA_LAYERS = (LoRALinear, LoRALinear4bit)
 
 
 def apply_lora(model: nn.Module, target_modules: str | Iterable[str], *, r: int = 8,
@@ -23,28 +27,30 @@ def apply_lora(model: nn.Module, target_modules: str | Iterable[str], *, r: int 
                exclude_modules: str | Iterable[str] | None = None,
                init_lora_weights: bool | str = True, backend: str = "auto",
                use_dora: bool = False) -> nn.Module:
-    """Replace the targeted nn.Linear layers of ``model`` by LoRALinear layers, in place.
+    """Replace the targeted linear layers of ``model`` by LoRA layers, in place.
 
-    Each LoRALinear shares its base layer's weight and bias Parameters (no copy). Afterwards only
+    Each LoRALinear shares its base layer's weight and bias Parameters (no copy); a 4-bit base
+    (fastlora's or bitsandbytes' Linear4bit) is kept whole inside a LoRALinear4bit. Afterwards only
     the LoRA parameters train, as after PEFT's ``get_peft_model``: every other parameter of the model
     gets ``requires_grad=False`` (``mark_only_lora_as_trainable`` can make biases train too).
 
     Args:
         target_modules: a list of names, each matching a module whose path equals it or ends with
             "." + name (PEFT's rule); a string, matched as a regex against the whole path; or
-            "all-linear": every nn.Linear except the output head (``model.get_output_embeddings()``
-            where the model has it, as PEFT does for transformers models).
+            "all-linear": every nn.Linear (4-bit ones included) except the output head
+            (``model.get_output_embeddings()`` where the model has it, as PEFT does for transformers
+            models).
         exclude_modules: modules not to target, in the same forms (no "all-linear").
         r, alpha, dropout, use_rslora, init_lora_weights, backend, use_dora: as LoRALinear
             (``use_dora=True``: DoRA, as PEFT's LoraConfig(use_dora=True); docs/dora.md).
 
-    Returns ``model`` (a new LoRALinear if ``model`` itself is a targeted nn.Linear).
+    Returns ``model`` (a new LoRA layer if ``model`` itself is a targeted linear layer).
     """
     check_model("apply_lora", model)
     paths = select_targets(model, target_modules, exclude_modules, "apply_lora")
     return inject_lora(model, paths, lambda path: (r, alpha),
-                   dict(dropout=dropout, use_rslora=use_rslora,
-                        init_lora_weights=init_lora_weights, backend=backend, use_dora=use_dora))
+                       dict(dropout=dropout, use_rslora=use_rslora,
+                            init_lora_weights=init_lora_weights, backend=backend, use_dora=use_dora))
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
@@ -109,13 +115,17 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every LoRA layer and put a plain nn.Linear back in its place, in place.
 
     The nn.Linear holds the LoRALinear's weight and bias Parameters (now merged); the adapters and
-    the copies kept for unmerge are dropped. Returns ``model`` (the nn.Linear if ``model`` itself is
-    a LoRALinear). ``requires_grad`` flags are left as they are.
+    the copies kept for unmerge are dropped. A LoRALinear4bit gives its 4-bit base back, the
+    adapter requantized into it (LoRALinear4bit.merge). Returns ``model`` (the nn.Linear if
+    ``model`` itself is a LoRA layer). ``requires_grad`` flags are left as they are.
     """
     check_model("merge_and_unload", model)
     layers = lora_layers(model, "merge_and_unload")
     _merge(model, layers, "merge_and_unload")
     for path, layer in layers.items():
+        if isinstance(layer, LoRALinear4bit):
+            model = _replace(model, path, layer.base_layer)
+            continue
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                            device="meta")
         linear.weight = layer.weight
@@ -125,7 +135,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model
 
 
-def _merge(model: nn.Module, layers: dict[str, LoRALinear], caller: str) -> None:
+def _merge(model: nn.Module, layers: dict[str, nn.Module], caller: str) -> None:
     _check_untied(model, layers, caller)
     done = []
     for path, layer in layers.items():
@@ -140,10 +150,11 @@ def _merge(model: nn.Module, layers: dict[str, LoRALinear], caller: str) -> None
         done.append(layer)
 
 
-def _check_untied(model: nn.Module, layers: dict[str, LoRALinear], caller: str) -> None:
-    """A ValueError if a LoRA layer's weight overlaps in memory with any other named parameter or
+def _check_untied(model: nn.Module, layers: dict[str, nn.Module], caller: str) -> None:
+    """A ValueError if a LoRALinear's weight overlaps in memory with any other named parameter or
     buffer of ``model`` (the same Parameter under two names, or views of one tensor that overlap).
-    One layer reached by two paths (a reused block) is one update, not a tie."""
+    One layer reached by two paths (a reused block) is one update, not a tie. (A 4-bit base's
+    tensors are its own: nothing else computes with them.)"""
     def span(t):  # the bytes t's elements occupy
         extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1
         return t.data_ptr(), t.data_ptr() + extent * t.element_size()
@@ -158,6 +169,8 @@ def _check_untied(model: nn.Module, layers: dict[str, LoRALinear], caller: str) 
         if isinstance(module, LoRALinear):
             own_names.setdefault(id(module), set()).add(join_path(path, "weight"))
     for path, layer in layers.items():
+        if not isinstance(layer, LoRALinear):
+            continue
         w = layer.weight
         if not w.numel() or w.device.type == "meta":
             continue
@@ -173,11 +186,12 @@ def _check_untied(model: nn.Module, layers: dict[str, LoRALinear], caller: str) 
                 f"each module its own copy) before apply_lora")
 
 
-def lora_layers(model: nn.Module, caller: str = "lora_layers") -> dict[str, LoRALinear]:
-    """Every LoRALinear of ``model`` by module path; a ValueError naming ``caller`` if none."""
-    layers = {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_layers(model: nn.Module, caller: str = "lora_layers") -> dict[str, nn.Module]:
+    """Every LoRA layer (LoRALinear, LoRALinear4bit) of ``model`` by module path; a ValueError
+    naming ``caller`` if none."""
+    layers = {path: m for path, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
     if not layers:
-        raise ValueError(f"{caller}: model ({type(model).__name__}) has no LoRALinear layers; "
+        raise ValueError(f"{caller}: model ({type(model).__name__}) has no LoRA layers; "
                          f"add them with fastlora.apply_lora first")
     return layers
 
@@ -187,12 +201,14 @@ def lora_layers(model: nn.Module, caller: str = "lora_layers") -> dict[str, LoRA
 
 
 def select_targets(model: nn.Module, target_modules, exclude_modules, caller: str) -> list[str]:
-    """The paths of the nn.Linear modules to adapt (PEFT's matching rules), in module order."""
+    """The paths of the linear modules to adapt (PEFT's matching rules), in module order: nn.Linear
+    layers and 4-bit ones (fastlora's or bitsandbytes' Linear4bit)."""
     modules = dict(model.named_modules())
     paths = list(modules)
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
         head = _output_head(model)
-        picked = [p for p, m in modules.items() if isinstance(m, nn.Linear) and m is not head]
+        picked = [p for p, m in modules.items()
+                  if (isinstance(m, nn.Linear) or is_4bit_linear(m)) and m is not head]
         if not picked:
             raise ValueError(f"{caller}: target_modules='all-linear' found no nn.Linear in the model "
                              f"(other than its output head)")
@@ -207,24 +223,26 @@ def select_targets(model: nn.Module, target_modules, exclude_modules, caller: st
         raise ValueError(f"{caller}: target_modules={target_modules!r} minus exclude_modules="
                          f"{exclude_modules!r} leaves no module to adapt")
     wrong = [f"{p or '<root>'} ({type(modules[p]).__name__})" for p in picked
-             if not isinstance(modules[p], nn.Linear)]
+             if not (isinstance(modules[p], nn.Linear) or is_4bit_linear(modules[p]))]
     if wrong:
-        already = any(isinstance(modules[p], LoRALinear) for p in picked)
+        already = any(isinstance(modules[p], LORA_LAYERS) for p in picked)
         hint = " (LoRA is already applied there)" if already else ""
         raise TypeError(f"{caller}: target_modules matched modules that are not nn.Linear{hint}: "
                         f"{', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}; only nn.Linear "
-                        f"layers can be adapted")
-    # nn.Linear subclasses with packed weights (bitsandbytes' Linear4bit, ...) are not F.linear
+                        f"layers (and 4-bit Linear4bit ones) can be adapted")
+    four_bit = {p for p in picked if is_4bit_linear(modules[p])}
+    # other nn.Linear subclasses with packed weights (8-bit, GPTQ, ...) are not F.linear
     packed = [f"{p or '<root>'} ({type(modules[p]).__name__}, {type(modules[p].weight).__name__} "
-              f"of {modules[p].weight.dtype})" for p in picked
-              if type(modules[p].weight.data) is not torch.Tensor
-              or not modules[p].weight.dtype.is_floating_point]
+              f"of {modules[p].weight.dtype})" for p in picked if p not in four_bit
+              and (type(modules[p].weight.data) is not torch.Tensor
+                   or not modules[p].weight.dtype.is_floating_point)]
     if packed:
         raise TypeError(f"{caller}: target_modules matched linear layers whose weight is not a plain "
                         f"floating-point tensor (quantized?): {', '.join(packed[:5])}; fastlora "
-                        f"needs a float16/bfloat16/float32/float64 weight")
+                        f"needs a float16/bfloat16/float32/float64 weight, or a 4-bit one "
+                        f"(bitsandbytes' NF4/FP4 Linear4bit)")
     own = [f"{p or '<root>'} ({type(modules[p]).__qualname__})" for p in picked
-           if has_own_forward(modules[p])]
+           if p not in four_bit and has_own_forward(modules[p])]
     if own:
         raise TypeError(f"{caller}: target_modules matched nn.Linear subclasses with a forward of their "
                         f"own, which a LoRALinear (F.linear) would drop: {', '.join(own[:5])}"
@@ -279,14 +297,22 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 
 def inject_lora(model: nn.Module, paths: list[str], r_alpha: Callable[[str], tuple[int, float]],
             layer_kwargs: dict) -> nn.Module:
-    """Replace each nn.Linear at ``paths`` by a LoRALinear sharing its Parameters, then freeze
-    everything but the adapters. All layers are built before any is swapped in, so a bad argument
-    leaves the model untouched."""
+    """Replace each linear layer at ``paths`` by a LoRA layer over it (a LoRALinear sharing an
+    nn.Linear's Parameters, a LoRALinear4bit holding a 4-bit one), then freeze everything but the
+    adapters. All layers are built before any is swapped in, so a bad argument leaves the model
+    untouched."""
     modules = dict(model.named_modules())
     new = {}
     for path in paths:
         r, alpha = r_alpha(path)
-        new[path] = LoRALinear.from_linear(modules[path], r=r, alpha=alpha, **layer_kwargs)
+        if is_4bit_linear(modules[path]):
+            kwargs = dict(layer_kwargs)
+            if kwargs.pop("use_dora", False):
+                raise ValueError(f"apply_lora: DoRA over a 4-bit base is not supported (layer "
+                                 f"{path!r} is {type(modules[path]).__name__}); use_dora=False there")
+            new[path] = LoRALinear4bit(modules[path], r=r, alpha=alpha, **kwargs)
+        else:
+            new[path] = LoRALinear.from_linear(modules[path], r=r, alpha=alpha, **layer_kwargs)
     for path, layer in new.items():
         model = _replace(model, path, layer)
     mark_only_lora_as_trainable(model)
@@ -303,7 +329,7 @@ def _replace(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
     return root
 
 
-def bias_parameters(model: nn.Module, layers: dict[str, LoRALinear],
+def bias_parameters(model: nn.Module, layers: dict[str, nn.Module],
                      bias: str) -> dict[str, nn.Parameter]:
     """The bias Parameters that ``bias`` trains, by their name in model.named_parameters()."""
     if bias == "none":
@@ -311,6 +337,15 @@ def bias_parameters(model: nn.Module, layers: dict[str, LoRALinear],
     if bias == "all":
         return {n: p for n, p in model.named_parameters() if n == "bias" or n.endswith(".bias")}
     return {join_path(path, "bias"): layer.bias for path, layer in layers.items() if layer.bias is not None}
+
+
+def lora_features(module: nn.Module) -> tuple[int, int, torch.dtype]:
+    """(in_features, out_features, the adapters' dtype) of a LoRA layer over ``module``, a linear
+    layer: the weight's dtype over a 16-bit one, ADAPTER_DTYPE (float32) over a 4-bit one."""
+    if is_4bit_linear(module):
+        w4 = weight4bit(module)
+        return w4.in_features, w4.out_features, ADAPTER_DTYPE
+    return module.weight.shape[1], module.weight.shape[0], module.weight.dtype
 
 
 def join_path(path: str, name: str) -> str:

@@ -66,23 +66,13 @@ class LoRALinear(nn.Module):
         return layer
 
     def _setup(self, weight, bias, r, alpha, dropout, use_rslora, init_lora_weights, backend, use_dora):
-        r = positive_int(r, "r", "LoRALinear")
+        r, alpha, dropout = check_lora_options(r, alpha, dropout, use_rslora, init_lora_weights, backend,
+                                               "LoRALinear")
         if not isinstance(use_dora, bool):
             raise ValueError(f"LoRALinear: use_dora must be True or False, got {use_dora!r}")
         if use_dora and r > min(weight.shape):
             raise ValueError(f"LoRALinear: DoRA needs r <= min(in_features, out_features) = "
                              f"{min(weight.shape)}, got r={r}: B A cannot have a larger rank")
-        # numpy scalars become Python numbers; a plain int or float is kept as given
-        alpha = alpha if type(alpha) in (int, float) else finite_number(alpha, "alpha", "LoRALinear")
-        finite_number(alpha, "alpha", "LoRALinear")
-        if not isinstance(use_rslora, bool):  # a truthy "no" must not switch rsLoRA on
-            raise ValueError(f"LoRALinear: use_rslora must be True or False, got {use_rslora!r}")
-        dropout = probability(dropout, "dropout", "LoRALinear")
-        check_backend(backend, "LoRALinear")
-        init_ok = init_lora_weights is True or init_lora_weights is False or init_lora_weights == "gaussian"
-        if not init_ok:
-            raise ValueError(f"LoRALinear: init_lora_weights must be True, False or 'gaussian', "
-                             f"got {init_lora_weights!r}")
         self.out_features, self.in_features = weight.shape
         self.r, self.alpha, self.use_rslora, self.use_dora = r, alpha, use_rslora, use_dora
         self.scaling = lora_scaling(alpha, r, use_rslora)
@@ -109,14 +99,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
-        if init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / self.r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        if init_lora_weights is False:
-            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(self.lora_B)
+        init_lora_parameters(self.lora_A, self.lora_B, init_lora_weights)
         if self.use_dora:  # m = ||W + s B A||_row: the layer starts as its LoRA layer (g = 1)
             _, g = dora.merged_scale(self.weight, self.lora_A, self.lora_B, self.scaling,
                                      torch.ones_like(self.lora_magnitude_vector))
@@ -199,6 +182,39 @@ class LoRALinear(nn.Module):
                 f"alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}, "
                 f"bias={self.bias is not None}, use_rslora={self.use_rslora}, backend={self.backend!r}"
                 + (", use_dora=True" if self.use_dora else "") + (", merged=True" if self.merged else ""))
+
+
+def check_lora_options(r, alpha, dropout, use_rslora, init_lora_weights, backend,
+                       caller: str) -> tuple[int, float, float]:
+    """(r, alpha, dropout) of a LoRA layer, each checked (a ValueError naming ``caller``); alpha is
+    kept as given when it is a plain int or float."""
+    r = positive_int(r, "r", caller)
+    # numpy scalars become Python numbers; a plain int or float is kept as given
+    alpha = alpha if type(alpha) in (int, float) else finite_number(alpha, "alpha", caller)
+    finite_number(alpha, "alpha", caller)
+    if not isinstance(use_rslora, bool):  # a truthy "no" must not switch rsLoRA on
+        raise ValueError(f"{caller}: use_rslora must be True or False, got {use_rslora!r}")
+    dropout = probability(dropout, "dropout", caller)
+    check_backend(backend, caller)
+    init_ok = init_lora_weights is True or init_lora_weights is False or init_lora_weights == "gaussian"
+    if not init_ok:
+        raise ValueError(f"{caller}: init_lora_weights must be True, False or 'gaussian', "
+                         f"got {init_lora_weights!r}")
+    return r, alpha, dropout
+
+
+@torch.no_grad()
+def init_lora_parameters(lora_A: nn.Parameter, lora_B: nn.Parameter, init_lora_weights: bool | str) -> None:
+    """PEFT's initialisations: True (A Kaiming-uniform, B zero), "gaussian" (A ~ N(0, (1/r)^2), B
+    zero) or False (both random, for tests)."""
+    if init_lora_weights == "gaussian":
+        nn.init.normal_(lora_A, std=1.0 / lora_A.shape[0])
+    else:
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+    if init_lora_weights is False:
+        nn.init.kaiming_uniform_(lora_B, a=math.sqrt(5))
+    else:
+        nn.init.zeros_(lora_B)
 
 
 def has_own_forward(linear: nn.Linear) -> bool:

@@ -137,16 +137,19 @@ def gemm_candidates(M: int, block_r: int, elt: int, info: DeviceInfo, *, grad_in
 
 
 def gemm_config(M: int, N: int, K: int, R: int, dtype: torch.dtype, device: torch.device, *,
-                grad_input: bool = False, dropout: bool = False) -> GemmConfig:
+                grad_input: bool = False, dropout: bool = False, four_bit: bool = False) -> GemmConfig:
     """The fused GEMM's config for y [M, N] = x [M, K] op(W) + low-rank term of rank R.
     ``grad_input``: the backward's dX (W read as stored, [K, N]); ``dropout``: its epilogue
-    regenerates the dropout mask of every output element."""
+    regenerates the dropout mask of every output element; ``four_bit``: W is read in 4 bits
+    (``gpu_gemm_config_4bit``)."""
     info = device_info(device)
     if device.type != "cuda":
         # Interpreter: each (program x K step) costs milliseconds whatever its size, so blocks
         # are as large as the problem allows.
         return GemmConfig(_pow2_clamp(M, 16, 64), _pow2_clamp(N, 16, 64), _pow2_clamp(K, 16, 128),
                           group_m=4)
+    if four_bit:
+        return gpu_gemm_config_4bit(bucket(M), rank_block(R), dtype, info, grad_input, dropout)
     return gpu_gemm_config(bucket(M), rank_block(R), dtype, info, grad_input, dropout)
 
 
@@ -189,6 +192,39 @@ def gpu_gemm_config(M: int, block_r: int, dtype: torch.dtype, info: DeviceInfo, 
     cfg = dataclasses.replace(cfg, block_m=bm, block_n=bn, tma=cfg.tma and hopper,
                               xa_in_loop=cfg.xa_in_loop and block_r <= 64)
     return fit_gemm(cfg, block_r, dtype.itemsize, info.smem)
+
+
+@functools.lru_cache(maxsize=1024)
+def gpu_gemm_config_4bit(M: int, block_r: int, dtype: torch.dtype, info: DeviceInfo, grad_input: bool,
+                         dropout: bool) -> GemmConfig:
+    """The GEMM config when W is read in 4 bits and dequantized in the K loop (pointer path, no TMA):
+    the unpacked tile, its codes and scales take registers a 16-bit tile does not, so tiles are
+    smaller than ``gpu_gemm_config``'s (tests/aot.py holds them to no spills). Unmeasured on a GPU."""
+    if dtype in (torch.float32, torch.float64):
+        return gpu_gemm_config(M, block_r, dtype, info, grad_input, dropout)
+    if M <= 16:
+        cfg = GemmConfig(16, 32, 64, num_warps=4, num_stages=4)
+    elif M <= 64:
+        cfg = GemmConfig(64, 32, 64, num_warps=4, num_stages=4)
+    else:  # (sm_80: a 64-deep K step spilled in tests/aot.py)
+        cfg = GemmConfig(128, 64, 64 if info.capability[0] >= 9 else 32, num_warps=8, num_stages=3)
+    bm = cfg.block_m
+    while bm > 16 and bm * block_r > 32 * 32 * cfg.num_warps:
+        bm //= 2
+    bn = cfg.block_n
+    while dropout and bn > 32 and bm * bn > 32 * 32 * cfg.num_warps:
+        bn //= 2
+    cfg = dataclasses.replace(cfg, block_m=bm, block_n=bn, xa_in_loop=cfg.xa_in_loop and block_r <= 64)
+    return fit_gemm(cfg, block_r, dtype.itemsize, info.smem)
+
+
+def fit_4bit(cfg: GemmConfig, blocksize: int, grad_input: bool) -> GemmConfig:
+    """``cfg`` for a W read in 4 bits in blocks of ``blocksize``: no TMA, and a tile's extent along W's
+    rows (BLOCK_K forward, BLOCK_N for dX) within one block."""
+    if grad_input:
+        return dataclasses.replace(cfg, tma=False, epilogue_subtile=False,
+                                   block_n=min(cfg.block_n, blocksize))
+    return dataclasses.replace(cfg, tma=False, epilogue_subtile=False, block_k=min(cfg.block_k, blocksize))
 
 
 # Registers a thread may give the tiles of a pass (of 255), leaving the rest for addresses.

@@ -11,6 +11,10 @@ both):
 * DoRA's forward (``scale=g``): y = g o (x W^T + s * xa B^T) + bias, the per-output-column scale
   g applied in the epilogue before the bias (fastlora/autograd.py derives DoRA).
 
+W may be held in 4 bits (bitsandbytes' NF4/FP4 layout, a ``Packed4bit``): its tiles are then read
+as packed codes and dequantized in registers in the K loop (``W4BIT``, pointer path only), exactly
+as kernels/dequant.py dequantizes the whole weight.
+
 Output tiles are visited in grouped order (GROUP_M row blocks share each column of W tiles while
 it sits in L2). Where the operands' strides allow TMA (sm_90+), they come through tensor
 descriptors, the grid is persistent (one program per SM walking tiles) and the accumulator leaves
@@ -27,7 +31,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .common import (INTERPRETED, acc_dtype, alloc, check_device, dot_precision, dropout_keep,
                      max_offset, needs_int64, tl_acc_dtype, tma_ready, torch_dtype,
                      widened, wrapped_offsets)
-from .configs import GemmConfig, device_info, gemm_config, rank_block
+from .configs import GemmConfig, device_info, fit_4bit, gemm_config, rank_block
+from .dequant import Packed4bit, block_absmax
 
 
 @triton.jit
@@ -51,6 +56,8 @@ def _lora_tile(
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, DROPOUT_OUT: tl.constexpr, EVEN_K: tl.constexpr,
     R_PADDED: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     CHUNKED_ACC: tl.constexpr,
+    ABSMAX, CODE, ABSMAX_SCALE, CODE8, OFFSET, W4BIT: tl.constexpr, QBLOCK: tl.constexpr,
+    NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr,
 ):
     """One output tile: the main loop over K for tile number ``tile``, the epilogue for tile number
     ``tile_out`` (the same tile; a persistent loop counts the two apart so that the software
@@ -78,6 +85,37 @@ def _lora_tile(
                 b_w = W.load([i_n * BLOCK_N, i_k * BLOCK_K]).T                # [BK, BN]
             else:
                 b_w = W.load([i_k * BLOCK_K, i_n * BLOCK_N])                  # [BK, BN]
+        elif W4BIT:
+            # W's tile read as packed 4-bit codes (two a byte along W's rows) and dequantized in
+            # registers; a tile's elements of one W row share an absmax (the launcher keeps the
+            # tile's extent along W's rows within a quantization block)
+            p_x = X + rows[:, None] * stride_xm + o_k[None, :]
+            if EVEN_K:
+                b_x = tl.load(p_x)                                            # [BM, BK]
+            else:
+                b_x = tl.load(p_x, mask=(o_k < K)[None, :], other=0.0)
+            if W_NK:  # forward: op(W)[k, n] = W[n, k], W [N, K]
+                o_kb = i_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+                p_b = W + cols[:, None] * (K // 2) + o_kb[None, :]
+                if EVEN_K:  # (always: BLOCK_K divides the blocksize, which divides K)
+                    b_b = tl.load(p_b).to(tl.int32)                           # [BN, BK/2]
+                else:
+                    b_b = tl.load(p_b, mask=(o_kb < K // 2)[None, :], other=0).to(tl.int32)
+                blk = cols * (K // QBLOCK) + (i_k * BLOCK_K) // QBLOCK
+                m_s = cols >= 0  # rows wrapped onto valid ones: every block exists
+            else:     # dX: op(W)[k, n] = W[k, n], W [K, N]
+                ok = widened(o_k, INT64)
+                o_nb = wrapped_offsets(i_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2), N // 2, INT64)
+                p_b = W + ok[:, None] * (N // 2) + o_nb[None, :]
+                b_b = tl.load(p_b, mask=(o_k < K)[:, None], other=0).to(tl.int32)      # [BK, BN/2]
+                blk = ok * (N // QBLOCK) + (i_n * BLOCK_N) // QBLOCK
+                m_s = o_k < K
+            b_s = block_absmax(ABSMAX, ABSMAX_SCALE, CODE8, OFFSET, blk, m_s, NESTED, NESTED_BLOCK)[:, None]
+            b_w = tl.interleave(tl.load(CODE + (b_b >> 4)) * b_s, tl.load(CODE + (b_b & 15)) * b_s)
+            if W_NK:
+                b_w = tl.trans(b_w)                                           # [BK, BN]
+            # (rows past K read as finite values, which meet x's zero-filled columns)
+            b_w = b_w.to(DOT_DTYPE)
         else:
             p_x = X + rows[:, None] * stride_xm + o_k[None, :]
             p_w = W + o_k[:, None] * stride_wk + cols[None, :] * stride_wn
@@ -155,6 +193,8 @@ def _lora_tile(
     "ACC_DTYPE": lambda a: tl_acc_dtype(a["X"]),
     "PRECISION": lambda a: dot_precision(a["X"]),
     "CHUNKED_ACC": lambda a: torch_dtype(a["X"]) in (torch.float32, torch.float64),
+    "W4BIT": lambda a: a["ABSMAX"] is not None,
+    "NESTED": lambda a: a["ABSMAX_SCALE"] is not None,
 })
 @triton.jit(do_not_specialize=["M"])
 def lora_gemm_kernel(
@@ -168,6 +208,8 @@ def lora_gemm_kernel(
     USE_TMA: tl.constexpr, XA_IN_LOOP: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr, DROPOUT_OUT: tl.constexpr, EVEN_K: tl.constexpr, R_PADDED: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, CHUNKED_ACC: tl.constexpr,
+    ABSMAX, CODE, ABSMAX_SCALE, CODE8, OFFSET,
+    W4BIT: tl.constexpr, QBLOCK: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr,
 ):
     """Y = SCALE o (X op(W) + s * D o (XA op(V))) + BIAS, XA = X U^T (in the loop, written to XA)
     or read; SCALE [N] per output column (DoRA's g), ones when None.
@@ -178,6 +220,11 @@ def lora_gemm_kernel(
     min(#tiles, NUM_SMS) programs walk the tiles NUM_SMS apart. Otherwise pointers, one tile a
     program (a persistent loop costs the pointer path registers it has no use for), rows and columns
     past the edges wrapped onto valid ones (never stored) and K masked unless EVEN_K.
+
+    W4BIT: W is the packed codes of a 4-bit [N_out, K_in] weight (ABSMAX, CODE and, NESTED,
+    ABSMAX_SCALE, CODE8, OFFSET its quant state, blocks of QBLOCK, nested blocks of NESTED_BLOCK), read through
+    pointers and dequantized in the K loop; the strides of W are unused, and a tile spans at most
+    QBLOCK elements of a W row (BLOCK_K forward, BLOCK_N for dX, dividing QBLOCK).
     """
     seed = tl.load(SEED) if DROPOUT_OUT else 0
     i_pid = tl.program_id(0)
@@ -190,16 +237,18 @@ def lora_gemm_kernel(
                        stride_wk, stride_wn, stride_vr, stride_vn, stride_ym, scaling, dropout_p,
                        W_NK, INT64, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M, EPILOGUE_SUBTILE,
                        USE_TMA, XA_IN_LOOP, HAS_BIAS, HAS_SCALE, DROPOUT_OUT, EVEN_K, R_PADDED, ACC_DTYPE,
-                       PRECISION, CHUNKED_ACC)
+                       PRECISION, CHUNKED_ACC, ABSMAX, CODE, ABSMAX_SCALE, CODE8, OFFSET, W4BIT, QBLOCK,
+                       NESTED, NESTED_BLOCK)
     else:
         _lora_tile(i_pid, i_pid, X, W, U, V, BIAS, SCALE, Y, XA, seed, M, N, K, R, stride_xm,
                    stride_wk, stride_wn, stride_vr, stride_vn, stride_ym, scaling, dropout_p,
                    W_NK, INT64, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M, EPILOGUE_SUBTILE,
                    USE_TMA, XA_IN_LOOP, HAS_BIAS, HAS_SCALE, DROPOUT_OUT, EVEN_K, R_PADDED, ACC_DTYPE,
-                   PRECISION, CHUNKED_ACC)
+                   PRECISION, CHUNKED_ACC, ABSMAX, CODE, ABSMAX_SCALE, CODE8, OFFSET, W4BIT, QBLOCK,
+                   NESTED, NESTED_BLOCK)
 
 
-def lora_gemm(x: torch.Tensor, w: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+def lora_gemm(x: torch.Tensor, w: torch.Tensor | Packed4bit, v: torch.Tensor, bias: torch.Tensor | None,
               scaling: float, *, grad_input: bool = False, u: torch.Tensor | None = None,
               xa: torch.Tensor | None = None, dropout: tuple[torch.Tensor, float] | None = None,
               scale: torch.Tensor | None = None,
@@ -212,10 +261,16 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     ``xa`` [M, R] (any float dtype) is read. ``dropout=(seed, p)`` multiplies the low-rank term by
     the dropout mask of output element (m, n) over 1 - p (the dX epilogue). ``scale`` [N] (DoRA's
     g, forward only) scales each output column before the bias. Any strides; a fresh contiguous y.
+    ``w`` may be a ``Packed4bit`` (the same [N, K] / [K, N] weight in 4 bits): its tiles are
+    dequantized in the K loop, through pointers.
     """
+    w4 = w if isinstance(w, Packed4bit) else None
+    if w4 is not None:
+        w = w4.packed
     check_device(x, w, v, bias, u, xa, scale)
     M, K = x.shape
-    N = w.shape[1] if grad_input else w.shape[0]
+    w_shape = w4.shape if w4 is not None else w.shape
+    N = w_shape[1] if grad_input else w_shape[0]
     R = v.shape[0] if grad_input else v.shape[1]
     if (u is None) == (xa is None):
         raise ValueError("lora_gemm: pass exactly one of u (x u^T in the loop) and xa")
@@ -236,11 +291,13 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     if M == 0:
         return y, xa
     cfg = config or gemm_config(M, N, K, R, x.dtype, x.device, grad_input=grad_input,
-                                dropout=dropout is not None)
+                                dropout=dropout is not None, four_bit=w4 is not None)
+    if w4 is not None:  # a tile spans at most one quantization block of a W row
+        cfg = fit_4bit(cfg, w4.blocksize, grad_input)
     info = device_info(x.device)
-    w_kn = (w.stride(0), w.stride(1)) if grad_input else (w.stride(1), w.stride(0))
+    w_kn = (0, 0) if w4 is not None else (w.stride(0), w.stride(1)) if grad_input else (w.stride(1), w.stride(0))
     v_rn = (v.stride(0), v.stride(1)) if grad_input else (v.stride(1), v.stride(0))
-    use_tma = (cfg.tma and (INTERPRETED or info.capability[0] >= 9)
+    use_tma = (cfg.tma and w4 is None and (INTERPRETED or info.capability[0] >= 9)
                and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and tma_ready(x, w, y))
     if use_tma:
         x_arg = TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k])
@@ -254,7 +311,9 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     n_tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     programs = min(n_tiles, info.sms) if use_tma else n_tiles
     seed, p = dropout if dropout is not None else (None, 0.0)
-    int64 = needs_int64(max_offset(x), max_offset(w), max_offset(y), M * block_r, max_offset(v))
+    int64 = needs_int64(max_offset(x), N * K if w4 is not None else max_offset(w), max_offset(y),
+                        M * block_r, max_offset(v))
+    q = w4 if w4 is not None else Packed4bit(None, None, None, None, None, None, (0, 0), 1)
     lora_gemm_kernel[(programs,)](
         x_arg, w_arg, u, v, bias, scale, y_arg, xa, seed,
         M, N, K, R,
@@ -263,6 +322,10 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor, v: torch.Tensor, bias: torch.Ten
         W_NK=not grad_input, INT64=int64,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
         GROUP_M=cfg.group_m, NUM_SMS=info.sms, EPILOGUE_SUBTILE=cfg.epilogue_subtile and use_tma,
+        ABSMAX=q.absmax, CODE=q.code, ABSMAX_SCALE=q.scale, CODE8=q.code8, OFFSET=q.offset,
+        QBLOCK=q.blocksize, NESTED_BLOCK=q.nested_blocksize,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        # the nested absmax rounds after its product and after its sum (kernels/dequant.py)
+        **({"enable_fp_fusion": False} if w4 is not None else {}),
     )
     return y, xa

@@ -22,6 +22,7 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from fastlora.kernels import configs
+from fastlora.kernels.dequant import dequant_4bit_kernel
 from fastlora.kernels.gemm import lora_gemm_kernel
 from fastlora.kernels.passes import reduce_kernel, xa_kernel
 
@@ -60,10 +61,11 @@ def _jit(kernel):
 
 
 def compile_kernel(kernel, types: dict, constexprs: dict, cap: int, num_warps: int,
-                   num_stages: int) -> Compiled:
+                   num_stages: int, **options) -> Compiled:
     """``types``: the runtime arguments' types ("*bf16", "i32", "fp64", "tensordesc<...>"); every
     other argument is a constexpr from ``constexprs``; integer arguments get the divisibility-by-16
-    specialisation the runtime gives aligned sizes and strides, except M and T (not specialised)."""
+    specialisation the runtime gives aligned sizes and strides, except M and T (not specialised).
+    ``options``: further compile options the launcher passes (enable_fp_fusion)."""
     fn = _jit(kernel)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -79,7 +81,7 @@ def compile_kernel(kernel, types: dict, constexprs: dict, cap: int, num_warps: i
     assert not missing, f"no value for {missing}"
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     ck = triton.compile(src, target=GPUTarget("cuda", cap, 32),
-                        options={"num_warps": num_warps, "num_stages": num_stages})
+                        options={"num_warps": num_warps, "num_stages": num_stages, **options})
     ptx = ck.asm["ptx"]
     arch = "sm_90a" if cap == 90 else f"sm_{cap}"
     path = f"/tmp/fastlora_aot_{os.getpid()}.ptx"
@@ -146,6 +148,8 @@ def gemm_job(item) -> dict:
                      R_PADDED=True, ACC_DTYPE=eval(acc, {"tl": triton.language}),
                      PRECISION="ieee",
                      CHUNKED_ACC=dtype in (torch.float32, torch.float64),
+                     ABSMAX=None, CODE=None, ABSMAX_SCALE=None, CODE8=None, OFFSET=None, W4BIT=False,
+                     QBLOCK=1, NESTED=False, NESTED_BLOCK=1,
                      **({"stride_wn": 1, "stride_vn": 1} if grad_input
                         else {"stride_wk": 1, "stride_vr": 1}))
         const = {k: v for k, v in const.items() if k not in types}
@@ -209,6 +213,87 @@ def pass_job(item) -> dict:
         c = compile_kernel(reduce_kernel, types, const, cap, cfg.num_warps, cfg.num_stages)
         out[form] = dict(shared=c.shared, registers=c.registers, spills=c.spill_bytes)
     return out
+
+
+def gemm4bit_job(item) -> dict:
+    """The fused GEMM reading W in 4 bits (pointer path, no contraction, as its launcher runs it):
+    the forward with x A^T in the loop or read, dX with and without the dropout epilogue, with a
+    plain and a nested absmax, for a config of ``production_gemm4bit_configs``."""
+    cfg, block_r, dtype, cap, dropout = item
+    t = _TL[dtype]
+    out = {}
+    forms = ([("dx_dropout", True, False)] if dropout else
+             [("fwd_xa_in_loop", False, True), ("fwd_xa_read", False, False), ("dx", True, False)])
+    for form, grad_input, in_loop in forms:
+        if in_loop and not cfg.xa_in_loop:
+            continue
+        for nested in (False, True):
+            types = {"X": f"*{t}", "W": "*u8", "V": f"*{t}", "Y": f"*{t}", "XA": "*fp32", "M": "i32",
+                     "N": "i32", "K": "i32", "R": "i32", "stride_xm": "i32", "stride_ym": "i32",
+                     "scaling": "fp64", "dropout_p": "fp64", "ABSMAX": "*u8" if nested else "*fp32",
+                     "CODE": "*fp32", "stride_vr" if grad_input else "stride_vn": "i32"}
+            if nested:
+                types.update(ABSMAX_SCALE="*fp32", CODE8="*fp32", OFFSET="*fp32")
+            if in_loop:
+                types["U"] = f"*{t}"
+            if not grad_input:
+                types["BIAS"] = f"*{t}"
+            if form == "dx_dropout":
+                types["SEED"] = "*i64"
+            const = dict(U=None, BIAS=None, SEED=None, SCALE=None, HAS_SCALE=False, ABSMAX_SCALE=None,
+                         CODE8=None, OFFSET=None, W_NK=not grad_input, INT64=False, BLOCK_M=cfg.block_m,
+                         BLOCK_N=cfg.block_n,
+                         BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=cfg.group_m, NUM_SMS=132,
+                         EPILOGUE_SUBTILE=False, USE_TMA=False, XA_IN_LOOP=in_loop, HAS_BIAS=not grad_input,
+                         DROPOUT_OUT=form == "dx_dropout", EVEN_K=True, R_PADDED=True,
+                         ACC_DTYPE=triton.language.float32, PRECISION="ieee", CHUNKED_ACC=False,
+                         stride_wk=0, stride_wn=0, W4BIT=True, QBLOCK=64, NESTED=nested,
+                         NESTED_BLOCK=256 if nested else 1, **({"stride_vn": 1} if grad_input else {"stride_vr": 1}))
+            const = {k: v for k, v in const.items() if k not in types}
+            c = compile_kernel(lora_gemm_kernel, types, const, cap, cfg.num_warps, cfg.num_stages,
+                               enable_fp_fusion=False)
+            out[form + ("_nested" if nested else "")] = dict(
+                wgmma="wgmma" in c.ptx, tma=False, shared=c.shared, registers=c.registers,
+                spills=c.spill_bytes, fma="fma.rn" in c.ptx)
+    return out
+
+
+def production_gemm4bit_configs() -> list:
+    """Unique (config, R-block, dtype, capability, dropout epilogue) the 4-bit GEMM's config
+    function gives for 16-bit problems, as fitted to blocks of 64 (fp32 and fp64 share the 16-bit
+    GEMM's configs, compiled above)."""
+    seen = {}
+    for info, dtype, M, _N, _K, R in _problems():
+        if dtype != torch.bfloat16:
+            continue
+        block_r = configs.rank_block(R)
+        for grad_input, dropout in ((False, False), (True, False), (True, True)):
+            cfg = configs.fit_4bit(configs.gpu_gemm_config_4bit(configs.bucket(M), block_r, dtype, info,
+                                                                grad_input, dropout), 64, grad_input)
+            seen.setdefault((cfg, block_r, dtype, info.capability[0] * 10 + info.capability[1], dropout), None)
+    return list(seen)
+
+
+# The dequantize kernel's forms: output dtype, nested absmax, blocksize (its launcher's BLOCK and warps).
+DEQUANT_FORMS = [(dtype, nested, bs) for dtype in (torch.bfloat16, torch.float16, torch.float32)
+                 for nested in (False, True) for bs in (64, 128, 256)]
+
+
+def dequant_job(item) -> dict:
+    """The 4-bit dequantize kernel as its launcher compiles it (no floating-point contraction: the
+    PTX must hold no fma, or the nested absmax would round once where bitsandbytes rounds twice)."""
+    dtype, nested, blocksize, cap = item
+    types = {"PACKED": "*u8", "ABSMAX": "*u8" if nested else "*fp32", "CODE": "*fp32",
+             "W": f"*{_TL[dtype]}", "n_bytes": "i32"}
+    const = dict(HALF_BLOCKSIZE=blocksize // 2, NESTED_BLOCKSIZE=256 if nested else 1, BLOCK=1024,
+                 NESTED=nested, INT64=False)
+    if nested:
+        types.update(SCALE="*fp32", CODE8="*fp32", OFFSET="*fp32")
+    else:
+        const.update(SCALE=None, CODE8=None, OFFSET=None)
+    c = compile_kernel(dequant_4bit_kernel, types, const, cap, 4, 3, enable_fp_fusion=False)
+    return {"dequant": dict(shared=c.shared, registers=c.registers, spills=c.spill_bytes,
+                            fma="fma.rn" in c.ptx)}
 
 
 def _problems():
@@ -279,7 +364,10 @@ def production_pass_configs() -> list:
 
 
 def item_id(kind, item) -> str:
-    if kind == "gemm":
+    if kind == "dequant":
+        dtype, nested, blocksize, cap = item
+        return f"dequant-sm{cap}-{_TL[dtype]}-bs{blocksize}{'-nested' if nested else ''}"
+    if kind in ("gemm", "gemm4bit"):
         cfg, block_r, dtype, cap, dropout = item
         tile = (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}" + ("-tma" if cfg.tma else "")
                 + ("-subtile" if cfg.epilogue_subtile else "") + ("-dropout" if dropout else ""))
@@ -292,14 +380,17 @@ def item_id(kind, item) -> str:
 
 
 def all_items() -> list:
+    caps = [cap[0] * 10 + cap[1] for cap, _, _, _ in GPUS]
     gemms = dict.fromkeys(production_gemm_configs() + tuning_gemm_configs())
     return ([("gemm", it) for it in gemms]
-            + [("pass", it) for it in production_pass_configs()])
+            + [("pass", it) for it in production_pass_configs()]
+            + [("dequant", (*form, cap)) for form in DEQUANT_FORMS for cap in caps]
+            + [("gemm4bit", it) for it in production_gemm4bit_configs()])
 
 
 def _run(job):
     kind, item = job
-    return (gemm_job if kind == "gemm" else pass_job)(item)
+    return {"gemm": gemm_job, "pass": pass_job, "dequant": dequant_job, "gemm4bit": gemm4bit_job}[kind](item)
 
 
 def main() -> None:
@@ -322,12 +413,16 @@ def main() -> None:
         for form, info in forms.items():
             flag = "  SPILLS" if info["spills"] else ""
             flag += "  SHARED-MEMORY" if info["shared"] > smem[cap] else ""
-            # the bar (tests/test_aot.py): bfloat16 up to TUNED_RANK spills nothing, everything fits
-            block_r = int(re.search(r"-r(\d+)-", name).group(1))
-            tuned = "-bf16-" in name and block_r <= configs.TUNED_RANK
-            bad += bool(info["shared"] > smem[cap] or (info["spills"] and tuned))
+            # the bar (tests/test_aot.py): bfloat16 up to TUNED_RANK spills nothing, everything fits,
+            # the dequantize kernel spills nothing and fuses no multiply-add
+            block_r = re.search(r"-r(\d+)-", name)
+            tuned = "-bf16-" in name and (block_r is None or int(block_r.group(1)) <= configs.TUNED_RANK)
+            bad += bool(info["shared"] > smem[cap] or (info["spills"] and tuned)
+                        or (form == "dequant" and (info["spills"] or info["fma"]))
+                        or (name.startswith("gemm4bit") and info["fma"]))
             print(f"{name:60s} {form:16s} regs {info['registers']:3d} smem {info['shared']:6d}"
-                  f"{' wgmma' if info.get('wgmma') else ''}{' tma' if info.get('tma') else ''}{flag}")
+                  f"{' wgmma' if info.get('wgmma') else ''}{' tma' if info.get('tma') else ''}"
+                  f"{' FMA' if info.get('fma') else ''}{flag}")
     print(f"triton {triton.__version__}: {len(results)} configs, {bad} past the bar")
     sys.exit(1 if bad else 0)
 

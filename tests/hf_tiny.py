@@ -30,6 +30,32 @@ def tiny_llama(dtype=torch.float32, seed=0, **overrides):
     return transformers.LlamaForCausalLM(config).to(device=DEVICE, dtype=dtype).eval()
 
 
+_SAVED = {}
+
+
+def tiny_llama_4bit(targets=("q_proj", "v_proj"), quant_type="nf4", double_quant=True,
+                    dtype=torch.float32, compute_dtype=torch.float32, seed=0):
+    """``tiny_llama(dtype, seed)`` saved and loaded back through transformers with a
+    BitsAndBytesConfig, its ``targets`` in bitsandbytes' 4-bit Linear4bit (the rest as they were),
+    on the CPU, in eval mode. Skips without bitsandbytes."""
+    import os
+    import tempfile
+
+    pytest.importorskip("bitsandbytes")
+    transformers, _ = require_hf()
+    key = (dtype, seed)
+    if key not in _SAVED:
+        _SAVED[key] = os.path.join(tempfile.mkdtemp(prefix="fastlora-tiny-"), "model")
+        tiny_llama(dtype, seed).save_pretrained(_SAVED[key])
+    linears = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=[m for m in linears if m not in targets])
+    model = transformers.LlamaForCausalLM.from_pretrained(_SAVED[key], quantization_config=config,
+                                                          dtype=dtype, device_map="cpu")
+    return model.eval()
+
+
 def peft_twin(base, target_modules=TARGETS, seed=1, **lora_kwargs):
     """``peft.get_peft_model`` on a copy of ``base`` with LoraConfig(r=8, lora_alpha=16,
     lora_dropout=0) unless overridden, and random non-zero lora_B (PEFT initialises it to zero)."""

@@ -290,7 +290,7 @@ def test_bad_configs_and_states_are_refused(tmp_path):
         fastlora.load_adapter(model, tmp_path)
     with pytest.raises(ValueError, match="is not a directory"):
         fastlora.load_adapter(Net(), tmp_path / "adapter_config.json")
-    with pytest.raises(ValueError, match="has no LoRALinear layers"):
+    with pytest.raises(ValueError, match="has no LoRA layers"):
         fastlora.save_adapter(Net(), tmp_path)
     with pytest.raises(ValueError, match="exists and is not a directory"):
         fastlora.save_adapter(model, tmp_path / "adapter_config.json")

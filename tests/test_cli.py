@@ -230,3 +230,41 @@ def test_model_bench_dora_on_the_cpu(tmp_path):
     assert all(r["status"] == "ok" for r in rows)
     dora = rows[2]
     assert dora["ratio_to_lora"] > 0 and dora["speedup_over_peft"] > 0 and rows[3]["speedup_over_peft"] == 1.0
+
+
+def test_bench_over_a_4bit_base(tmp_path, capsys):
+    """--base nf4: the dense floor, PEFT over bitsandbytes' Linear4bit and fastlora, all on the
+    same 4-bit bytes, checked against the float64 reference on the dequantized weight."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("peft")
+    js = tmp_path / "b.json"
+    rc = cli.main(["bench", "--base", "nf4", "--shape", "48,128,96", "--rank", "4", "--mode", "fwd", "full",
+                   "--rounds", "2", "--quiet", "--device", "cpu", "--json", str(js)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert " base " in out.splitlines()[1] and "W MB" in out
+    rows = json.loads(js.read_text())["rows"]
+    assert {(r["provider"], r["mode"]) for r in rows} == {(p, m) for p in ("base", "peft", "fastlora")
+                                                         for m in ("fwd", "full")}
+    assert all(r["status"] == "ok" and r["base"] == "nf4" and r["max_rel_err"] < 1e-4 for r in rows)
+    dense = 96 * 128 * 4 / 2**20
+    for r in rows:  # half a byte a weight plus the absmax and tables, against four bytes
+        assert r["weight_mb"] == pytest.approx(dense) if r["provider"] == "base" else r["weight_mb"] < dense / 6
+
+
+def test_bench_over_a_4bit_base_refuses_the_dense_only_providers(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--base", "fp4", "--providers", "base", "reference"])
+    assert e.value.code == 2
+    assert "'reference' does not run over a 4-bit base (--base fp4)" in capsys.readouterr().err
+
+
+def test_model_bench_over_a_4bit_base(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("peft")
+    out = tmp_path / "model.json"
+    assert cli.main(["bench", "--model", "tiny", "--base", "nf4", "--device", "cpu", "--layers", "1",
+                     "--tokens", "64", "--seq", "32", "--rounds", "1", "--quiet", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["provider"] for r in rows] == ["floor", "peft", "fastlora", "fastlora-from-peft"]
+    assert all(r["status"] == "ok" and r["base"] == "nf4" and r["tokens_per_s"] > 0 for r in rows)

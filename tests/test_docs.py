@@ -122,3 +122,9 @@ def test_the_trainer_recipe_saves_adapters_that_load_and_resumes_exactly(tmp_pat
     with torch.no_grad():
         reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "full").eval()(input_ids=ids).logits
     torch.testing.assert_close(reloaded, untrained, rtol=0, atol=0)
+
+
+def test_qlora_example_prints_what_docs_qlora_shows(tmp_path, monkeypatch):
+    heading = "## A 4-bit layer, trained"
+    (code,), (shown,) = fenced_blocks("docs/qlora.md", heading, "python"), fenced_blocks("docs/qlora.md", heading, "")
+    assert_prints_what_is_shown(run_block(code, tmp_path, monkeypatch)[0], shown)

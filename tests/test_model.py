@@ -141,7 +141,7 @@ def test_mark_only_lora_as_trainable_and_lora_state_dict(bias):
         assert t.data_ptr() == full[name].data_ptr() and not t.requires_grad
     with pytest.raises(ValueError, match=r"bias must be one of \('none', 'all', 'lora_only'\), got 'some'"):
         fastlora.lora_state_dict(model, bias="some")
-    with pytest.raises(ValueError, match="has no LoRALinear layers; add them with fastlora.apply_lora"):
+    with pytest.raises(ValueError, match="has no LoRA layers; add them with fastlora.apply_lora"):
         fastlora.mark_only_lora_as_trainable(Net())
 
 

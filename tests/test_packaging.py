@@ -52,3 +52,19 @@ def test_the_version_has_one_source():
     tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["dynamic"]
     assert tool["version"] == {"attr": "fastlora.__version__"}
     assert importlib.metadata.version(DIST) == fastlora.__version__
+
+
+def test_bitsandbytes_is_an_optional_extra_and_never_imported_by_fastlora():
+    """4-bit weights are read without bitsandbytes; it is the ``qlora`` extra (tests compare with it)."""
+    import subprocess
+    import sys
+
+    meta = project()
+    assert not [d for d in meta["dependencies"] if re.match(r"bitsandbytes\b", d)]
+    assert [d for d in meta["optional-dependencies"]["qlora"] if re.match(r"bitsandbytes\b", d)]
+    code = ("import sys, torch, fastlora, fastlora.quant4bit as q\n"
+            "w = q.quantize(torch.randn(4, 64), 'nf4', 64)\n"
+            "assert w.dequantize().shape == (4, 64)\n"
+            "assert 'bitsandbytes' not in sys.modules, 'fastlora imported bitsandbytes'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT / "tests")
+    assert proc.returncode == 0, proc.stderr[-2000:]
