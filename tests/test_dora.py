@@ -56,7 +56,8 @@ def test_three_way_bound_handwritten_torch_backward(case, handwritten_torch_back
 
 
 @pytest.mark.parametrize("backend", ROUTES)
-@pytest.mark.parametrize("dropout_p", [0.0, 0.4], ids=["nodrop", "drop0.4"])
+@pytest.mark.parametrize("dropout_p", [0.0, pytest.param(0.4, marks=pytest.mark.slow)],
+                         ids=["nodrop", "drop0.4"])
 def test_gradcheck_float64(backend, dropout_p):
     assert gradcheck(backend, device=DEVICE, dropout_p=dropout_p, dora=True)
 

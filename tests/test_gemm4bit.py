@@ -27,6 +27,12 @@ def variant_id(v):
     return f"{v[0]}-bs{v[1]}-{'nested' if v[2] else 'plain'}"
 
 
+def inner(n):
+    """VARIANTS with all but the first ``n`` left to the full suite (not pytest -m "not slow")."""
+    return [pytest.param(v, id=variant_id(v), marks=() if i < n else pytest.mark.slow)
+            for i, v in enumerate(VARIANTS)]
+
+
 def problem(M, N, K, R, dtype, variant, seed=0):
     g = torch.Generator().manual_seed(seed)
 
@@ -44,7 +50,7 @@ def same(a, b, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+@pytest.mark.parametrize("variant", inner(2))
 def test_forward_reads_w_in_4_bits_as_the_dense_gemm_reads_it(variant, dtype):
     for M, N in ((1, 40), (37, 33)):
         w4, x, a, b, bias, _ = problem(M, N, 256, 5, dtype, variant)
@@ -59,7 +65,7 @@ def test_forward_reads_w_in_4_bits_as_the_dense_gemm_reads_it(variant, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+@pytest.mark.parametrize("variant", inner(1))
 def test_dx_reads_w_in_4_bits_as_the_dense_gemm_reads_it(variant, dtype):
     from fastlora.functional import draw_seed
 
