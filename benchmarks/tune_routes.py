@@ -3,9 +3,10 @@
     python benchmarks/tune_routes.py [--out fastlora/route_table.json] [--quick]
 
 For each problem (bf16; M from decode to long prefill; Llama projection shapes; r = 16, 64;
-dropout off and on) and each pass (forward; backward of x, A and B) it times the split route and
-the fused route under a few launch configs, after checking each against the split route's result,
-and records the fastest: route, the fused route's best config, and every time measured. The run
+dropout off and on) and each pass (forward; backward of x, A and B) it times the split route, the
+fused route under a few launch configs and, without dropout, the torch route (cuBLAS for every
+product: the fewest launches), after checking each against the split route's result, and records
+the fastest: route, the fused route's best config, and every time measured. The run
 is added to the table with the device, its generation, torch's and triton's versions, the date and
 this command; runs of other GPUs are kept, and where two runs cover a key the newest wins
 (fastlora/route_table.py). Under five minutes on an H100.
@@ -16,11 +17,24 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import os
 import sys
 import time
 
 import torch
+
+
+def check_close(got, ref, what: str) -> None:
+    """Raise unless a pass's outputs equal the split route's to bf16 rounding (gradients not asked
+    for, None, are skipped)."""
+    got = got if len(ref) > 1 else got[:1]
+    for a, b in zip(got, ref):
+        if b is None:
+            continue
+        err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+        if not err < 2e-2:
+            raise AssertionError(f"the {what} differs from the split route by {err:.3g}")
 
 
 def problems(quick: bool):
@@ -48,10 +62,11 @@ def main() -> int:
 
     from fastlora import route_table
     from fastlora.routes import Dropout, Needs, triton_kernels
+    from fastlora.torch_route import TorchRoute
     from fastlora.triton_routes import FusedRoute, SplitRoute
 
     kernels = triton_kernels()
-    fused, split = FusedRoute(kernels), SplitRoute(kernels)
+    fused, split, torch_route = FusedRoute(kernels), SplitRoute(kernels), TorchRoute()
     dev = torch.device("cuda")
     dtype = torch.bfloat16
     out_path = args.out or route_table.TABLE_PATH
@@ -69,8 +84,8 @@ def main() -> int:
                               B=rnd(N, r, scale=r ** -0.5), dy=rnd(M, N))
         return cache[key]
 
-    print(f"{'M':>5} {'N':>6} {'K':>6} {'r':>3} {'drop':>4} {'pass':>4}  {'split ms':>9} {'fused ms':>9}  "
-          f"route  fused config")
+    print(f"{'M':>5} {'N':>6} {'K':>6} {'r':>3} {'drop':>4} {'pass':>4}  {'split ms':>9} {'fused ms':>9} "
+          f"{'torch ms':>9}  route  fused config")
     for M, N, K, r, dropout, pass_ in problems(args.quick):
         t = tensors(M, N, K, r)
         drop = Dropout(torch.tensor([1234], device=dev), 0.1) if dropout else None
@@ -88,20 +103,23 @@ def main() -> int:
         ref = call(split)()
         ref = ref if pass_ == "bwd" else ref[:1]
         times = {"split": triton.testing.do_bench(call(split), warmup=10, rep=args.rep)}
+        if not dropout:  # the torch route (its own dropout mask: never mixed with the Triton routes')
+            if pass_ == "fwd":
+                def torch_call(t=t):
+                    y, xa_ = torch_route.forward(t["x"], t["w"], t["b"], t["A"], t["B"], 2.0, None)
+                    return y, xa_.float()  # kept in the accumulator dtype, as backend="triton" keeps it
+            else:
+                def torch_call(t=t, xa=xa, needs=needs):
+                    return torch_route.backward(t["dy"], t["x"], t["w"], t["A"], t["B"], xa, 2.0, None, needs)
+            check_close(torch_call(), ref, "torch route")
+            times["torch"] = triton.testing.do_bench(torch_call, warmup=10, rep=args.rep)
         best_cfg, best_ms = None, float("inf")
         for cfg in kernels.gemm_candidates(M, kernels.rank_block(r), dtype.itemsize,
                                            kernels.device_info(dev), grad_input=pass_ == "bwd",
                                            dropout=dropout):
             gemm = dataclasses.asdict(cfg)
             try:
-                got = call(fused, gemm)()
-                got = got if pass_ == "bwd" else got[:1]
-                for a, b in zip(got, ref):  # the same function as the split route, to bf16 rounding
-                    if b is None:  # a gradient not asked for (Grads' DoRA field)
-                        continue
-                    err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
-                    if not err < 2e-2:
-                        raise AssertionError(f"differs from the split route by {err:.3g}")
+                check_close(call(fused, gemm)(), ref, "fused route")
                 ms = triton.testing.do_bench(call(fused, gemm), warmup=10, rep=args.rep)
             except Exception as e:  # a config that does not compile or is wrong is skipped, said
                 print(f"  skipped {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
@@ -111,11 +129,12 @@ def main() -> int:
                   f"{' xa-loop' if cfg.xa_in_loop else ''}"] = ms
             if ms < best_ms:
                 best_cfg, best_ms = gemm, ms
-        route = "fused" if best_ms < times["split"] else "split"
+        route = min((("fused", best_ms), ("split", times["split"]), ("torch", times.get("torch", math.inf))),
+                    key=lambda kv: kv[1])[0]
         entries.append(dict(dtype="bf16", M=M, N=N, K=K, rank=r, dropout=dropout, **{"pass": pass_},
                             route=route, gemm=best_cfg, ms={k: round(v, 5) for k, v in times.items()}))
         print(f"{M:5d} {N:6d} {K:6d} {r:3d} {int(dropout):4d} {pass_:>4}  {times['split']:9.4f} "
-              f"{best_ms:9.4f}  {route:5s}  {best_cfg}")
+              f"{best_ms:9.4f} {times.get('torch', math.nan):9.4f}  {route:5s}  {best_cfg}")
     run = dict(generation=route_table.generation(dev), device=torch.cuda.get_device_name(dev),
                capability=list(torch.cuda.get_device_capability(dev)), torch=torch.__version__,
                triton=triton.__version__,

@@ -1,8 +1,9 @@
-"""Which Triton route runs a pass, from measured data.
+"""Which route runs a pass under backend="triton" (what "auto" picks on a GPU), from measured data.
 
 ``route_table.json`` (beside this file) holds runs of ``benchmarks/tune_routes.py``: each names the
 GPU, torch and triton versions, the date and the command, and lists for every problem it timed
-the faster route (and the fused route's best launch config). A problem is keyed by
+the fastest route, "fused", "split" or (without dropout) "torch", and the fused route's best
+launch config. A problem is keyed by
 
     (GPU generation, dtype, M bucket, out_features N, in_features K, rank bucket, dropout on/off,
      pass: "fwd" or "bwd")
@@ -36,7 +37,7 @@ def RULE(M: int) -> str:
 
 @dataclass(frozen=True)
 class Choice:
-    route: str                       # "fused" or "split"
+    route: str                       # "fused", "split" or "torch"
     gemm: Optional[dict] = None      # the fused route's measured launch config (GemmConfig fields)
     measured: bool = False           # False: from RULE
 

@@ -1,4 +1,5 @@
-"""The Triton routes (backend "fused", "split" and "triton", which picks one per pass).
+"""The Triton routes (backend "fused", "split" and "triton", which picks one per pass, the torch
+route included where measured faster).
 
 Both are built from the same pieces (fastlora.kernels) and compute what fastlora/autograd.py
 derives; they differ only in who runs the big GEMMs:
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 from . import route_table
 from .routes import Dropout, Grads, Needs, acc_dtype
-from .torch_route import addmm_scaled, scale_columns
+from .torch_route import TorchRoute, addmm_scaled, scale_columns
 
 
 def _seed_p(dropout: Dropout | None):
@@ -128,27 +129,35 @@ class SplitRoute(_KernelRoute):
 
 
 class ChosenRoute(_KernelRoute):
-    """backend="triton": fused or split for each pass, from the route table (route_table.py)."""
+    """backend="triton": fused, split or the torch route for each pass, from the route table
+    (route_table.py). The torch route (cuBLAS for every product: fewer launches, less host time)
+    is taken only where the table measured it faster and only without dropout, whose mask is the
+    route family's own; its xa is kept in the accumulator dtype as the Triton routes keep it."""
 
     name = "triton"
 
     def __init__(self, kernels):
         super().__init__(kernels)
-        self.fused = FusedRoute(kernels)
-        self.split = SplitRoute(kernels)
+        self.routes = {"fused": FusedRoute(kernels), "split": SplitRoute(kernels), "torch": TorchRoute()}
 
     def _pick(self, pass_, x, weight, lora_A, dropout):
         M, K = x.shape
         choice = route_table.choose(pass_, x.device, x.dtype, M, weight.shape[0], K,
                                     lora_A.shape[0], dropout is not None)
-        return (self.fused if choice.route == "fused" else self.split), choice.gemm
+        name = "split" if choice.route == "torch" and dropout is not None else choice.route
+        return self.routes[name], choice.gemm
 
     def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout, scale=None):
         route, gemm = self._pick("fwd", x, weight, lora_A, dropout)
+        if route.name == "torch":
+            y, xa = route.forward(x, weight, bias, lora_A, lora_B, scaling, None, scale)
+            return y, xa.to(self.xa_dtype(x.dtype))
         return route.forward(x, weight, bias, lora_A, lora_B, scaling, dropout, scale, gemm=gemm)
 
     def backward(self, dy, x, weight, lora_A, lora_B, xa, scaling, dropout, needs: Needs,
                  dora=None) -> Grads:
         route, gemm = self._pick("bwd", x, weight, lora_A, dropout)
+        if route.name == "torch":
+            return route.backward(dy, x, weight, lora_A, lora_B, xa, scaling, None, needs, dora)
         return route.backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout, needs, dora,
                               gemm=gemm)

@@ -22,9 +22,11 @@ def test_the_committed_table_is_data_with_its_provenance():
     for run in table["runs"]:
         assert RUN_KEYS <= set(run), f"a run lacks {RUN_KEYS - set(run)}"
         for e in run["entries"]:
-            assert ENTRY_KEYS <= set(e) and e["route"] in ("fused", "split")
-            assert e["route"] == min(("split", "fused"), key=lambda r: min(
-                v for k, v in e["ms"].items() if k.startswith(r)))  # the faster one was recorded
+            assert ENTRY_KEYS <= set(e) and e["route"] in ("fused", "split", "torch")
+            timed = {k.split()[0] for k in e["ms"]}
+            assert not (e["dropout"] and "torch" in timed)  # the torch route's mask is its own
+            assert e["route"] == min(timed, key=lambda r: min(
+                v for k, v in e["ms"].items() if k.split()[0] == r))  # the fastest was recorded
     route_table.load.cache_clear()
     assert isinstance(route_table.load(route_table.TABLE_PATH), dict)
 
@@ -83,6 +85,47 @@ def test_triton_backend_chooses_each_pass_from_the_table(table, monkeypatch):
     calls.clear()
     layer(torch.randn(300, 40)).sum().backward()  # not in the table: the rule
     assert [c[:2] for c in calls] == [("split", "forward"), ("split", "backward")]
+
+
+@pytest.fixture
+def torch_table(tmp_path, monkeypatch):
+    """A route table that measured the torch route fastest for a 37 x 40 -> 24 r=3 problem's
+    forward and backward, without dropout and (as the tuner never writes) with it."""
+    entries = [dict(dtype="fp32", M=37, N=24, K=40, rank=3, dropout=d, route="torch", gemm=None,
+                    ms={"split": 2.0, "fused": 3.0, "torch": 1.0}, **{"pass": p})
+               for d in (False, True) for p in ("fwd", "bwd")]
+    path = tmp_path / "route_table.json"
+    path.write_text(json.dumps({"format": 1, "runs": [dict(
+        generation="interpreter", device="test", capability=[0, 0], torch="-", triton="-",
+        date="2026-01-01T00:00:00+00:00", command="test", entries=entries)]}))
+    monkeypatch.setattr(route_table, "TABLE_PATH", str(path))
+    route_table.load.cache_clear()
+    yield
+    route_table.load.cache_clear()
+
+
+def test_the_table_can_choose_the_torch_route_but_not_under_dropout(torch_table, monkeypatch):
+    """Where the table measured the torch route fastest, backend="triton" launches no kernel and
+    computes what backend="torch" does; under dropout (the Triton family's mask) it takes split."""
+    launches = count_launches(monkeypatch)
+    torch.manual_seed(0)
+    layer = fastlora.LoRALinear(40, 24, r=3, backend="triton", init_lora_weights=False)
+    ref = fastlora.LoRALinear(40, 24, r=3, backend="torch", init_lora_weights=False)
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(37, 40)
+    grads = []
+    for m in (layer, ref):
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        y.square().sum().backward()
+        grads.append([y.detach(), xi.grad, m.lora_A.grad, m.lora_B.grad])
+    assert launches == []
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    layer.dropout = 0.1
+    layer.train()
+    layer(x.clone().requires_grad_(True)).sum().backward()
+    assert launches == ["xa_kernel", "reduce_kernel", "reduce_kernel"]  # the split route's
 
 
 @pytest.mark.parametrize("backend,fwd,bwd", [
