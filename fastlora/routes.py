@@ -66,8 +66,11 @@ class Needs(NamedTuple):
 
 class Grads(NamedTuple):
     """A route's gradients (None where not needed): dx in x's dtype, dA and dB in the
-    accumulator dtype (float32, float64 for float64); for DoRA, ``magnitude`` is the sum over rows
-    of dY o (out - shift) [N] (accumulator dtype), which the caller divides into dm."""
+    accumulator dtype (float32, float64 for float64) from the kernels, in x's dtype from the torch
+    route (its products round once, to x's dtype: a round trip through float32 would add two
+    copies a step and no accuracy); for DoRA, ``magnitude`` is the sum over rows of
+    dY o (out - shift) [N] (accumulator dtype), which the caller divides into dm. The caller casts
+    each to its parameter's dtype."""
     x: Optional[Tensor]
     lora_A: Optional[Tensor]
     lora_B: Optional[Tensor]

@@ -180,11 +180,10 @@ class TorchRoute:
         # the adapters' dtype costs up to an ulp more, past PyTorch's own error.
         if needs.lora_A:
             xd = x if keep is None else x * keep  # x * keep is exact; 1/(1-p) joins the scaling
-            da = as_dtype(addmm_scaled(None, dyb.T, xd, scale, scratch=scratch), acc_dtype(x.dtype))
+            da = addmm_scaled(None, dyb.T, xd, scale, scratch=scratch)
         if needs.lora_B:
             # (xa^T dy)^T: BLAS streams dy row-major this way round
-            db = as_dtype(addmm_scaled(None, as_dtype(xa, dy.dtype).T, dy, scaling,
-                                       scratch=scratch).T, acc_dtype(dy.dtype))
+            db = addmm_scaled(None, as_dtype(xa, dy.dtype).T, dy, scaling, scratch=scratch).T
             if dora is not None:  # dY'^T xa = g o (dY^T xa): g on the small side, unrounded
                 db = db * dora.scale[:, None]
         return Grads(dx, da, db, dm)
