@@ -89,6 +89,17 @@ def dot_precision(arg) -> str:
     return "ieee"
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b), for host code: triton.cdiv is a ConstexprFunction, ~2 us a call, and a
+    training step's launchers make some twenty such calls."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n >= 1 (triton.next_power_of_2's value, for host code)."""
+    return 1 << (n - 1).bit_length()
+
+
 def needs_int64(*extents: int) -> bool:
     """True when an address offset (the largest element offset of an operand) can pass int32."""
     return max(extents, default=0) > _INT32_MAX

@@ -13,7 +13,8 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import triton
+
+from .common import cdiv, next_power_of_2
 
 # Largest rank the kernels take: the [BLOCK_M, BLOCK_R] XA block lives in registers.
 MAX_RANK = 256
@@ -61,12 +62,12 @@ class DeviceInfo:
 
 def rank_block(R: int) -> int:
     """The rank padded to a power of two >= 16, the smallest dot dimension a GPU takes."""
-    return max(16, triton.next_power_of_2(R))
+    return max(16, next_power_of_2(R))
 
 
 def bucket(n: int) -> int:
     """Round a batch-like size up to a power of two, so configs are keyed on a few buckets."""
-    return triton.next_power_of_2(max(n, 1))
+    return next_power_of_2(max(n, 1))
 
 
 def device_info(device: torch.device) -> DeviceInfo:
@@ -84,7 +85,7 @@ def _cuda_info(index: int) -> DeviceInfo:
 
 
 def _pow2_clamp(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+    return max(lo, min(hi, next_power_of_2(max(n, 1))))
 
 
 def gemm_smem_bytes(cfg: GemmConfig, block_r: int, elt: int) -> int:
@@ -279,9 +280,9 @@ def gpu_xa_config(M: int, K: int, block_r: int, dtype: torch.dtype, info: Device
     # shared memory: x and A tiles per stage
     block_k, stages = _fit_pass(block_k, lambda bk: (block_m + block_r) * bk * dtype.itemsize,
                                 3, info.smem)
-    m_blocks = triton.cdiv(M, block_m)
+    m_blocks = cdiv(M, block_m)
     # enough programs to cover the SMs twice, each reading at least four K steps
-    splits = max(1, min(triton.cdiv(2 * info.sms, m_blocks), triton.cdiv(K, 4 * block_k)))
+    splits = max(1, min(cdiv(2 * info.sms, m_blocks), cdiv(K, 4 * block_k)))
     return PassConfig(block_m, block_k, splits=splits, num_warps=warps, num_stages=stages)
 
 
@@ -335,7 +336,7 @@ def gpu_reduce_config(T: int, P: int, block_r: int, dtype: torch.dtype, info: De
     tiles = 2 if dora else 1  # DoRA's dY pass pipelines y's tile beside dY's
     block_t, stages = _fit_pass(block_t, lambda bt: bt * (tiles * block_p * dtype.itemsize
                                                           + block_r * acc_bytes), 3, info.smem)
-    p_blocks = triton.cdiv(P, block_p)
+    p_blocks = cdiv(P, block_p)
     # enough programs to cover the SMs twice, each reducing at least a few T blocks
-    splits = max(1, min(triton.cdiv(2 * info.sms, p_blocks), triton.cdiv(T, 4 * block_t)))
+    splits = max(1, min(cdiv(2 * info.sms, p_blocks), cdiv(T, 4 * block_t)))
     return PassConfig(block_t, block_p, splits=splits, num_warps=warps, num_stages=stages)

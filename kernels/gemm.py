@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .common import (INTERPRETED, acc_dtype, alloc, check_device, dot_precision, dropout_keep,
+from .common import (INTERPRETED, acc_dtype, alloc, cdiv, check_device, dot_precision, dropout_keep,
                      max_offset, needs_int64, tl_acc_dtype, tma_ready, torch_dtype,
                      widened, wrapped_offsets)
 from .configs import GemmConfig, device_info, fit_4bit, gemm_config, rank_block
@@ -308,7 +308,7 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor | Packed4bit, v: torch.Tensor, bi
     else:
         x_arg, w_arg, y_arg = x, w, y
     block_r = rank_block(R)
-    n_tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    n_tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
     programs = min(n_tiles, info.sms) if use_tma else n_tiles
     seed, p = dropout if dropout is not None else (None, 0.0)
     int64 = needs_int64(max_offset(x), N * K if w4 is not None else max_offset(w), max_offset(y),

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (acc_dtype, alloc, check_device, chunk_range, dot_precision, dropout_keep,
+from .common import (acc_dtype, alloc, cdiv, check_device, chunk_range, dot_precision, dropout_keep,
                      max_offset, needs_int64, tl_acc_dtype, widened, wrapped_offsets)
 from .configs import PassConfig, rank_block, reduce_config, xa_config
 
@@ -224,7 +224,7 @@ def _xa(x, a, dropout, sum_sq: bool, config):
     ws = alloc((cfg.splits, M, R), x, acc)
     sq = alloc((cfg.splits, M), x, acc) if sum_sq else None
     seed, p = dropout if dropout is not None else (None, 0.0)
-    xa_kernel[(triton.cdiv(M, cfg.block_rows), cfg.splits)](
+    xa_kernel[(cdiv(M, cfg.block_rows), cfg.splits)](
         x, a, ws, sq, seed, M, K, R, x.stride(0), 1.0 / (1.0 - p), float(p),
         BLOCK_M=cfg.block_rows, BLOCK_K=cfg.block_cols, BLOCK_R=rank_block(R),
         INT64=needs_int64(max_offset(x), ws.numel()),
@@ -244,7 +244,7 @@ def _reduce(big, s, e, f, scaling, dropout, *, reduce: bool, rank_out: bool, exp
     dora = scale is not None or y is not None
     cfg = config or reduce_config(T, P, R, big.dtype, big.device, dropout=dropout is not None,
                                   expand=expand_out, rank_out=rank_out, dora=dora)
-    p_blocks = triton.cdiv(P, cfg.block_cols)
+    p_blocks = cdiv(P, cfg.block_cols)
     c = alloc((cfg.splits, P, R), big, acc) if reduce else None
     z = alloc((p_blocks, T, R), big, acc) if rank_out else None
     o = alloc((T, P), big, out_dtype) if expand_out else None
@@ -363,6 +363,6 @@ def dropout_mask(seed: torch.Tensor, shape: tuple[int, int], p: float) -> torch.
     M, K = shape
     out = torch.empty((M, K), device=seed.device, dtype=torch.int8)
     if M and K:
-        _dropout_mask_kernel[(triton.cdiv(M, 32), triton.cdiv(K, 64))](out, seed, M, K, float(p),
+        _dropout_mask_kernel[(cdiv(M, 32), cdiv(K, 64))](out, seed, M, K, float(p),
                                                                        BLOCK_M=32, BLOCK_K=64)
     return out.bool()
