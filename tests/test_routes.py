@@ -38,6 +38,19 @@ def test_the_rule_where_the_table_is_silent():
     assert choice == route_table.Choice("split", None, measured=False)
 
 
+def _installed(entries, tmp_path, monkeypatch):
+    """A fixture's body: a one-run route table of ``entries`` for the interpreter, read in place of
+    the committed one until the test ends."""
+    path = tmp_path / "route_table.json"
+    path.write_text(json.dumps({"format": 1, "runs": [dict(
+        generation="interpreter", device="test", capability=[0, 0], torch="-", triton="-",
+        date="2026-01-01T00:00:00+00:00", command="test", entries=entries)]}))
+    monkeypatch.setattr(route_table, "TABLE_PATH", str(path))
+    route_table.load.cache_clear()
+    yield
+    route_table.load.cache_clear()
+
+
 @pytest.fixture
 def table(tmp_path, monkeypatch):
     """A route table for the interpreter: the forward of a 37 x 40 -> 24 r=3 problem on the split
@@ -47,14 +60,7 @@ def table(tmp_path, monkeypatch):
                dict(dtype="fp32", M=37, N=24, K=40, rank=3, dropout=False, route="fused",
                     gemm=dict(block_m=16, block_n=16, block_k=16, group_m=2),
                     ms={"split": 2.0, "fused": 1.0}, **{"pass": "bwd"})]
-    path = tmp_path / "route_table.json"
-    path.write_text(json.dumps({"format": 1, "runs": [dict(
-        generation="interpreter", device="test", capability=[0, 0], torch="-", triton="-",
-        date="2026-01-01T00:00:00+00:00", command="test", entries=entries)]}))
-    monkeypatch.setattr(route_table, "TABLE_PATH", str(path))
-    route_table.load.cache_clear()
-    yield
-    route_table.load.cache_clear()
+    yield from _installed(entries, tmp_path, monkeypatch)
 
 
 def _calls(monkeypatch):
@@ -94,14 +100,7 @@ def torch_table(tmp_path, monkeypatch):
     entries = [dict(dtype="fp32", M=37, N=24, K=40, rank=3, dropout=d, route="torch", gemm=None,
                     ms={"split": 2.0, "fused": 3.0, "torch": 1.0}, **{"pass": p})
                for d in (False, True) for p in ("fwd", "bwd")]
-    path = tmp_path / "route_table.json"
-    path.write_text(json.dumps({"format": 1, "runs": [dict(
-        generation="interpreter", device="test", capability=[0, 0], torch="-", triton="-",
-        date="2026-01-01T00:00:00+00:00", command="test", entries=entries)]}))
-    monkeypatch.setattr(route_table, "TABLE_PATH", str(path))
-    route_table.load.cache_clear()
-    yield
-    route_table.load.cache_clear()
+    yield from _installed(entries, tmp_path, monkeypatch)
 
 
 def test_the_table_can_choose_the_torch_route_but_not_under_dropout(torch_table, monkeypatch):
