@@ -1,6 +1,7 @@
 """What the tests share: the device and Triton facts, the backends to run, the bound check's
 failure message and a small model. (tests/conftest.py sets TRITON_INTERPRET before anything here
 imports the kernels, and holds the fixtures.)"""
+import pytest
 import torch
 from torch import nn
 
@@ -20,6 +21,12 @@ ROUTES = ["torch", "fused", "split"] if HAS_TRITON else ["torch"]
 # The backends a user names, for the tests of what is built on lora_linear ("triton" picks a
 # Triton route per call).
 BACKENDS = ["torch", "triton"] if HAS_TRITON else ["torch"]
+
+
+def full_suite_only(values, inner):
+    """``values`` as pytest params, those not in ``inner`` marked slow: the inner loop
+    (pytest -m "not slow") runs ``inner``, README's command all of them."""
+    return [pytest.param(v, marks=() if v in inner else pytest.mark.slow) for v in values]
 
 
 def assert_within_bound(results, what: str = "") -> None:

@@ -121,6 +121,7 @@ def test_float64_is_not_cast():
     assert torch.equal(y, layer(x))
 
 
+@pytest.mark.slow
 def test_autocast_under_compile():
     """The autocast rule is a dispatcher kernel, so torch.compile traces the casts: the compiled
     layer under autocast gives eager's dtype and (within bfloat16 rounding) eager's numbers. (Two

@@ -22,7 +22,8 @@ def _rand(*shape, dtype=F32, grad=False):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("M", [5, 0], ids=["M5", "M0"])
-@pytest.mark.parametrize("dtype,p,bias", [(F32, 0.0, True), (F16, 0.3, True), (F64, 0.3, False)],
+@pytest.mark.parametrize("dtype,p,bias", [(F32, 0.0, True), pytest.param(F16, 0.3, True, marks=pytest.mark.slow),
+                                          (F64, 0.3, False)],
                          ids=["fp32", "fp16-p0.3", "fp64-p0.3-nobias"])
 def test_opcheck(backend, M, dtype, p, bias):
     """Schema, autograd registration, fake tensors and AOT dispatch (static and dynamic) of both

@@ -13,7 +13,7 @@ import fastlora.autograd
 from fastlora import dora, torch_route
 from fastlora.checks import Case, gradcheck, three_way, three_way_pooled
 from fastlora.reference import dora_linear_reference
-from helpers import DEVICE, HAS_TRITON, ROUTES, assert_within_bound, count_launches
+from helpers import DEVICE, HAS_TRITON, ROUTES, assert_within_bound, count_launches, full_suite_only
 
 F16, F32, F64 = torch.float16, torch.float32, torch.float64
 
@@ -55,7 +55,7 @@ def test_three_way_bound_handwritten_torch_backward(case, handwritten_torch_back
     assert_within_bound(check(case, "torch", device=DEVICE))
 
 
-@pytest.mark.parametrize("backend", ROUTES)
+@pytest.mark.parametrize("backend", full_suite_only(ROUTES, inner={"torch", "fused"}))
 @pytest.mark.parametrize("dropout_p", [0.0, pytest.param(0.4, marks=pytest.mark.slow)],
                          ids=["nodrop", "drop0.4"])
 def test_gradcheck_float64(backend, dropout_p):

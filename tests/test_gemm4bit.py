@@ -65,7 +65,8 @@ def test_forward_reads_w_in_4_bits_as_the_dense_gemm_reads_it(variant, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("variant", inner(1))
+@pytest.mark.slow  # (its 4-bit dX also runs in test_linear4bit's fused gradcheck)
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 def test_dx_reads_w_in_4_bits_as_the_dense_gemm_reads_it(variant, dtype):
     from fastlora.functional import draw_seed
 

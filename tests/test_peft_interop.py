@@ -76,7 +76,7 @@ def train(model, steps=5, lr=3e-2):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("how", ["from_peft", "apply_lora + load_adapter"])
+@pytest.mark.parametrize("how", ["from_peft", pytest.param("apply_lora + load_adapter", marks=pytest.mark.slow)])
 def test_fine_tuning_lowers_the_loss_as_peft_does(tmp_path, backend, how, fused_calls):
     base = tiny_llama()
     theirs = peft_twin(base)
