@@ -15,6 +15,9 @@
 #   bench.json        the layer bench at the bars: base, PEFT, fastlora at M 2048/8192,
 #                     4096 -> 4096 / 14336, r 16 and 64 (dropout 0.1 and decode in bench.log)
 #
+# With the device time left after it (15 minutes a session in all): benchmarks/sweep_passes.py
+# (1-2 minutes), the passes' configs against the copy bandwidth, which no run has swept yet.
+#
 # Usage: benchmarks/gpu_check.sh OUTDIR   (each step has its own timeout; they add up to 480 s, the
 # first bench's including the kernels' first compiles)
 set -uo pipefail
