@@ -103,13 +103,16 @@ def torch_table(tmp_path, monkeypatch):
     yield from _installed(entries, tmp_path, monkeypatch)
 
 
-def test_the_table_can_choose_the_torch_route_but_not_under_dropout(torch_table, monkeypatch):
-    """Where the table measured the torch route fastest, backend="triton" launches no kernel and
-    computes what backend="torch" does; under dropout (the Triton family's mask) it takes split."""
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_the_table_can_choose_the_torch_route_but_not_under_dropout(torch_table, monkeypatch, use_dora):
+    """Where the table measured the torch route fastest, backend="triton" launches no kernel for
+    x (DoRA's norm pass over W aside) and computes what backend="torch" does; LoRA under dropout
+    (the Triton family's mask inside the kernels) takes split."""
     launches = count_launches(monkeypatch)
     torch.manual_seed(0)
-    layer = fastlora.LoRALinear(40, 24, r=3, backend="triton", init_lora_weights=False)
-    ref = fastlora.LoRALinear(40, 24, r=3, backend="torch", init_lora_weights=False)
+    kw = dict(r=3, init_lora_weights=False, use_dora=use_dora)
+    layer = fastlora.LoRALinear(40, 24, backend="triton", **kw)
+    ref = fastlora.LoRALinear(40, 24, backend="torch", **kw)
     ref.load_state_dict(layer.state_dict())
     x = torch.randn(37, 40)
     grads = []
@@ -118,9 +121,13 @@ def test_the_table_can_choose_the_torch_route_but_not_under_dropout(torch_table,
         y = m(xi)
         y.square().sum().backward()
         grads.append([y.detach(), xi.grad, m.lora_A.grad, m.lora_B.grad])
-    assert launches == []
+    assert launches == (["xa_kernel"] if use_dora else [])  # DoRA's weight pass (its norm)
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    if use_dora:
+        torch.testing.assert_close(layer.lora_magnitude_vector.grad, ref.lora_magnitude_vector.grad,
+                                   rtol=1e-5, atol=1e-6)
+        return  # (DoRA under dropout runs its products on drop(x) without dropout: any route)
     layer.dropout = 0.1
     layer.train()
     layer(x.clone().requires_grad_(True)).sum().backward()
