@@ -137,32 +137,36 @@ def check(args) -> int:
     cases += [Case(63, 97, 40, 16, mixed, adapter_dtype=torch.float32, bias_grad=True),
               Case(63, 33, 40, 3, torch.float32, layout="transposed"),
               Case(63, 33, 40, 3, torch.float64, dropout_p=0.3, layout="3d")]
+    # DoRA (docs/dora.md): the magnitude's gradient held to the same bound
+    cases += [Case(97, 45, 70, 16, dt, dora=True) for dt in dtypes]
+    cases += [Case(63, 97, 40, 16, mixed, adapter_dtype=torch.float32, bias_grad=True, dora=True),
+              Case(63, 33, 40, 3, torch.float64, dropout_p=0.3, dora=True)]
     print(f"fastlora check on {device} ({torch.cuda.get_device_name(device) if cuda else 'cpu'}), "
           f"backend {backend}, torch {torch.__version__}")
-    print(f"{'case':48s} {'tensor':7s} {'error':>10s} {'bound':>10s}  result")
+    print(f"{'case':48s} {'tensor':9s} {'error':>10s} {'bound':>10s}  result")
     failures = 0
-    for dropout_p in (0.0, 0.4):
+    for dora, dropout_p in ((False, 0.0), (False, 0.4), (True, 0.0), (True, 0.4)):
         t0 = time.perf_counter()
         try:
-            ok = gradcheck(backend, device=device, dropout_p=dropout_p)
+            ok = gradcheck(backend, device=device, dropout_p=dropout_p, dora=dora)
         except Exception as e:  # gradcheck raises on mismatch
             ok, why = False, str(e).splitlines()[0][:60]
         else:
             why = ""
         failures += not ok
-        name = f"gradcheck float64 dropout={dropout_p}"
-        print(f"{name:48s} {'all':7s} {'':>10s} {'':>10s}  {'PASS' if ok else 'FAIL ' + why}"
+        name = f"gradcheck float64{' DoRA' if dora else ''} dropout={dropout_p}"
+        print(f"{name:48s} {'all':9s} {'':>10s} {'':>10s}  {'PASS' if ok else 'FAIL ' + why}"
               f"  ({time.perf_counter() - t0:.1f} s)")
     for case in cases:
         try:
             results = checks.three_way(case, backend, device=device)
         except Exception as e:  # a case that cannot run is a failure, reported with the rest
             failures += 1
-            print(f"{case.id:48s} {'-':7s} {'':>10s} {'':>10s}  FAIL {type(e).__name__}: {str(e)[:80]}")
+            print(f"{case.id:48s} {'-':9s} {'':>10s} {'':>10s}  FAIL {type(e).__name__}: {str(e)[:80]}")
             continue
         for r in results:
             failures += not r.ok
-            print(f"{r.case:48s} {r.tensor:7s} {r.err:10.3g} {r.bound:10.3g}  {'PASS' if r.ok else 'FAIL'}")
+            print(f"{r.case:48s} {r.tensor:9s} {r.err:10.3g} {r.bound:10.3g}  {'PASS' if r.ok else 'FAIL'}")
     print(f"{failures} failure(s)")
     return 1 if failures else 0
 

@@ -125,6 +125,7 @@ def test_check_passes_on_cpu(capsys):
     assert cli.main(["check", "--device", "cpu", "--backend", "torch"]) == 0
     out = capsys.readouterr().out
     assert "0 failure(s)" in out and "gradcheck float64" in out and "FAIL" not in out
+    assert "gradcheck float64 DoRA dropout=0.4" in out and "-dora" in out and " magnitude " in out
 
 
 def test_check_exits_nonzero_on_a_failure_or_a_crash(monkeypatch, capsys):
