@@ -97,6 +97,7 @@ def test_a_bad_argument_is_a_one_line_error_and_exit_2_before_any_work(argv, msg
     assert err.count("\n") == 1 and msg in err, err
 
 
+@pytest.mark.slow  # a fresh interpreter (~1.5 s of imports)
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_check_with_triton_on_cpu_without_the_interpreter_prints_the_whole_hint():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -10,7 +10,7 @@ from torch import nn
 
 import fastlora
 from fastlora import peft_interop
-from helpers import BACKENDS, DEVICE
+from helpers import BACKENDS, DEVICE, full_suite_only
 from hf_tiny import TARGETS, input_ids, max_err, require_hf, tiny_llama
 
 transformers, peft = require_hf()
@@ -132,7 +132,7 @@ def fused_calls(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float64, pytest.param(torch.float32, marks=pytest.mark.slow)],
                          ids=["fp64", "fp32"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", full_suite_only(BACKENDS, inner={"torch"}))
 @pytest.mark.parametrize("dropout", [0.0, pytest.param(0.2, marks=pytest.mark.slow)], ids=["nodrop", "drop0.2"])
 @pytest.mark.parametrize("how", ["from_peft", pytest.param("apply_lora + load_adapter", marks=pytest.mark.slow)])
 def test_five_training_steps_match_peft_dora(dtype, backend, dropout, how, tmp_path, same_masks, fused_calls):

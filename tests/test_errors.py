@@ -78,6 +78,7 @@ def test_devices_must_match(name, shape, no_launch):
         fastlora.lora_linear(**good(**{name: meta}))
 
 
+@pytest.mark.slow  # a fresh interpreter (~1.5 s of imports)
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_triton_on_cpu_without_interpreter_is_refused():
     code = ("import torch, fastlora\n"
@@ -91,6 +92,7 @@ def test_triton_on_cpu_without_interpreter_is_refused():
     assert "backend='triton' needs CUDA tensors, got x on cpu" in out.stdout, out.stdout + out.stderr
 
 
+@pytest.mark.slow  # a fresh interpreter (~1.5 s of imports)
 def test_import_without_triton_works_and_falls_back():
     code = ("import sys; sys.modules['triton'] = None\n"
             "import torch, fastlora\n"
@@ -219,6 +221,7 @@ def test_meta_tensors_give_shapes(p):
     assert x.grad.shape == x.shape and layer.lora_A.grad.shape == (3, 8)
 
 
+@pytest.mark.slow  # a fresh interpreter (~1.5 s of imports)
 def test_a_broken_triton_raises_instead_of_falling_back():
     """Only a missing triton package means "no Triton": a triton whose API moved raises, and auto on
     the CPU never imports it (issue 12, item 3)."""

@@ -35,7 +35,7 @@ def test_three_way_bound(case, backend):
     assert_within_bound(three_way(case, backend, device=DEVICE))
 
 
-@pytest.mark.parametrize("backend", full_suite_only(ROUTES, inner={"torch", "fused"}))
+@pytest.mark.parametrize("backend", full_suite_only(ROUTES, inner={"torch"}))
 @pytest.mark.parametrize("dropout_p", [0.0, pytest.param(0.4, marks=pytest.mark.slow)],
                          ids=["nodrop", "drop0.4"])
 def test_gradcheck_float64(backend, dropout_p):

@@ -54,6 +54,7 @@ def test_the_version_has_one_source():
     assert importlib.metadata.version(DIST) == fastlora.__version__
 
 
+@pytest.mark.slow  # a fresh interpreter (~1.5 s of imports)
 def test_bitsandbytes_is_an_optional_extra_and_never_imported_by_fastlora():
     """4-bit weights are read without bitsandbytes; it is the ``qlora`` extra (tests compare with it)."""
     import subprocess
