@@ -139,12 +139,12 @@ def make_weights(K: int, N: int, r: int, dtype, device, dropout: float, seed: in
 
     w, b, a, bb = rnd(N, K, scale=K ** -0.5), rnd(N, scale=1.0), rnd(r, K, scale=K ** -0.5), rnd(N, r, scale=r ** -0.5)
     m = torch.linalg.norm(w + 2.0 * bb @ a, dim=1) * (0.9 + 0.2 * torch.rand(N, generator=g))
-    w = Weights(*(t.to(device=device, dtype=dtype) for t in (w, b, a, bb)), scaling=2.0, dropout=dropout,
-                magnitude=m.to(device=device, dtype=dtype))
+    weights = Weights(*(t.to(device=device, dtype=dtype) for t in (w, b, a, bb)), scaling=2.0,
+                      dropout=dropout, magnitude=m.to(device=device, dtype=dtype))
     if base != "dense":
         from .quant4bit import quantize
-        w.w4 = quantize(w.weight, base, 64, double_quant=True)
-    return w
+        weights.w4 = quantize(weights.weight, base, 64, double_quant=True)
+    return weights
 
 
 def bnb_linear4bit(w4, bias: torch.Tensor | None, compute_dtype=None) -> nn.Module:
