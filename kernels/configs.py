@@ -176,6 +176,12 @@ def gpu_gemm_config(M: int, block_r: int, dtype: torch.dtype, info: DeviceInfo, 
                          xa_in_loop=False)
     else:
         cfg = GemmConfig(128, 128, 64, num_warps=8, num_stages=3)
+    return _fit_device(cfg, block_r, dtype, info, dropout)
+
+
+def _fit_device(cfg: GemmConfig, block_r: int, dtype: torch.dtype, info: DeviceInfo,
+                dropout: bool) -> GemmConfig:
+    """``cfg`` pruned to the registers and shared memory of the GPU ``info`` describes."""
     # Registers: the XA block [bm, block_r] lives beside the accumulator; keep it to <= 32
     # registers a thread (a float64 element takes two).
     regs_per_elt = 2 if dtype == torch.float64 else 1
@@ -190,7 +196,7 @@ def gpu_gemm_config(M: int, block_r: int, dtype: torch.dtype, info: DeviceInfo, 
         bn //= 2
     # x A^T in the loop holds [block_k, block_r] A tiles beside the main operands: ranks past 64
     # read xa from its own pass instead
-    cfg = dataclasses.replace(cfg, block_m=bm, block_n=bn, tma=cfg.tma and hopper,
+    cfg = dataclasses.replace(cfg, block_m=bm, block_n=bn, tma=cfg.tma and info.capability[0] >= 9,
                               xa_in_loop=cfg.xa_in_loop and block_r <= 64)
     return fit_gemm(cfg, block_r, dtype.itemsize, info.smem)
 
@@ -209,14 +215,7 @@ def gpu_gemm_config_4bit(M: int, block_r: int, dtype: torch.dtype, info: DeviceI
         cfg = GemmConfig(64, 32, 64, num_warps=4, num_stages=4)
     else:  # (sm_80: a 64-deep K step spilled in tests/aot.py)
         cfg = GemmConfig(128, 64, 64 if info.capability[0] >= 9 else 32, num_warps=8, num_stages=3)
-    bm = cfg.block_m
-    while bm > 16 and bm * block_r > 32 * 32 * cfg.num_warps:
-        bm //= 2
-    bn = cfg.block_n
-    while dropout and bn > 32 and bm * bn > 32 * 32 * cfg.num_warps:
-        bn //= 2
-    cfg = dataclasses.replace(cfg, block_m=bm, block_n=bn, xa_in_loop=cfg.xa_in_loop and block_r <= 64)
-    return fit_gemm(cfg, block_r, dtype.itemsize, info.smem)
+    return _fit_device(cfg, block_r, dtype, info, dropout)
 
 
 def fit_4bit(cfg: GemmConfig, blocksize: int, grad_input: bool) -> GemmConfig:
