@@ -136,7 +136,7 @@ class TorchRoute:
         sq = torch.linalg.vector_norm(weight, dim=1, dtype=acc).square_() if need_sq else None
         return as_dtype(weight @ lora_A.T, acc), sq
 
-    def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout, scale=None):
+    def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout, scale=None, **_):
         xa = self._drop(x, dropout) @ as_dtype(lora_A, x.dtype).T
         if scale is not None:  # DoRA: g o (x W^T + s xa B^T) + b, g applied before the bias
             y = addmm_scaled(None, xa, as_dtype(lora_B, x.dtype).T, scaling).addmm_(x, weight.T)
@@ -145,7 +145,7 @@ class TorchRoute:
         return y.addmm_(x, weight.T), xa
 
     def backward(self, dy, x, weight, lora_A, lora_B, xa, scaling, dropout, needs: Needs,
-                 dora=None) -> Grads:
+                 dora=None, **_) -> Grads:
         dm = None
         lora_B_g, dy_w = lora_B, dy  # DoRA: dY' B = dY (g o B), dY' W with dY' = g o dY
         if dora is not None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from . import route_table
 from .routes import Dropout, Grads, Needs, acc_dtype
-from .torch_route import TorchRoute, addmm_scaled, scale_columns
+from .torch_route import TorchRoute, addmm_scaled, as_dtype, scale_columns
 
 
 def _seed_p(dropout: Dropout | None):
@@ -149,15 +149,11 @@ class ChosenRoute(_KernelRoute):
 
     def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout, scale=None):
         route, gemm = self._pick("fwd", x, weight, lora_A, dropout)
-        if route.name == "torch":
-            y, xa = route.forward(x, weight, bias, lora_A, lora_B, scaling, None, scale)
-            return y, xa.to(self.xa_dtype(x.dtype))
-        return route.forward(x, weight, bias, lora_A, lora_B, scaling, dropout, scale, gemm=gemm)
+        y, xa = route.forward(x, weight, bias, lora_A, lora_B, scaling, dropout, scale, gemm=gemm)
+        return y, as_dtype(xa, self.xa_dtype(x.dtype))  # (the torch route's is in x's dtype)
 
     def backward(self, dy, x, weight, lora_A, lora_B, xa, scaling, dropout, needs: Needs,
                  dora=None) -> Grads:
         route, gemm = self._pick("bwd", x, weight, lora_A, dropout)
-        if route.name == "torch":
-            return route.backward(dy, x, weight, lora_A, lora_B, xa, scaling, None, needs, dora)
         return route.backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout, needs, dora,
                               gemm=gemm)
