@@ -27,19 +27,28 @@ GPU_CASES = [
 ]
 
 
+DORA_GPU_CASES = [
+    Case(1, 4096, 4096, 16, BF16, dora=True), Case(2048, 4096, 4096, 16, BF16, dora=True),
+    Case(1000, 4096, 11008, 64, BF16, dora=True), Case(777, 1024, 1536, 128, F16, dora=True),
+    Case(1024, 2048, 2048, 16, BF16, adapter_dtype=F32, bias_grad=True, dora=True),
+    Case(999, 1024, 1024, 16, BF16, dropout_p=0.1, dora=True),
+]
+
+
 TRITON_ROUTES = ["fused", "split"]
 
 
 @pytest.mark.parametrize("route", TRITON_ROUTES)
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", GPU_CASES + DORA_GPU_CASES, ids=lambda c: c.id)
 def test_three_way_bound_on_gpu(case, route):
     assert_within_bound(three_way(case, route, device="cuda"))
 
 
 @pytest.mark.parametrize("route", TRITON_ROUTES)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.4])
-def test_gradcheck_float64_compiled_kernels(dropout_p, route):
-    assert gradcheck(route, device="cuda", dropout_p=dropout_p)
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_gradcheck_float64_compiled_kernels(dropout_p, route, dora):
+    assert gradcheck(route, device="cuda", dropout_p=dropout_p, dora=dora)
 
 
 @pytest.mark.parametrize("route", TRITON_ROUTES)
@@ -142,21 +151,3 @@ def test_training_step_with_dropout_under_cuda_graph_capture(route):
     assert all(torch.isfinite(g).all() for g in grads) and not torch.equal(*grads)
 
 
-DORA_GPU_CASES = [
-    Case(1, 4096, 4096, 16, BF16, dora=True), Case(2048, 4096, 4096, 16, BF16, dora=True),
-    Case(1000, 4096, 11008, 64, BF16, dora=True), Case(777, 1024, 1536, 128, F16, dora=True),
-    Case(1024, 2048, 2048, 16, BF16, adapter_dtype=F32, bias_grad=True, dora=True),
-    Case(999, 1024, 1024, 16, BF16, dropout_p=0.1, dora=True),
-]
-
-
-@pytest.mark.parametrize("route", TRITON_ROUTES)
-@pytest.mark.parametrize("case", DORA_GPU_CASES, ids=lambda c: c.id)
-def test_dora_three_way_bound_on_gpu(case, route):
-    assert_within_bound(three_way(case, route, device="cuda"))
-
-
-@pytest.mark.parametrize("route", TRITON_ROUTES)
-@pytest.mark.parametrize("dropout_p", [0.0, 0.4])
-def test_dora_gradcheck_float64_compiled_kernels(dropout_p, route):
-    assert gradcheck(route, device="cuda", dropout_p=dropout_p, dora=True)
