@@ -364,5 +364,5 @@ def dropout_mask(seed: torch.Tensor, shape: tuple[int, int], p: float) -> torch.
     out = torch.empty((M, K), device=seed.device, dtype=torch.int8)
     if M and K:
         _dropout_mask_kernel[(cdiv(M, 32), cdiv(K, 64))](out, seed, M, K, float(p),
-                                                                       BLOCK_M=32, BLOCK_K=64)
+                                                         BLOCK_M=32, BLOCK_K=64)
     return out.bool()
