@@ -38,7 +38,7 @@ step "install (no deps, no network)"
 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -2
 
 step "layer bench per route, headline shapes (bf16, r=16)"
-timeout 70 $BENCH --shape 8192,4096,4096 --shape 8192,4096,14336 --shape 2048,4096,4096 \
+timeout 65 $BENCH --shape 8192,4096,4096 --shape 8192,4096,14336 --shape 2048,4096,4096 \
   --providers base peft fastlora-torch fastlora-fused fastlora-split \
   --json "$OUT_DIR/bench_routes.json" 2>&1 | tee "$OUT_DIR/bench.log" || status=1
 
@@ -48,8 +48,8 @@ timeout 55 $PY benchmarks/tune_routes.py --quick --rep 25 --out "$OUT_DIR/route_
 cp "$OUT_DIR/route_table.json" fastlora/route_table.json  # the runs below choose from it
 
 step "diagnostics"
-timeout 30 $PY benchmarks/gpu_diag.py >> "$OUT_DIR/machine.txt" 2>&1 || status=1
-tail -16 "$OUT_DIR/machine.txt"
+timeout 40 $PY benchmarks/gpu_diag.py >> "$OUT_DIR/machine.txt" 2>&1 || status=1
+tail -40 "$OUT_DIR/machine.txt"
 
 # the compile tests first: on 2026-11-29 (H200) they never ran past the first failure
 step "GPU tests"
@@ -78,7 +78,7 @@ timeout 20 $BENCH --dora --rank 16 --shape 8192,4096,4096 --shape 8192,4096,1433
 step "QLoRA (nf4 base; PEFT's needs bitsandbytes' wheel carried in .whl/)"
 ls .whl/bitsandbytes-*.whl >/dev/null 2>&1 && $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site
-timeout 35 $BENCH --base nf4 --shape 16,4096,4096 --shape 16,4096,14336 --shape 8192,4096,4096 \
+timeout 30 $BENCH --base nf4 --shape 16,4096,4096 --shape 16,4096,14336 --shape 8192,4096,4096 \
   --shape 8192,4096,14336 --providers base peft fastlora fastlora-fused 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
 
 step "done, status $status"

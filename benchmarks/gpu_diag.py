@@ -3,9 +3,12 @@ time. One line per probe (benchmarks/gpu_check.sh keeps them in machine.txt).
 
 - ceilings: device-to-device copy bandwidth (bytes read + written) and cuBLAS's bf16 GEMM rate;
 - the fused GEMM's main loop against cuBLAS (forward and dX, M=8192, 4096x4096, r=16);
-- the memory-bound passes (xa, dY, x with dx0) in GB/s against the copy bandwidth (the bar: 70%);
-- host time per call of lora_linear at M=16 for each route, against F.linear's, with the kernel
-  launches of one training step counted.
+- the memory-bound passes (xa, dY, x with dx0) in TB/s against the copy bandwidth (the bar: 70%),
+  timed as CUDA graph replays (GPU time alone), the eager time (host included) beside it: the
+  H200 run of 2026-11-29 timed them eagerly only, at 0.07-0.23 ms a pass, the order of a call's
+  host time there, so its 0.12-0.25 of the copy bandwidth may be the host's, not the kernels';
+- host time per call at M=16 and 2048 for each route (and the torch route through autograd's
+  path), against F.linear's and PEFT's, with the Triton launches of one call counted.
 """
 import time
 
@@ -13,8 +16,9 @@ import torch
 import triton
 import triton.testing
 
-import fastlora
 from fastlora import kernels as K
+from fastlora import torch_route
+from fastlora.bench import build, make_weights, time_cuda
 
 DEV = "cuda"
 BF16 = torch.bfloat16
@@ -75,12 +79,17 @@ def passes(copy_tbs):
          2 * x.numel() * 2),
     ):
         t = ms(fn)
-        bw = nbytes / (t * 1e-3) / 1e12
-        print(f"pass {name:28s} {t:.4f} ms  {bw:.2f} TB/s = {bw / copy_tbs:.2f} of copy")
+        g = time_cuda(fn, graph=True, rep=60)[0]  # GPU time alone: the kernels' own bandwidth
+        bw = nbytes / (g * 1e-3) / 1e12
+        print(f"pass {name:28s} {g:.4f} ms  {bw:.2f} TB/s = {bw / copy_tbs:.2f} of copy "
+              f"(graph replay; eager {t:.4f} ms, host included)")
 
 
-def host_time():
-    """Host microseconds per call at M=16 (launch-bound), and kernel launches per training step."""
+def host_time(features: int = 4096, sizes=(16, 2048), n: int = 100):
+    """Host microseconds per call (the loop's time with nothing synchronised inside it) against its
+    wall time (synchronised at the end: where wall ~ host the host is the bottleneck), at M=16
+    (launch-bound) and M=2048, 4096 -> 4096, r=16: base, PEFT, each route and the torch route
+    through autograd's path, with the Triton launches of one call counted."""
     launches = []
     for kernel in (K.gemm.lora_gemm_kernel, K.passes.xa_kernel, K.passes.reduce_kernel):
         jit = kernel.fn if hasattr(kernel, "fn") else kernel
@@ -90,43 +99,43 @@ def host_time():
             launches.append(_name)
             return _orig(*args, **kwargs)
         jit.run = counting
-    for backend in ("torch", "fused", "split"):
-        layer = fastlora.LoRALinear(4096, 4096, r=16, device=DEV, dtype=BF16, init_lora_weights=False,
-                                    backend=backend)
-        x = torch.randn(16, 4096, device=DEV, dtype=BF16, requires_grad=True)
-        dy = torch.randn(16, 4096, device=DEV, dtype=BF16)
+    weights = make_weights(features, features, 16, BF16, torch.device(DEV), dropout=0.0)
+    hand_written_from = torch_route.AUTOGRAD_FROM
+    for M in sizes:
+        x = torch.randn(M, features, device=DEV, dtype=BF16, requires_grad=True)
+        dy = torch.randn(M, features, device=DEV, dtype=BF16)
+        for provider in ("base", "peft", "fastlora-torch", "torch-autograd", "fastlora-fused",
+                         "fastlora-split", "fastlora"):
+            # the torch route through autograd's path at any size (its rule takes it up to 2^26)
+            torch_route.AUTOGRAD_FROM = 2**62 if provider == "torch-autograd" else hand_written_from
+            try:
+                module, params = build("fastlora-torch" if provider == "torch-autograd" else provider, weights)
+            except ImportError as e:
+                print(f"host M{M} {provider}: skipped ({e})")
+                continue
 
-        def fwd(layer=layer, x=x):
-            return layer(x)
+            def fwd(module=module, x=x):
+                return module(x)
 
-        def step(layer=layer, x=x, dy=dy):
-            return torch.autograd.grad(layer(x), [x, layer.lora_A, layer.lora_B], dy)
+            def step(module=module, params=params, x=x, dy=dy):
+                return torch.autograd.grad(module(x), [x, *params], dy)
 
-        for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
-            for _ in range(5):
+            for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
+                for _ in range(5):
+                    fn()
+                torch.cuda.synchronize()
+                launches.clear()
                 fn()
-            torch.cuda.synchronize()
-            launches.clear()
-            fn()
-            n_launch = len(launches)
-            n = 200
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            host = (time.perf_counter() - t0) / n * 1e6
-            torch.cuda.synchronize()
-            wall = (time.perf_counter() - t0) / n * 1e6
-            print(f"host M16 {backend:6s} {name:8s} {host:7.1f} us/call host, {wall:7.1f} wall, "
-                  f"{n_launch} Triton launches")
-    x = torch.randn(16, 4096, device=DEV, dtype=BF16)
-    w = torch.randn(4096, 4096, device=DEV, dtype=BF16)
-    for _ in range(5):
-        torch.nn.functional.linear(x, w)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(200):
-        torch.nn.functional.linear(x, w)
-    print(f"host M16 F.linear {(time.perf_counter() - t0) / 200 * 1e6:7.1f} us/call host")
+                n_launch = len(launches)
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                host = (time.perf_counter() - t0) / n * 1e6
+                torch.cuda.synchronize()
+                wall = (time.perf_counter() - t0) / n * 1e6
+                print(f"host M{M:<5d} {provider:15s} {name:8s} {host:7.1f} us/call host, {wall:7.1f} wall, "
+                      f"{n_launch} Triton launches")
+    torch_route.AUTOGRAD_FROM = hand_written_from
 
 
 if __name__ == "__main__":

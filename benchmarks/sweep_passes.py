@@ -8,7 +8,9 @@ never swept on a GPU. For each pass at M=8192, 4096 -> 4096, r=16, bf16 (the xa 
 without dropout; the dY pass; the x pass for dA, with dx0, with dx0 and dropout) this times the
 rule's config and its neighbours, one change each (rows, columns, warps, stages, splits doubled or
 halved, and two pairs), checks each against the rule's result, and prints TB/s and the fraction of
-the copy bandwidth. A config that does not compile or fit is reported and skipped. Every neighbour
+the copy bandwidth. Each config is timed as a CUDA graph replay: the GPU's time alone, since an
+eager call's host time (tens of microseconds) rivals a pass's work at this size. A config that
+does not compile or fit is reported and skipped. Every neighbour
 compiles first (about a second each under triton 3.6): ~40 compiles, 1-2 minutes.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import triton.testing
 
 from fastlora import kernels as K
+from fastlora.bench import time_cuda
 from fastlora.kernels import configs
 
 DEV, BF16 = "cuda", torch.bfloat16
@@ -79,7 +82,7 @@ def main() -> None:
                 for u, v in zip(got if isinstance(got, tuple) else (got,), ref if isinstance(ref, tuple) else (ref,)):
                     if v is not None and not torch.allclose(u.float(), v.float(), rtol=1e-2, atol=1e-2):
                         raise AssertionError("differs from the rule's config")
-                t = triton.testing.do_bench(lambda call=call, cfg=cfg: call(cfg), warmup=10, rep=40)
+                t = time_cuda(lambda call=call, cfg=cfg: call(cfg), graph=True, rep=40)[0]
             except Exception as e:  # reported, not fatal: the sweep goes on
                 print(f"{name:22s} {tag} {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
                 continue

@@ -292,7 +292,10 @@ def sample_stats(samples_ms: list[float]) -> tuple[float, float, float]:
     return statistics.median(samples_ms), q[1], q[7]
 
 
-def _time_cuda(fn: Callable, graph: bool, rep: float = 100) -> tuple[float, float, float]:
+def time_cuda(fn: Callable, graph: bool, rep: float = 100) -> tuple[float, float, float]:
+    """(median, p20, p80) ms of ``fn`` on the current CUDA device: with ``graph``, its replay
+    from a CUDA graph (GPU time alone, what a launch-bound call costs once captured), else its
+    eager calls (host time included where the host is slower than the GPU)."""
     import triton.testing
 
     if graph:
@@ -476,13 +479,13 @@ def _run_one(spec: Spec, providers: list[str], device, cpu_rounds: int, cuda_rep
         medians = {p: [] for p in timed}
         for _ in range(cuda_rounds):  # interleaved: every provider once a round
             for p, (fn, inference) in timed.items():
-                medians[p].append(_time_cuda(fn, inference, cuda_rep / cuda_rounds)[0] / (n_sets if inference else 1))
+                medians[p].append(time_cuda(fn, inference, cuda_rep / cuda_rounds)[0] / (n_sets if inference else 1))
         for p, (fn, _) in timed.items():
             rows[p].ms, rows[p].ms_p20, rows[p].ms_p80 = sample_stats(medians[p])
             rows[p].mem_over_base_mb = _peak_mb(fn)
     elif device.type == "cuda":
         for p, (fn, inference) in timed.items():
-            med, p20, p80 = (t / (n_sets if inference else 1) for t in _time_cuda(fn, inference, cuda_rep))
+            med, p20, p80 = (t / (n_sets if inference else 1) for t in time_cuda(fn, inference, cuda_rep))
             rows[p].ms, rows[p].ms_p20, rows[p].ms_p80 = med, p20, p80
             rows[p].mem_over_base_mb = _peak_mb(fn)
     if device.type == "cuda":

@@ -128,3 +128,15 @@ def test_qlora_example_prints_what_docs_qlora_shows(tmp_path, monkeypatch):
     heading = "## A 4-bit layer, trained"
     (code,), (shown,) = fenced_blocks("docs/qlora.md", heading, "python"), fenced_blocks("docs/qlora.md", heading, "")
     assert_prints_what_is_shown(run_block(code, tmp_path, monkeypatch)[0], shown)
+
+
+def test_the_gpu_check_fits_its_device_call_and_names_what_exists():
+    """benchmarks/gpu_check.sh, runnable at every commit: shell syntax, step timeouts that add up
+    to the 8 minutes of one device call, and every script and test file it runs present."""
+    import subprocess
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert sum(int(t) for t in re.findall(r"^timeout (\d+) ", text, re.M)) <= 480
+    for path in re.findall(r"\b((?:benchmarks|tests)/[\w/]+\.py)\b", text):
+        assert (ROOT / path).is_file(), path
