@@ -23,21 +23,33 @@ import math
 
 import torch
 
-from .routes import Dropout, Grads, Needs, acc_dtype
+from .routes import Dropout, Grads, Needs, acc_dtype, triton_kernels
 
 
-def _draw_keep(seed: int, p: float, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Keep each element with probability 1 - p, from ``seed``. On the CPU from numpy's PCG64, 32
-    bits an element (two from each 64-bit draw), faster than torch's CPU ``rand`` (README's CPU
-    section has the measurement); on other devices torch's generator for the device."""
+def draws_kernels_mask(device: torch.device) -> bool:
+    """Whether the torch route's dropout mask on ``device`` is the one the Triton kernels
+    regenerate (CUDA with triton installed), so that its passes and theirs can serve one step."""
+    return device.type == "cuda" and triton_kernels() is not None
+
+
+def _draw_keep(seed: torch.Tensor, p: float, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Keep each element with probability 1 - p, from ``seed`` (int64 tensor [1] on ``device``).
+    On the CPU from numpy's PCG64, 32 bits an element (two from each 64-bit draw), faster than
+    torch's CPU ``rand`` (README's CPU section has the measurement). On CUDA the Triton kernels'
+    Philox mask, drawn on the GPU from the seed where it lies: no host synchronisation, and the
+    mask every Triton route regenerates, so the passes of one step may mix the families (the
+    route table's choice, fastlora/triton_routes.py). Elsewhere (and on CUDA without triton)
+    torch's generator for the device, seeded from the seed's value: a synchronisation a pass."""
     if device.type == "cpu":
         import numpy as np  # only the CPU's dropout draws with it
 
         n = math.prod(shape)
-        bits = np.random.PCG64(seed % 2**64).random_raw((n + 1) // 2).view(np.uint32)[:n]
+        bits = np.random.PCG64(int(seed.item()) % 2**64).random_raw((n + 1) // 2).view(np.uint32)[:n]
         return torch.from_numpy(bits.reshape(shape) >= np.uint32(min(round(p * 2**32), 2**32 - 1)))
+    if draws_kernels_mask(device) and len(shape) == 2:
+        return triton_kernels().dropout_mask(seed, shape, p)
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
+    gen.manual_seed(int(seed.item()))
     return torch.rand(shape, generator=gen, device=device) >= p
 
 
@@ -120,7 +132,7 @@ class TorchRoute:
             return torch.empty(tuple(shape), dtype=torch.bool, device=device)
         key = (tuple(shape), str(device))
         if key not in dropout.cache:
-            dropout.cache[key] = _draw_keep(int(dropout.seed.item()), dropout.p, tuple(shape), device)
+            dropout.cache[key] = _draw_keep(dropout.seed, dropout.p, tuple(shape), device)
         return dropout.cache[key]
 
     def _drop(self, x: torch.Tensor, dropout: Dropout | None) -> torch.Tensor:

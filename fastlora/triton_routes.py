@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from . import route_table
 from .routes import Dropout, Grads, Needs, acc_dtype
-from .torch_route import TorchRoute, addmm_scaled, as_dtype, scale_columns
+from .torch_route import TorchRoute, addmm_scaled, as_dtype, draws_kernels_mask, scale_columns
 
 
 def _seed_p(dropout: Dropout | None):
@@ -131,8 +131,9 @@ class SplitRoute(_KernelRoute):
 class ChosenRoute(_KernelRoute):
     """backend="triton": fused, split or the torch route for each pass, from the route table
     (route_table.py). The torch route (cuBLAS for every product: fewer launches, less host time)
-    is taken only where the table measured it faster and only without dropout, whose mask is the
-    route family's own; its xa is kept in the accumulator dtype as the Triton routes keep it."""
+    is taken where the table measured it faster, under dropout only where it draws the kernels'
+    mask (on CUDA: ``draws_kernels_mask``; the interpreter's CPU tensors get numpy's); its xa is
+    kept in the accumulator dtype as the Triton routes keep it."""
 
     name = "triton"
 
@@ -144,7 +145,9 @@ class ChosenRoute(_KernelRoute):
         M, K = x.shape
         choice = route_table.choose(pass_, x.device, x.dtype, M, weight.shape[0], K,
                                     lora_A.shape[0], dropout is not None)
-        name = "split" if choice.route == "torch" and dropout is not None else choice.route
+        name = choice.route
+        if name == "torch" and dropout is not None and not draws_kernels_mask(x.device):
+            name = "split"
         return self.routes[name], choice.gemm
 
     def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout, scale=None):

@@ -365,4 +365,4 @@ def dropout_mask(seed: torch.Tensor, shape: tuple[int, int], p: float) -> torch.
     if M and K:
         _dropout_mask_kernel[(cdiv(M, 32), cdiv(K, 64))](out, seed, M, K, float(p),
                                                          BLOCK_M=32, BLOCK_K=64)
-    return out.bool()
+    return out.view(torch.bool)  # 0 and 1 written: a bool tensor as it is, no conversion launched

@@ -110,7 +110,7 @@ def _graphed_step(layer, x, dy):
     return graph, y
 
 
-@pytest.mark.parametrize("route", TRITON_ROUTES)
+@pytest.mark.parametrize("route", TRITON_ROUTES + ["torch"])
 def test_training_step_under_cuda_graph_capture(route):
     """Replays compute what eager calls compute, bit for bit, on new data in the static inputs."""
     torch.manual_seed(0)
@@ -134,9 +134,10 @@ def test_training_step_under_cuda_graph_capture(route):
             assert torch.equal(g, e.detach()), f"{name}: the replay differs from the eager call"
 
 
-@pytest.mark.parametrize("route", TRITON_ROUTES)
+@pytest.mark.parametrize("route", TRITON_ROUTES + ["torch"])
 def test_training_step_with_dropout_under_cuda_graph_capture(route):
-    """The dropout seed is drawn inside the graph: each replay draws a new mask."""
+    """The dropout seed is drawn inside the graph: each replay draws a new mask (the torch route's
+    too: its mask comes from the kernels, with no host synchronisation to break the capture)."""
     torch.manual_seed(0)
     layer = fastlora.LoRALinear(1024, 768, r=16, alpha=32, dropout=0.1, device="cuda", dtype=BF16,
                                 init_lora_weights=False, backend=route)
@@ -151,3 +152,33 @@ def test_training_step_with_dropout_under_cuda_graph_capture(route):
     assert all(torch.isfinite(g).all() for g in grads) and not torch.equal(*grads)
 
 
+
+
+def test_the_torch_route_draws_the_kernels_mask_on_cuda_without_a_synchronisation():
+    """On CUDA the torch route's dropout mask is the one the kernels regenerate (so the route table
+    may mix the routes' passes under dropout), drawn where the seed lies: a training step through
+    it synchronises nothing, and equals the split route's step on the same seed."""
+    from fastlora import kernels
+    from fastlora.routes import Dropout
+    from fastlora.torch_route import TorchRoute
+    seed = torch.tensor([1234], device="cuda")
+    keep = TorchRoute().keep_mask(Dropout(seed, 0.3), (300, 500), torch.device("cuda"))
+    assert keep.dtype == torch.bool and torch.equal(keep, kernels.dropout_mask(seed, (300, 500), 0.3))
+    torch.manual_seed(0)
+    layers = {b: fastlora.LoRALinear(512, 256, r=16, dropout=0.2, device="cuda", dtype=BF16,
+                                     init_lora_weights=False, backend=b) for b in ("torch", "split")}
+    layers["split"].load_state_dict(layers["torch"].state_dict())
+    x = torch.randn(1024, 512, device="cuda", dtype=BF16)
+    out = {}
+    for name, layer in layers.items():
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(1)  # the same seed drawn for both
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            y = layer(xi)
+            y.backward(torch.ones_like(y))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        out[name] = [y.detach().float(), xi.grad.float(), layer.lora_A.grad.float(), layer.lora_B.grad.float()]
+    for got, want in zip(out["torch"], out["split"]):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
