@@ -4,12 +4,14 @@
 
 For each problem (bf16; M from decode to long prefill; Llama projection shapes; r = 16, 64;
 dropout off and on) and each pass (forward; backward of x, A and B) it times the split route, the
-fused route under a few launch configs and, without dropout, the torch route (cuBLAS for every
-product: the fewest launches), after checking each against the split route's result, and records
-the fastest: route, the fused route's best config, and every time measured. The run
-is added to the table with the device, its generation, torch's and triton's versions, the date and
-this command; runs of other GPUs are kept, and where two runs cover a key the newest wins
-(fastlora/route_table.py). Under five minutes on an H100.
+fused route under a few launch configs and the torch route (cuBLAS for every product: the fewest
+launches; under dropout with the kernels' mask, drawn once a pass), after checking each against
+the split route's result, and records the fastest: route, the fused route's best config, and every
+time measured. Then, for the problems with a backward and no dropout, whole training steps: the
+hand-written backward (the passes as just chosen) against autograd's path (fastlora/autograd.py
+takes it where it won). The run is added to the table with the device, its generation, torch's
+and triton's versions, the date and this command; runs of other GPUs are kept, and where two runs
+cover a key the newest wins (fastlora/route_table.py). Under five minutes on an H100.
 """
 from __future__ import annotations
 
@@ -37,13 +39,16 @@ def check_close(got, ref, what: str) -> None:
             raise AssertionError(f"the {what} differs from the split route by {err:.3g}")
 
 
-def problems(quick: bool):
+def problems(quick: bool, dry_run: bool = False):
     ms = [1, 16, 256, 2048, 8192] if quick else [1, 16, 64, 256, 1024, 2048, 4096, 8192]
     shapes = [(4096, 4096), (14336, 4096)] + ([] if quick else [(4096, 14336)])
+    ranks, dropout_from = (16, 64), 256
+    if dry_run:
+        ms, shapes, ranks, dropout_from = [1, 64], [(32, 48)], (16,), 64
     for M in ms:
         for N, K in shapes:
-            for r in (16, 64):
-                for dropout in ((False, True) if M >= 256 else (False,)):
+            for r in ranks:
+                for dropout in ((False, True) if M >= dropout_from else (False,)):
                     for pass_ in (("fwd", "bwd") if M >= 64 else ("fwd",)):
                         yield M, N, K, r, dropout, pass_
 
@@ -53,8 +58,15 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="the table to update (default: fastlora's own)")
     ap.add_argument("--quick", action="store_true", help="fewer M and shapes (for a short device call)")
     ap.add_argument("--rep", type=float, default=40, help="ms of timed repeats per measurement")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="the same code on the CPU through Triton's interpreter (TRITON_INTERPRET=1), "
+                         "tiny float32 problems timed by the wall clock: a test of this script, no "
+                         "measurement (needs --out)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    if args.dry_run and not (args.out and os.environ.get("TRITON_INTERPRET") == "1"):
+        print("tune_routes: --dry-run needs --out and TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    if not (args.dry_run or torch.cuda.is_available()):
         print("tune_routes: needs a CUDA GPU", file=sys.stderr)
         return 2
     import triton
@@ -62,13 +74,22 @@ def main() -> int:
 
     from fastlora import route_table
     from fastlora.routes import Dropout, Needs, triton_kernels
-    from fastlora.torch_route import TorchRoute
+    from fastlora.torch_route import TorchRoute, draws_kernels_mask
     from fastlora.triton_routes import FusedRoute, SplitRoute
 
     kernels = triton_kernels()
     fused, split, torch_route = FusedRoute(kernels), SplitRoute(kernels), TorchRoute()
-    dev = torch.device("cuda")
-    dtype = torch.bfloat16
+    dev = torch.device("cpu" if args.dry_run else "cuda")
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    dtype_name = route_table.DTYPE_NAMES[dtype]
+
+    def bench(fn) -> float:
+        if args.dry_run:
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        return triton.testing.do_bench(fn, warmup=10, rep=args.rep)
     out_path = args.out or route_table.TABLE_PATH
     started = time.time()
     entries = []
@@ -86,7 +107,7 @@ def main() -> int:
 
     print(f"{'M':>5} {'N':>6} {'K':>6} {'r':>3} {'drop':>4} {'pass':>4}  {'split ms':>9} {'fused ms':>9} "
           f"{'torch ms':>9}  route  fused config")
-    for M, N, K, r, dropout, pass_ in problems(args.quick):
+    for M, N, K, r, dropout, pass_ in problems(args.quick, args.dry_run):
         t = tensors(M, N, K, r)
         drop = Dropout(torch.tensor([1234], device=dev), 0.1) if dropout else None
         xa = split.forward(t["x"], t["w"], t["b"], t["A"], t["B"], 2.0, drop)[1]
@@ -102,25 +123,29 @@ def main() -> int:
 
         ref = call(split)()
         ref = ref if pass_ == "bwd" else ref[:1]
-        times = {"split": triton.testing.do_bench(call(split), warmup=10, rep=args.rep)}
-        if not dropout:  # the torch route (its own dropout mask: never mixed with the Triton routes')
+        times = {"split": bench(call(split))}
+        if not dropout or draws_kernels_mask(dev):  # the torch route, where its mask is the kernels'
             if pass_ == "fwd":
-                def torch_call(t=t):
-                    y, xa_ = torch_route.forward(t["x"], t["w"], t["b"], t["A"], t["B"], 2.0, None)
+                def torch_call(t=t, drop=drop):
+                    y, xa_ = torch_route.forward(t["x"], t["w"], t["b"], t["A"], t["B"], 2.0, drop)
                     return y, xa_.float()  # kept in the accumulator dtype, as backend="triton" keeps it
             else:
-                def torch_call(t=t, xa=xa, needs=needs):
-                    return torch_route.backward(t["dy"], t["x"], t["w"], t["A"], t["B"], xa, 2.0, None, needs)
-            check_close(torch_call(), ref, "torch route")
-            times["torch"] = triton.testing.do_bench(torch_call, warmup=10, rep=args.rep)
+                def torch_call(t=t, xa=xa, needs=needs, drop=drop):
+                    return torch_route.backward(t["dy"], t["x"], t["w"], t["A"], t["B"], xa, 2.0, drop, needs)
+            try:  # a wrong result is said and the route not timed (as a fused config's below)
+                check_close(torch_call(), ref, "torch route")
+                times["torch"] = bench(torch_call)
+            except AssertionError as e:
+                print(f"  skipped the torch route: {e}")
         best_cfg, best_ms = None, float("inf")
-        for cfg in kernels.gemm_candidates(M, kernels.rank_block(r), dtype.itemsize,
-                                           kernels.device_info(dev), grad_input=pass_ == "bwd",
-                                           dropout=dropout):
+        candidates = kernels.gemm_candidates(M, kernels.rank_block(r), dtype.itemsize,
+                                             kernels.device_info(dev), grad_input=pass_ == "bwd",
+                                             dropout=dropout)
+        for cfg in candidates[:2] if args.dry_run else candidates:
             gemm = dataclasses.asdict(cfg)
             try:
                 check_close(call(fused, gemm)(), ref, "fused route")
-                ms = triton.testing.do_bench(call(fused, gemm), warmup=10, rep=args.rep)
+                ms = bench(call(fused, gemm))
             except Exception as e:  # a config that does not compile or is wrong is skipped, said
                 print(f"  skipped {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
                 continue
@@ -131,26 +156,58 @@ def main() -> int:
                 best_cfg, best_ms = gemm, ms
         route = min((("fused", best_ms), ("split", times["split"]), ("torch", times.get("torch", math.inf))),
                     key=lambda kv: kv[1])[0]
-        entries.append(dict(dtype="bf16", M=M, N=N, K=K, rank=r, dropout=dropout, **{"pass": pass_},
+        entries.append(dict(dtype=dtype_name, M=M, N=N, K=K, rank=r, dropout=dropout, **{"pass": pass_},
                             route=route, gemm=best_cfg, ms={k: round(v, 5) for k, v in times.items()}))
         print(f"{M:5d} {N:6d} {K:6d} {r:3d} {int(dropout):4d} {pass_:>4}  {times['split']:9.4f} "
               f"{best_ms:9.4f} {times.get('torch', math.nan):9.4f}  {route:5s}  {best_cfg}")
-    run = dict(generation=route_table.generation(dev), device=torch.cuda.get_device_name(dev),
-               capability=list(torch.cuda.get_device_capability(dev)), torch=torch.__version__,
-               triton=triton.__version__,
+    run = dict(generation=route_table.generation(dev),
+               device="dry run" if args.dry_run else torch.cuda.get_device_name(dev),
+               capability=[0, 0] if args.dry_run else list(torch.cuda.get_device_capability(dev)),
+               torch=torch.__version__, triton=triton.__version__,
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               command="python benchmarks/tune_routes.py" + (" --quick" if args.quick else ""),
-               seconds=round(time.time() - started, 1), entries=entries)
+               command=" ".join(["python benchmarks/tune_routes.py"] + [a for a in ("--quick", "--dry-run")
+                                                                       if getattr(args, a[2:].replace("-", "_"))]),
+               entries=entries)
     table = {"format": 1, "runs": []}
     if os.path.exists(out_path):
         with open(out_path, encoding="utf-8") as f:
             table = json.load(f)
-    table.setdefault("about", route_table.__doc__.strip().splitlines()[0])
+    table["about"] = route_table.ABOUT
     table["runs"].append(run)
-    with open(out_path, "w", encoding="utf-8") as f:
-        json.dump(table, f, indent=1)
-        f.write("\n")
-    print(f"{len(entries)} problems in {run['seconds']} s; written to {out_path}")
+
+    def write():
+        run["seconds"] = round(time.time() - started, 1)
+        with open(out_path, "w", encoding="utf-8") as f:
+            json.dump(table, f, indent=1)
+            f.write("\n")
+
+    write()
+    # Whole training steps (no dropout), as users run them: the Function, its passes taking the
+    # routes just measured, against autograd's path (the torch route's forward ops; C++ backward
+    # nodes, no Python backward), host time included.
+    from fastlora.autograd import LoRALinearFunction
+    route_table.TABLE_PATH = out_path
+    route_table.load.cache_clear()
+    print(f"{'M':>5} {'N':>6} {'K':>6} {'r':>3}  step: {'function':>9} {'autograd':>9}  path")
+    for M, N, K, r, dropout, pass_ in problems(args.quick, args.dry_run):
+        if dropout or pass_ != "bwd":
+            continue
+        t = tensors(M, N, K, r)
+        x, a, b = (t[k].detach().requires_grad_(True) for k in ("x", "A", "B"))
+        paths = {"function": lambda t=t, x=x, a=a, b=b: LoRALinearFunction.apply(
+                     x, t["w"], t["b"], a, b, 2.0, 0.0, None, "triton", None),
+                 "autograd": lambda t=t, x=x, a=a, b=b: torch_route.autograd_forward(
+                     x, t["w"], t["b"], a, b, 2.0, None)}
+        steps = {k: (lambda f=f, x=x, a=a, b=b, t=t: torch.autograd.grad(f(), [x, a, b], t["dy"]))
+                 for k, f in paths.items()}
+        check_close(steps["autograd"](), steps["function"](), "autograd path's step")
+        times = {k: bench(f) for k, f in steps.items()}
+        path = min(times, key=times.get)
+        entries.append(dict(dtype=dtype_name, M=M, N=N, K=K, rank=r, dropout=False, **{"pass": "step"},
+                            route=path, gemm=None, ms={k: round(v, 5) for k, v in times.items()}))
+        print(f"{M:5d} {N:6d} {K:6d} {r:3d}        {times['function']:9.4f} {times['autograd']:9.4f}  {path}")
+    write()
+    print(f"{len(entries)} entries in {run['seconds']} s; written to {out_path}")
     return 0
 
 

@@ -71,7 +71,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import dora
+from . import dora, route_table
 from .autocast import autocast_cast, autocast_on
 from .routes import DoraGrad, Dropout, Needs, acc_dtype, get_route, resolve
 
@@ -258,8 +258,9 @@ class LoRALinearFunction(torch.autograd.Function):
 def run_eager(*args) -> Tensor:
     """y for the ten operator arguments under nn.Linear's autocast rule (DoRA's magnitude is not
     cast: it enters only through g, in the accumulator dtype): through the Function, or, for a
-    torch-route problem bound by host time, through the forward's own ops, which PyTorch's
-    autograd differentiates (fastlora/torch_route.py)."""
+    torch-route problem bound by host time (fastlora/torch_route.py) and for a "triton" LoRA
+    training step the route table measured so (fastlora/route_table.py), through the torch
+    route's forward ops, which PyTorch's autograd differentiates."""
     device_type = args[0].device.type
     if autocast_on(device_type):
         with torch.autocast(device_type, enabled=False):
@@ -267,12 +268,21 @@ def run_eager(*args) -> Tensor:
     return _run(*args)
 
 
+def _training(x: Tensor, lora_A: Tensor, lora_B: Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad)
+
+
 def _run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, magnitude=None) -> Tensor:
     # the route, resolved once for both passes (resolve takes a resolved name back unchanged)
     name = resolve(backend, x, lora_A.shape[0])
-    if name == "torch" and x.shape[0] > 0:
-        route = get_route(name)
-        if route.host_bound(x, weight):
+    if x.shape[0] > 0 and (name == "torch" or name == "triton" and dropout_p == 0 and magnitude is None
+                           and _training(x, lora_A, lora_B)):
+        route = get_route("torch")
+        # the torch route: by size (its rule); "triton": a LoRA training step where the table
+        # measured autograd's path faster than the Function's (host time: no Python backward)
+        if (route.host_bound(x, weight) if name == "torch" else
+                route_table.autograd_step(x.device, x.dtype, x.shape[0], weight.shape[0], x.shape[1],
+                                          lora_A.shape[0])):
             scale = None
             if magnitude is not None:  # g differentiable in m; n a constant (no grad through it)
                 scale = dora_scale(magnitude, dora.weight_norm(route, weight, lora_A, lora_B, scaling))

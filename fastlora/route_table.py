@@ -2,15 +2,17 @@
 
 ``route_table.json`` (beside this file) holds runs of ``benchmarks/tune_routes.py``: each names the
 GPU, torch and triton versions, the date and the command, and lists for every problem it timed
-the fastest route, "fused", "split" or (without dropout) "torch", and the fused route's best
-launch config. A problem is keyed by
+the fastest route for each pass, "fused", "split" or "torch", and the fused route's best launch
+config; and, for whole training steps without dropout, whether PyTorch's autograd differentiating
+the torch route's forward ops ("autograd": C++ backward nodes, no Python backward) beat the
+hand-written backward with the passes as chosen ("function"). A problem is keyed by
 
     (GPU generation, dtype, M bucket, out_features N, in_features K, rank bucket, dropout on/off,
-     pass: "fwd" or "bwd")
+     pass: "fwd", "bwd" or "step")
 
 with M rounded up to a power of two and the rank to its kernel block (rank_block). Where several
-runs cover a key, the newest wins. A problem the table does not hold falls back to ``RULE``.
-The table is read once, when a Triton route first asks.
+runs cover a key, the newest wins. A problem the table does not hold falls back to ``RULE`` (and
+a step to "function"). The table is read once, when a Triton route first asks.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from typing import Optional
 import torch
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "route_table.json")
+ABOUT = ("Measured routes per GPU generation and problem, written by benchmarks/tune_routes.py "
+         "(each run with its device, versions, date and command), read by fastlora/route_table.py.")
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
                torch.float64: "fp64"}
 # Below this M the fused route's single launch wins, at or above it cuBLAS's main loop does (the
@@ -81,6 +85,13 @@ def load(path: str = TABLE_PATH) -> dict[tuple, dict]:
                     e["pass"])
             entries[k] = e
     return entries
+
+
+def autograd_step(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int, R: int) -> bool:
+    """Whether a training step without dropout was measured faster through autograd's path (the
+    torch route's forward ops, differentiated by PyTorch) than through the hand-written backward."""
+    entry = load(TABLE_PATH).get(key(generation(device), DTYPE_NAMES.get(dtype), M, N, K, R, False, "step"))
+    return entry is not None and entry["route"] == "autograd"
 
 
 def choose(pass_: str, device: torch.device, dtype: torch.dtype, M: int, N: int, K: int, R: int,

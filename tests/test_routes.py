@@ -22,9 +22,10 @@ def test_the_committed_table_is_data_with_its_provenance():
     for run in table["runs"]:
         assert RUN_KEYS <= set(run), f"a run lacks {RUN_KEYS - set(run)}"
         for e in run["entries"]:
-            assert ENTRY_KEYS <= set(e) and e["route"] in ("fused", "split", "torch")
+            assert ENTRY_KEYS <= set(e) and e["pass"] in ("fwd", "bwd", "step")
+            assert e["route"] in (("function", "autograd") if e["pass"] == "step" else ("fused", "split", "torch"))
+            assert not (e["pass"] == "step" and e["dropout"])  # steps are timed without dropout
             timed = {k.split()[0] for k in e["ms"]}
-            assert not (e["dropout"] and "torch" in timed)  # the torch route's mask is its own
             assert e["route"] == min(timed, key=lambda r: min(
                 v for k, v in e["ms"].items() if k.split()[0] == r))  # the fastest was recorded
     route_table.load.cache_clear()
@@ -104,10 +105,11 @@ def torch_table(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
-def test_the_table_can_choose_the_torch_route_but_not_under_dropout(torch_table, monkeypatch, use_dora):
+def test_the_table_can_choose_the_torch_route_but_not_where_its_mask_differs(torch_table, monkeypatch, use_dora):
     """Where the table measured the torch route fastest, backend="triton" launches no kernel for
     x (DoRA's norm pass over W aside) and computes what backend="torch" does; LoRA under dropout
-    (the Triton family's mask inside the kernels) takes split."""
+    takes split here, where the torch route's mask (numpy's on the CPU) is not the kernels' (on
+    CUDA it is: tests/test_gpu.py)."""
     launches = count_launches(monkeypatch)
     torch.manual_seed(0)
     kw = dict(r=3, init_lora_weights=False, use_dora=use_dora)
@@ -132,6 +134,97 @@ def test_the_table_can_choose_the_torch_route_but_not_under_dropout(torch_table,
     layer.train()
     layer(x.clone().requires_grad_(True)).sum().backward()
     assert launches == ["xa_kernel", "reduce_kernel", "reduce_kernel"]  # the split route's
+
+
+@pytest.fixture
+def step_table(tmp_path, monkeypatch):
+    """A route table that measured a 37 x 40 -> 24 r=3 training step faster through autograd's
+    path, its passes each on the split route (the rule would say fused)."""
+    entries = [dict(dtype="fp32", M=37, N=24, K=40, rank=3, dropout=False, route="split", gemm=None,
+                    ms={"split": 1.0, "fused": 2.0}, **{"pass": p}) for p in ("fwd", "bwd")]
+    entries.append(dict(dtype="fp32", M=37, N=24, K=40, rank=3, dropout=False, route="autograd",
+                        gemm=None, ms={"function": 2.0, "autograd": 1.0}, **{"pass": "step"}))
+    yield from _installed(entries, tmp_path, monkeypatch)
+
+
+def test_the_table_can_choose_autograds_path_for_a_training_step(step_table, monkeypatch):
+    """Where the table measured autograd's path faster for a step, backend="triton" trains through
+    the torch route's forward ops with PyTorch's backward nodes (no kernel, no Function) and gets
+    backend="torch"'s gradients; without a gradient to take, under dropout, for DoRA, and at a
+    size the table does not hold, it takes the Function and the passes' routes."""
+    launches = count_launches(monkeypatch)
+    torch.manual_seed(0)
+    layer = fastlora.LoRALinear(40, 24, r=3, backend="triton", init_lora_weights=False)
+    ref = fastlora.LoRALinear(40, 24, r=3, backend="torch", init_lora_weights=False)
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(37, 40)
+    grads = []
+    for m in (layer, ref):
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        y.square().sum().backward()
+        grads.append([y.detach(), xi.grad, m.lora_A.grad, m.lora_B.grad])
+        if m is layer:
+            assert "LoRALinearFunction" not in type(y.grad_fn).__name__, y.grad_fn
+    assert launches == []
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    def function_path(y):
+        return "LoRALinearFunction" in type(y.grad_fn).__name__
+
+    with torch.no_grad():  # inference: the forward pass's route (split), one launch
+        layer(x)
+    assert launches == ["xa_kernel"]
+    launches.clear()
+    layer.requires_grad_(False)  # nothing to train: the same
+    assert layer(x).grad_fn is None and launches == ["xa_kernel"]
+    layer.requires_grad_(True)
+    layer.lora_A.requires_grad_(False)  # (x and B still train: autograd's path)
+    assert not function_path(layer(x.clone().requires_grad_(True)))
+    layer.lora_A.requires_grad_(True)
+    layer.dropout = 0.1
+    layer.train()
+    assert function_path(layer(x))
+    layer.dropout = 0.0
+    assert function_path(layer(torch.randn(300, 40)))  # a size the table does not hold
+    dora = fastlora.LoRALinear(40, 24, r=3, backend="triton", init_lora_weights=False, use_dora=True)
+    assert function_path(dora(x))
+
+
+@pytest.mark.slow  # a fresh interpreter, about 5 s
+def test_the_tuner_dry_runs_on_the_cpu_and_writes_a_table_the_routes_read(tmp_path, monkeypatch):
+    """benchmarks/tune_routes.py --dry-run: the tuner's own code through Triton's interpreter at
+    tiny sizes (timed by the wall clock, so which route wins means nothing); a GPU run is the same
+    code at real sizes."""
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "table.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "tune_routes.py"), "--dry-run",
+                          "--out", str(out)], env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    table = json.loads(out.read_text())
+    (run_,) = table["runs"]
+    assert run_["generation"] == "interpreter" and run_["command"].endswith("--dry-run")
+    passes = {(e["M"], e["dropout"], e["pass"]) for e in run_["entries"]}
+    assert passes == {(1, False, "fwd"), (64, False, "fwd"), (64, False, "bwd"), (64, True, "fwd"),
+                      (64, True, "bwd"), (64, False, "step")}
+    for e in run_["entries"]:
+        assert set(k.split()[0] for k in e["ms"]) == (
+            {"function", "autograd"} if e["pass"] == "step" else
+            {"split", "fused"} | (set() if e["dropout"] else {"torch"}))  # the CPU's mask is not the kernels'
+    monkeypatch.setattr(route_table, "TABLE_PATH", str(out))
+    route_table.load.cache_clear()
+    try:
+        step = next(e for e in run_["entries"] if e["pass"] == "step")
+        assert route_table.autograd_step(torch.device("cpu"), torch.float32, 64, 32, 48, 16) == (
+            step["route"] == "autograd")
+        assert route_table.choose("bwd", torch.device("cpu"), torch.float32, 64, 32, 48, 16, True).measured
+    finally:
+        route_table.load.cache_clear()
 
 
 @pytest.mark.parametrize("backend,fwd,bwd", [
