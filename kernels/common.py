@@ -107,8 +107,9 @@ def needs_int64(*extents: int) -> bool:
 
 def max_offset(t: torch.Tensor) -> int:
     """The largest element offset into ``t`` (sum of (size-1) * |stride|); 0 when it is empty."""
-    if t.numel() == 0:
-        return 0
+    n = t.numel()
+    if n == 0 or t.is_contiguous():  # (the common case, 10 a training step: a tenth of the time)
+        return max(n - 1, 0)
     return sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
 
 
