@@ -7,9 +7,11 @@ dropout off and on) and each pass (forward; backward of x, A and B) it times the
 fused route under a few launch configs and the torch route (cuBLAS for every product: the fewest
 launches; under dropout with the kernels' mask, drawn once a pass), after checking each against
 the split route's result, and records the fastest: route, the fused route's best config, and every
-time measured. Then, for the problems with a backward and no dropout, whole training steps: the
-hand-written backward (the passes as just chosen) against autograd's path (fastlora/autograd.py
-takes it where it won). The run is added to the table with the device, its generation, torch's
+time measured (a decoding forward, M <= 16, as CUDA graph replays: GPU time alone, as the decode
+bar measures it and as a served model runs; everything else eagerly, host time included). Then,
+for the problems with a backward and no dropout, whole training steps: the hand-written backward
+(the passes as just chosen) against autograd's path (fastlora/autograd.py takes it where it won).
+The run is added to the table with the device, its generation, torch's
 and triton's versions, the date and this command; runs of other GPUs are kept, and where two runs
 cover a key the newest wins (fastlora/route_table.py). Under five minutes on an H100.
 """
@@ -25,6 +27,9 @@ import sys
 import time
 
 import torch
+
+
+DECODE_M = 16  # forwards of at most this many rows are timed as CUDA graph replays
 
 
 def check_close(got, ref, what: str) -> None:
@@ -73,6 +78,7 @@ def main() -> int:
     import triton.testing
 
     from fastlora import route_table
+    from fastlora.bench import time_cuda
     from fastlora.routes import Dropout, Needs, triton_kernels
     from fastlora.torch_route import TorchRoute, draws_kernels_mask
     from fastlora.triton_routes import FusedRoute, SplitRoute
@@ -83,12 +89,16 @@ def main() -> int:
     dtype = torch.float32 if args.dry_run else torch.bfloat16
     dtype_name = route_table.DTYPE_NAMES[dtype]
 
-    def bench(fn) -> float:
+    def bench(fn, graph: bool = False) -> float:
+        """ms a call: eager (host time included, as a training step runs), or with ``graph`` the
+        replay of a CUDA graph of calls (GPU time alone, as decoding is served)."""
         if args.dry_run:
             fn()
             t0 = time.perf_counter()
             fn()
             return (time.perf_counter() - t0) * 1e3
+        if graph:
+            return time_cuda(fn, graph=True, rep=args.rep)[0]
         return triton.testing.do_bench(fn, warmup=10, rep=args.rep)
     out_path = args.out or route_table.TABLE_PATH
     started = time.time()
@@ -123,7 +133,10 @@ def main() -> int:
 
         ref = call(split)()
         ref = ref if pass_ == "bwd" else ref[:1]
-        times = {"split": bench(call(split))}
+        # decoding (a forward of at most DECODE_M rows) is timed as CUDA graph replays: an eager
+        # call there is all host time, the same for every config, and would rank them by noise
+        graph = pass_ == "fwd" and M <= DECODE_M
+        times = {"split": bench(call(split), graph)}
         if not dropout or draws_kernels_mask(dev):  # the torch route, where its mask is the kernels'
             if pass_ == "fwd":
                 def torch_call(t=t, drop=drop):
@@ -134,7 +147,7 @@ def main() -> int:
                     return torch_route.backward(t["dy"], t["x"], t["w"], t["A"], t["B"], xa, 2.0, drop, needs)
             try:  # a wrong result is said and the route not timed (as a fused config's below)
                 check_close(torch_call(), ref, "torch route")
-                times["torch"] = bench(torch_call)
+                times["torch"] = bench(torch_call, graph)
             except AssertionError as e:
                 print(f"  skipped the torch route: {e}")
         best_cfg, best_ms = None, float("inf")
@@ -145,7 +158,7 @@ def main() -> int:
             gemm = dataclasses.asdict(cfg)
             try:
                 check_close(call(fused, gemm)(), ref, "fused route")
-                ms = bench(call(fused, gemm))
+                ms = bench(call(fused, gemm), graph)
             except Exception as e:  # a config that does not compile or is wrong is skipped, said
                 print(f"  skipped {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
                 continue
@@ -157,7 +170,8 @@ def main() -> int:
         route = min((("fused", best_ms), ("split", times["split"]), ("torch", times.get("torch", math.inf))),
                     key=lambda kv: kv[1])[0]
         entries.append(dict(dtype=dtype_name, M=M, N=N, K=K, rank=r, dropout=dropout, **{"pass": pass_},
-                            route=route, gemm=best_cfg, ms={k: round(v, 5) for k, v in times.items()}))
+                            route=route, gemm=best_cfg, ms={k: round(v, 5) for k, v in times.items()},
+                            timing="graph" if graph else "eager"))
         print(f"{M:5d} {N:6d} {K:6d} {r:3d} {int(dropout):4d} {pass_:>4}  {times['split']:9.4f} "
               f"{best_ms:9.4f} {times.get('torch', math.nan):9.4f}  {route:5s}  {best_cfg}")
     run = dict(generation=route_table.generation(dev),

@@ -117,6 +117,14 @@ def gemm_candidates(M: int, block_r: int, elt: int, info: DeviceInfo, *, grad_in
         out = [GemmConfig(bm, 32, 128, num_warps=4, num_stages=5),
                GemmConfig(bm, 64, 128, num_warps=4, num_stages=4),
                GemmConfig(bm, 32, 256, num_warps=4, num_stages=3)]
+        if M <= 16 and not grad_input:
+            # decoding reads W once: twice the programs (N / 16) for the 4096-wide layers, whose
+            # N / 32 = 128 programs leave one to an SM; and x A^T read from a pass over x instead
+            # of each program's loop re-reading A (an [r, BLOCK_K] tile beside W's [BLOCK_N,
+            # BLOCK_K] at every K step)
+            out += [GemmConfig(bm, 16, 256, num_warps=4, num_stages=4),
+                    GemmConfig(bm, 32, 128, num_warps=4, num_stages=5, xa_in_loop=False),
+                    GemmConfig(bm, 16, 256, num_warps=4, num_stages=4, xa_in_loop=False)]
         if M > 16:
             out.append(GemmConfig(64, 64, 64, num_warps=4, num_stages=4, tma=True))
     else:

@@ -213,6 +213,8 @@ def test_the_tuner_dry_runs_on_the_cpu_and_writes_a_table_the_routes_read(tmp_pa
     assert passes == {(1, False, "fwd"), (64, False, "fwd"), (64, False, "bwd"), (64, True, "fwd"),
                       (64, True, "bwd"), (64, False, "step")}
     for e in run_["entries"]:
+        if e["pass"] != "step":  # decoding is timed as graph replays
+            assert e["timing"] == ("graph" if e["M"] == 1 else "eager"), e
         assert set(k.split()[0] for k in e["ms"]) == (
             {"function", "autograd"} if e["pass"] == "step" else
             {"split", "fused"} | (set() if e["dropout"] else {"torch"}))  # the CPU's mask is not the kernels'
