@@ -8,7 +8,9 @@ where ref64 is the float64 reference on the same (dtype-d rounded) inputs and to
 plain-PyTorch reference computed in dtype d: fastlora may be at most about twice as wrong as
 PyTorch itself in that dtype. It adapts to the shape and cannot be loosened into meaninglessness.
 A DoRA case (``Case(dora=True)``) holds the magnitude's gradient to the same bound, against PEFT's
-formula (``dora_linear_reference``).
+formula (``dora_linear_reference``). A QLoRA case (``Case(quant=("nf4", 64, True))``) quantizes W
+to 4 bits: the references run on the dequantized W, fastlora on the 4-bit one
+(``lora_linear_4bit``, which the 4-bit GEMM reads as it is stored).
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ class Case:
     scaling: float = 0.5
     dropout_p: float = 0.0
     dora: bool = False                         # DoRA: a magnitude vector, and its gradient
+    quant: tuple[str, int, bool] | None = None  # W in 4 bits: (quant_type, blocksize, double_quant)
 
     @property
     def id(self) -> str:
@@ -55,6 +58,8 @@ class Case:
         s += f"-s{self.scaling:g}" if self.scaling != 0.5 else ""
         s += f"-p{self.dropout_p:g}" if self.dropout_p else ""
         s += "-dora" if self.dora else ""
+        if self.quant is not None:
+            s += f"-{self.quant[0]}bs{self.quant[1]}{'n' if self.quant[2] else ''}"
         return s
 
 
@@ -100,6 +105,10 @@ def make_inputs(case: Case, device, seed: int = 0) -> dict:
         norm = torch.linalg.norm(w + case.scaling * (b @ a), dim=1)
         inputs["magnitude"] = (norm * (0.5 + torch.rand(N, generator=g, dtype=torch.float64).to(norm.device))
                                ).to(adt)
+    if case.quant is not None:  # the references' W is the 4-bit one dequantized
+        from .quant4bit import quantize
+        inputs["weight_4bit"] = quantize(inputs["weight"].float(), *case.quant)
+        inputs["weight"] = inputs["weight_4bit"].dequantize(case.dtype)
     return inputs
 
 
@@ -139,8 +148,15 @@ def three_way(case: Case, backend: str, device="cpu", seed: int = 0) -> list[Res
 
     fl = leaves()
     torch.manual_seed(seed)  # the op draws the same dropout seed as above
-    y = lora_linear(fl["x"], fl["weight"], fl["bias"], fl["lora_A"], fl["lora_B"], case.scaling,
-                    dropout_p=case.dropout_p, training=True, backend=backend, magnitude=fl.get("magnitude"))
+    if case.quant is not None:
+        from .linear4bit import lora_linear_4bit
+        assert not case.dora, "no DoRA over a 4-bit base"
+        y = lora_linear_4bit(fl["x"], inp["weight_4bit"], fl["bias"], fl["lora_A"], fl["lora_B"],
+                             case.scaling, dropout_p=case.dropout_p, training=True, backend=backend)
+    else:
+        y = lora_linear(fl["x"], fl["weight"], fl["bias"], fl["lora_A"], fl["lora_B"], case.scaling,
+                        dropout_p=case.dropout_p, training=True, backend=backend,
+                        magnitude=fl.get("magnitude"))
     y.backward(dy)
 
     outs = {}

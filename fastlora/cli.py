@@ -119,21 +119,25 @@ CHECK_SHAPES = [(1, 97, 40, 1), (63, 97, 40, 3), (97, 45, 70, 16), (63, 33, 40, 
 CHECK_SHAPES_GPU = [(1, 4096, 4096, 16), (97, 1000, 600, 16), (2048, 4096, 11008, 16), (300, 512, 700, 128)]
 
 
-def _default_check_backend(device: torch.device) -> str:
-    return "triton" if device.type == "cuda" else "torch"
+def _check_cases(cuda: bool, quick: bool) -> list:
+    """``fastlora check``'s rows; ``quick``: a row of each kind, in the dtype fastlora is for, with
+    the GPU-sized shapes (benchmarks/gpu_check.sh's, whose time is short)."""
+    from .checks import Case
 
-
-def check(args) -> int:
-    from . import checks
-    from .checks import Case, gradcheck
-
-    device = _device(args.device)
-    cuda = device.type == "cuda"
-    backend = args.backend or _default_check_backend(device)
+    mixed = torch.bfloat16 if cuda else torch.float16
+    nf4 = ("nf4", 64, True)
+    qlora_gpu = [Case(M, 4096, 1536, 16, torch.bfloat16, adapter_dtype=torch.float32, quant=nf4)
+                 for M in (16, 1024)] if cuda else []
+    if quick:
+        shapes = [CHECK_SHAPES[1]] + (CHECK_SHAPES_GPU[1:] if cuda else [])
+        return [Case(M, K, N, r, mixed) for M, K, N, r in shapes] + [
+            Case(63, 97, 40, 16, mixed, adapter_dtype=torch.float32, bias_grad=True),
+            Case(63, 33, 40, 3, mixed, dropout_p=0.3, layout="3d"),
+            Case(97, 45, 70, 16, mixed, dora=True), Case(63, 33, 40, 3, mixed, dropout_p=0.3, dora=True),
+            Case(63, 128, 40, 16, mixed, quant=nf4)] + qlora_gpu
     dtypes = [torch.float64, torch.float32, torch.float16] + ([torch.bfloat16] if cuda else [])
     shapes = CHECK_SHAPES + (CHECK_SHAPES_GPU if cuda else [])
     cases = [Case(M, K, N, r, dt) for M, K, N, r in shapes for dt in dtypes]
-    mixed = torch.bfloat16 if cuda else torch.float16
     cases += [Case(63, 97, 40, 16, mixed, adapter_dtype=torch.float32, bias_grad=True),
               Case(63, 33, 40, 3, torch.float32, layout="transposed"),
               Case(63, 33, 40, 3, torch.float64, dropout_p=0.3, layout="3d")]
@@ -141,6 +145,27 @@ def check(args) -> int:
     cases += [Case(97, 45, 70, 16, dt, dora=True) for dt in dtypes]
     cases += [Case(63, 97, 40, 16, mixed, adapter_dtype=torch.float32, bias_grad=True, dora=True),
               Case(63, 33, 40, 3, torch.float64, dropout_p=0.3, dora=True)]
+    # QLoRA (docs/qlora.md): W in 4 bits, NF4 and FP4, plain and nested absmax, the 4-bit GEMM's
+    # forms (x A^T in the loop at decode sizes, read above them; the dropout epilogue)
+    cases += [Case(M, 128, 40, 16, dt, quant=q) for M in (1, 63) for dt in (torch.float32, mixed)
+              for q in (nf4, ("fp4", 64, False))]
+    cases += [Case(63, 128, 40, 16, mixed, adapter_dtype=torch.float32, bias_grad=True, quant=nf4),
+              Case(63, 64, 24, 3, torch.float32, layout="3d", dropout_p=0.3, quant=("nf4", 32, True))]
+    return cases + qlora_gpu
+
+
+def _default_check_backend(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" else "torch"
+
+
+def check(args) -> int:
+    from . import checks
+    from .checks import gradcheck
+
+    device = _device(args.device)
+    cuda = device.type == "cuda"
+    backend = args.backend or _default_check_backend(device)
+    cases = _check_cases(cuda, args.quick)
     print(f"fastlora check on {device} ({torch.cuda.get_device_name(device) if cuda else 'cpu'}), "
           f"backend {backend}, torch {torch.__version__}")
     print(f"{'case':48s} {'tensor':9s} {'error':>10s} {'bound':>10s}  result")
@@ -301,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", type=_device_arg, help=device_help)
     c.add_argument("--backend", choices=["triton", "fused", "split", "torch"],
                    help="default: triton on CUDA, torch on CPU (triton on CPU needs TRITON_INTERPRET=1)")
+    c.add_argument("--quick", action="store_true",
+                   help="a few rows of each kind (bfloat16 on CUDA, float16 on the CPU; the larger "
+                        "shapes; DoRA, QLoRA, dropout, mixed dtypes): benchmarks/gpu_check.sh's")
     c.set_defaults(check_parser=c)
     return p
 

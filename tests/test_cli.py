@@ -129,6 +129,19 @@ def test_check_passes_on_cpu(capsys):
     assert "gradcheck float64 DoRA dropout=0.4" in out and "-dora" in out and " magnitude " in out
 
 
+def test_check_rows_include_qlora_and_quick_keeps_a_row_of_each_kind(capsys):
+    assert cli.main(["check", "--device", "cpu", "--backend", "torch"]) == 0
+    full = capsys.readouterr().out
+    assert all(f"-{q}" in full for q in ("nf4bs64n", "fp4bs64", "nf4bs32n")) and "FAIL" not in full
+    assert cli.main(["check", "--device", "cpu", "--backend", "torch", "--quick"]) == 0
+    quick = capsys.readouterr().out
+    rows = {line.split()[0] for line in quick.splitlines()[2:-1]}
+    assert len(rows) < len({line.split()[0] for line in full.splitlines()[2:-1]}) / 3
+    assert "0 failure(s)" in quick and quick.count("gradcheck float64") == 4
+    for kind in ("-dora", "-nf4bs64n", "-p0.3", "-biasgrad"):
+        assert any(kind in row for row in rows), kind
+
+
 def test_check_exits_nonzero_on_a_failure_or_a_crash(monkeypatch, capsys):
     from fastlora import checks
 

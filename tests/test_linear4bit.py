@@ -4,6 +4,7 @@ route) and float64 gradcheck, the dense weight kept out of the autograd graph, a
 files / merge on models holding 4-bit layers, from_peft against PEFT's own QLoRA on a tiny Llama
 loaded with a BitsAndBytesConfig, and bad input."""
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -97,27 +98,12 @@ def test_linear4bit_forward_and_compute_dtype():
 
 
 @pytest.fixture
-def four_bit_three_way(monkeypatch):
-    """fastlora.checks.three_way with the weight quantized to 4 bits: the float64 reference and
-    PyTorch's own run on the dequantized weight, fastlora on the 4-bit one (lora_linear_4bit)."""
+def four_bit_three_way():
+    """fastlora.checks.three_way_pooled with the weight quantized to 4 bits (``Case.quant``): the
+    float64 reference and PyTorch's own run on the dequantized weight, fastlora on the 4-bit one."""
     def run(case, backend, variant=("nf4", 64, True), seeds=(0, 1, 2), device="cpu"):
-        real_inputs = checks.make_inputs
-        held = {}
-
-        def make_inputs(case, device, seed=0):
-            inp = real_inputs(case, device, seed)
-            held["w4"] = Q.quantize(inp["weight"].float(), variant[0], variant[1], variant[2])
-            inp["weight"] = held["w4"].dequantize(case.dtype)
-            return inp
-
-        def four_bit(x, weight, bias, lora_A, lora_B, scaling, magnitude=None, **kw):
-            assert magnitude is None  # LoRA cases only: no DoRA over a 4-bit base
-            assert torch.equal(weight, held["w4"].dequantize(weight.dtype))
-            return lora_linear_4bit(x, held["w4"], bias, lora_A, lora_B, scaling, **kw)
-
-        monkeypatch.setattr(checks, "make_inputs", make_inputs)
-        monkeypatch.setattr(checks, "lora_linear", four_bit)
-        return checks.three_way_pooled(case, backend, device=device, seeds=seeds)
+        return checks.three_way_pooled(dataclasses.replace(case, quant=variant), backend,
+                                       device=device, seeds=seeds)
     return run
 
 
