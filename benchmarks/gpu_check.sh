@@ -9,14 +9,16 @@
 #   bench_routes.json the layer bench per route at the headline shapes (bf16, r=16, M 2048/8192)
 #   route_table.json  benchmarks/tune_routes.py's table for this GPU (then used by the runs below)
 #   gpu_tests.log     pytest -m gpu (compile/autocast/checkpoint on CUDA, kernels at real sizes,
-#                     CUDA graph capture of a training step), with the slowest tests' durations
-#   check.log         fastlora check
+#                     CUDA graph capture of a training step, the 4-bit kernels in bf16), with the
+#                     slowest tests' durations
+#   check.log         fastlora check --quick (a row of each kind: LoRA, DoRA, QLoRA, dropout)
 #   model.json        the model bench (Llama-3-8B-wide layers, 8192 tokens a step)
 #   bench.json        the layer bench at the bars: base, PEFT, fastlora at M 2048/8192,
 #                     4096 -> 4096 / 14336, r 16 and 64 (dropout 0.1 and decode in bench.log)
 #
 # With the device time left after it (15 minutes a session in all): benchmarks/sweep_passes.py
-# (1-2 minutes), the passes' configs against the copy bandwidth, which no run has swept yet.
+# (1-2 minutes), the passes' configs against the copy bandwidth, which no run has swept yet, and
+# the whole `fastlora check` (a few minutes of first compiles).
 #
 # Usage: benchmarks/gpu_check.sh OUTDIR   (each step has its own timeout; they add up to 480 s, the
 # first bench's including the kernels' first compiles)
@@ -54,10 +56,11 @@ tail -40 "$OUT_DIR/machine.txt"
 # the compile tests first: on 2026-11-29 (H200) they never ran past the first failure
 step "GPU tests"
 timeout 130 $PY -m pytest -q -m gpu --durations=15 tests/test_gpu_compile.py tests/test_gpu.py \
-  2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -25 || status=1
+  tests/test_dequant.py tests/test_linear4bit.py 2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -25 || status=1
 
-step "fastlora check"
-timeout 45 $PY -m fastlora check > "$OUT_DIR/check.log" 2>&1 || status=1
+# --quick: a row of each kind (the whole list's first compiles took more than 40 s on the H200)
+step "fastlora check --quick"
+timeout 45 $PY -m fastlora check --quick > "$OUT_DIR/check.log" 2>&1 || status=1
 grep -E "FAIL|failure" "$OUT_DIR/check.log" | tail -15
 
 step "model bench (Llama-3-8B-wide layers, 8192 tokens)"
