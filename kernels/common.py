@@ -10,7 +10,6 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 # Triton's tl.dot input_precision for float32 operands, mirroring torch's matmul setting.
 _FP32_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "tf32"}
@@ -71,20 +70,15 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def torch_dtype(arg) -> torch.dtype:
-    """The element dtype of a kernel argument: a tensor or a tensor descriptor."""
-    return arg.base.dtype if isinstance(arg, TensorDescriptor) else arg.dtype
+def tl_acc_dtype(dtype: torch.dtype):
+    """The accumulator as a Triton dtype (a kernel's ACC_DTYPE) for inputs of ``dtype``."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def tl_acc_dtype(arg):
-    """The accumulator as a Triton dtype, for a kernel argument (``@triton.heuristics``)."""
-    return tl.float64 if torch_dtype(arg) == torch.float64 else tl.float32
-
-
-def dot_precision(arg) -> str:
-    """tl.dot's input_precision for a kernel argument: torch's float32 matmul setting for float32,
-    "ieee" otherwise (ignored by 16-bit dots; the only choice for float64)."""
-    if torch_dtype(arg) == torch.float32:
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for inputs of ``dtype``: torch's float32 matmul setting for
+    float32, "ieee" otherwise (ignored by 16-bit dots; the only choice for float64)."""
+    if dtype == torch.float32:
         return _FP32_PRECISION[torch.get_float32_matmul_precision()]
     return "ieee"
 

@@ -50,10 +50,6 @@ def block_absmax(ABSMAX, SCALE, CODE8, OFFSET, blk, mask, NESTED: tl.constexpr,
     return absmax
 
 
-@triton.heuristics({
-    "NESTED": lambda a: a["SCALE"] is not None,
-    "INT64": lambda a: needs_int64(2 * a["n_bytes"]),
-})
 @triton.jit
 def dequant_4bit_kernel(
     PACKED, ABSMAX, CODE, SCALE, CODE8, OFFSET, W,
@@ -100,6 +96,6 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     dequant_4bit_kernel[(cdiv(n_bytes, block),)](
         packed, absmax, code, scale, code8, offset, w, n_bytes,
         HALF_BLOCKSIZE=blocksize // 2, NESTED_BLOCKSIZE=nested_bs, BLOCK=block,
-        num_warps=4, enable_fp_fusion=False,
+        NESTED=scale is not None, INT64=needs_int64(2 * n_bytes), num_warps=4, enable_fp_fusion=False,
     )
     return w

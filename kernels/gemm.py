@@ -29,8 +29,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .common import (INTERPRETED, acc_dtype, alloc, cdiv, check_device, dot_precision, dropout_keep,
-                     max_offset, needs_int64, tl_acc_dtype, tma_ready, torch_dtype,
-                     widened, wrapped_offsets)
+                     max_offset, needs_int64, tl_acc_dtype, tma_ready, widened, wrapped_offsets)
 from .configs import GemmConfig, device_info, fit_4bit, gemm_config, rank_block
 from .dequant import Packed4bit, block_absmax
 
@@ -182,20 +181,6 @@ def _lora_tile(
         tl.store(p_y, acc.to(Y.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
-@triton.heuristics({
-    "USE_TMA": lambda a: isinstance(a["X"], TensorDescriptor),
-    "XA_IN_LOOP": lambda a: a["U"] is not None,
-    "HAS_BIAS": lambda a: a["BIAS"] is not None,
-    "HAS_SCALE": lambda a: a["SCALE"] is not None,
-    "DROPOUT_OUT": lambda a: a["SEED"] is not None,
-    "EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0,
-    "R_PADDED": lambda a: a["R"] < a["BLOCK_R"],
-    "ACC_DTYPE": lambda a: tl_acc_dtype(a["X"]),
-    "PRECISION": lambda a: dot_precision(a["X"]),
-    "CHUNKED_ACC": lambda a: torch_dtype(a["X"]) in (torch.float32, torch.float64),
-    "W4BIT": lambda a: a["ABSMAX"] is not None,
-    "NESTED": lambda a: a["ABSMAX_SCALE"] is not None,
-})
 @triton.jit(do_not_specialize=["M"])
 def lora_gemm_kernel(
     X, W, U, V, BIAS, SCALE, Y, XA, SEED,
@@ -246,6 +231,9 @@ def lora_gemm_kernel(
                    USE_TMA, XA_IN_LOOP, HAS_BIAS, HAS_SCALE, DROPOUT_OUT, EVEN_K, R_PADDED, ACC_DTYPE,
                    PRECISION, CHUNKED_ACC, ABSMAX, CODE, ABSMAX_SCALE, CODE8, OFFSET, W4BIT, QBLOCK,
                    NESTED, NESTED_BLOCK)
+
+
+_NO_4BIT = Packed4bit(None, None, None, None, None, None, (0, 0), 1)  # the 4-bit arguments of a 16-bit W
 
 
 def lora_gemm(x: torch.Tensor, w: torch.Tensor | Packed4bit, v: torch.Tensor, bias: torch.Tensor | None,
@@ -313,7 +301,7 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor | Packed4bit, v: torch.Tensor, bi
     seed, p = dropout if dropout is not None else (None, 0.0)
     int64 = needs_int64(max_offset(x), N * K if w4 is not None else max_offset(w), max_offset(y),
                         M * block_r, max_offset(v))
-    q = w4 if w4 is not None else Packed4bit(None, None, None, None, None, None, (0, 0), 1)
+    q = w4 if w4 is not None else _NO_4BIT
     lora_gemm_kernel[(programs,)](
         x_arg, w_arg, u, v, bias, scale, y_arg, xa, seed,
         M, N, K, R,
@@ -322,8 +310,12 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor | Packed4bit, v: torch.Tensor, bi
         W_NK=not grad_input, INT64=int64,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
         GROUP_M=cfg.group_m, NUM_SMS=info.sms, EPILOGUE_SUBTILE=cfg.epilogue_subtile and use_tma,
+        USE_TMA=use_tma, XA_IN_LOOP=u is not None, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+        DROPOUT_OUT=seed is not None, EVEN_K=K % cfg.block_k == 0, R_PADDED=R < block_r,
+        ACC_DTYPE=tl_acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype),
+        CHUNKED_ACC=x.dtype in (torch.float32, torch.float64),
         ABSMAX=q.absmax, CODE=q.code, ABSMAX_SCALE=q.scale, CODE8=q.code8, OFFSET=q.offset,
-        QBLOCK=q.blocksize, NESTED_BLOCK=q.nested_blocksize,
+        W4BIT=w4 is not None, QBLOCK=q.blocksize, NESTED=q.scale is not None, NESTED_BLOCK=q.nested_blocksize,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         # the nested absmax rounds after its product and after its sum (kernels/dequant.py)
         **({"enable_fp_fusion": False} if w4 is not None else {}),

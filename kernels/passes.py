@@ -23,12 +23,6 @@ from .common import (acc_dtype, alloc, cdiv, check_device, chunk_range, dot_prec
 from .configs import PassConfig, rank_block, reduce_config, xa_config
 
 
-@triton.heuristics({
-    "HAS_DROPOUT": lambda a: a["SEED"] is not None,
-    "SUM_SQ": lambda a: a["SQ"] is not None,
-    "ACC_DTYPE": lambda a: tl_acc_dtype(a["X"]),
-    "PRECISION": lambda a: dot_precision(a["X"]),
-})
 @triton.jit(do_not_specialize=["M"])
 def xa_kernel(
     X, A, XA, SQ, SEED,
@@ -76,18 +70,6 @@ def xa_kernel(
         tl.store(SQ + widened(i_s, INT64) * M + om, acc_sq, mask=o_m < M)
 
 
-@triton.heuristics({
-    "HAS_DROPOUT": lambda a: a["SEED"] is not None,
-    "REDUCE": lambda a: a["C"] is not None,
-    "RANK_OUT": lambda a: a["Z"] is not None,
-    "SPLIT_E": lambda a: a["E_LO"] is not None,
-    "EXPAND_OUT": lambda a: a["OUT"] is not None,
-    "SCALED_OUT": lambda a: a["LG"] is not None,
-    "COL_DOT": lambda a: a["DM"] is not None,
-    "HAS_SHIFT": lambda a: a["SH"] is not None,
-    "ACC_DTYPE": lambda a: tl_acc_dtype(a["L"]),
-    "PRECISION": lambda a: dot_precision(a["L"]),
-})
 @triton.jit(do_not_specialize=["T"])
 def reduce_kernel(
     L, S, E, E_LO, F, C, Z, OUT, SEED, G, LG, Y, SH, DM,
@@ -228,7 +210,8 @@ def _xa(x, a, dropout, sum_sq: bool, config):
         x, a, ws, sq, seed, M, K, R, x.stride(0), 1.0 / (1.0 - p), float(p),
         BLOCK_M=cfg.block_rows, BLOCK_K=cfg.block_cols, BLOCK_R=rank_block(R),
         INT64=needs_int64(max_offset(x), ws.numel()),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_DROPOUT=seed is not None, SUM_SQ=sq is not None, ACC_DTYPE=tl_acc_dtype(x.dtype),
+        PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return _fixed_order_sum(ws), (_fixed_order_sum(sq) if sum_sq else None)
 
@@ -257,7 +240,10 @@ def _reduce(big, s, e, f, scaling, dropout, *, reduce: bool, rank_out: bool, exp
         big, s, e, e_lo, f, c, z, o, seed, scale, lg, y, shift, dm, T, P, R, big.stride(0),
         float(scaling) * keep_scale, float(scaling) * keep_scale, float(p),
         BLOCK_T=cfg.block_rows, BLOCK_P=cfg.block_cols, BLOCK_R=rank_block(R), INT64=int64,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_DROPOUT=seed is not None, REDUCE=c is not None, RANK_OUT=z is not None,
+        SPLIT_E=e_lo is not None, EXPAND_OUT=o is not None, SCALED_OUT=lg is not None,
+        COL_DOT=dm is not None, HAS_SHIFT=shift is not None, ACC_DTYPE=tl_acc_dtype(big.dtype),
+        PRECISION=dot_precision(big.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return (_fixed_order_sum(c) if reduce else None, _fixed_order_sum(z) if rank_out else None, o, lg,
             _fixed_order_sum(dm) if y is not None else None)

@@ -56,18 +56,13 @@ def ptxas_path(cap: int) -> str:
     return path
 
 
-def _jit(kernel):
-    """The JITFunction under a @triton.heuristics wrapper."""
-    return getattr(kernel, "fn", kernel)
-
-
 def compile_kernel(kernel, types: dict, constexprs: dict, cap: int, num_warps: int,
                    num_stages: int, **options) -> Compiled:
     """``types``: the runtime arguments' types ("*bf16", "i32", "fp64", "tensordesc<...>"); every
     other argument is a constexpr from ``constexprs``; integer arguments get the divisibility-by-16
     specialisation the runtime gives aligned sizes and strides, except M and T (not specialised).
     ``options``: further compile options the launcher passes (enable_fp_fusion)."""
-    fn = _jit(kernel)
+    fn = kernel
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in types:
