@@ -104,6 +104,24 @@ def torch_table(tmp_path, monkeypatch):
     yield from _installed(entries, tmp_path, monkeypatch)
 
 
+def _triton_and_torch_steps(x, **kw):
+    """A training step (loss sum(y^2)) of one 40 -> 24 r=3 LoRALinear through backend="triton" and
+    through backend="torch": (the triton layer, the torch one, each one's [y, dx, dA, dB], the
+    triton y's grad_fn)."""
+    torch.manual_seed(0)
+    layer = fastlora.LoRALinear(40, 24, r=3, backend="triton", init_lora_weights=False, **kw)
+    ref = fastlora.LoRALinear(40, 24, r=3, backend="torch", init_lora_weights=False, **kw)
+    ref.load_state_dict(layer.state_dict())
+    grads, grad_fns = [], []
+    for m in (layer, ref):
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        grad_fns.append(y.grad_fn)
+        y.square().sum().backward()
+        grads.append([y.detach(), xi.grad, m.lora_A.grad, m.lora_B.grad])
+    return layer, ref, grads, grad_fns[0]
+
+
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 def test_the_table_can_choose_the_torch_route_but_not_where_its_mask_differs(torch_table, monkeypatch, use_dora):
     """Where the table measured the torch route fastest, backend="triton" launches no kernel for
@@ -111,18 +129,8 @@ def test_the_table_can_choose_the_torch_route_but_not_where_its_mask_differs(tor
     takes split here, where the torch route's mask (numpy's on the CPU) is not the kernels' (on
     CUDA it is: tests/test_gpu.py)."""
     launches = count_launches(monkeypatch)
-    torch.manual_seed(0)
-    kw = dict(r=3, init_lora_weights=False, use_dora=use_dora)
-    layer = fastlora.LoRALinear(40, 24, backend="triton", **kw)
-    ref = fastlora.LoRALinear(40, 24, backend="torch", **kw)
-    ref.load_state_dict(layer.state_dict())
     x = torch.randn(37, 40)
-    grads = []
-    for m in (layer, ref):
-        xi = x.clone().requires_grad_(True)
-        y = m(xi)
-        y.square().sum().backward()
-        grads.append([y.detach(), xi.grad, m.lora_A.grad, m.lora_B.grad])
+    layer, ref, grads, _ = _triton_and_torch_steps(x, use_dora=use_dora)
     assert launches == (["xa_kernel"] if use_dora else [])  # DoRA's weight pass (its norm)
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -153,19 +161,9 @@ def test_the_table_can_choose_autograds_path_for_a_training_step(step_table, mon
     backend="torch"'s gradients; without a gradient to take, under dropout, for DoRA, and at a
     size the table does not hold, it takes the Function and the passes' routes."""
     launches = count_launches(monkeypatch)
-    torch.manual_seed(0)
-    layer = fastlora.LoRALinear(40, 24, r=3, backend="triton", init_lora_weights=False)
-    ref = fastlora.LoRALinear(40, 24, r=3, backend="torch", init_lora_weights=False)
-    ref.load_state_dict(layer.state_dict())
     x = torch.randn(37, 40)
-    grads = []
-    for m in (layer, ref):
-        xi = x.clone().requires_grad_(True)
-        y = m(xi)
-        y.square().sum().backward()
-        grads.append([y.detach(), xi.grad, m.lora_A.grad, m.lora_B.grad])
-        if m is layer:
-            assert "LoRALinearFunction" not in type(y.grad_fn).__name__, y.grad_fn
+    layer, _, grads, grad_fn = _triton_and_torch_steps(x)
+    assert "LoRALinearFunction" not in type(grad_fn).__name__, grad_fn
     assert launches == []
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
