@@ -32,6 +32,12 @@ import torch
 DECODE_M = 16  # forwards of at most this many rows are timed as CUDA graph replays
 
 
+def fresh(drop):
+    """A new Dropout with ``drop``'s seed and p (None stays None): an empty mask cache."""
+    from fastlora.routes import Dropout
+    return None if drop is None else Dropout(drop.seed, drop.p)
+
+
 def check_close(got, ref, what: str) -> None:
     """Raise unless a pass's outputs equal the split route's to bf16 rounding (gradients not asked
     for, None, are skipped)."""
@@ -138,13 +144,16 @@ def main() -> int:
         graph = pass_ == "fwd" and M <= DECODE_M
         times = {"split": bench(call(split), graph)}
         if not dropout or draws_kernels_mask(dev):  # the torch route, where its mask is the kernels'
+            # a Dropout a call, as a pass gets one: the route draws its mask once a pass (and
+            # keeps it in the Dropout), so a shared one would time the draw only once
             if pass_ == "fwd":
                 def torch_call(t=t, drop=drop):
-                    y, xa_ = torch_route.forward(t["x"], t["w"], t["b"], t["A"], t["B"], 2.0, drop)
+                    y, xa_ = torch_route.forward(t["x"], t["w"], t["b"], t["A"], t["B"], 2.0, fresh(drop))
                     return y, xa_.float()  # kept in the accumulator dtype, as backend="triton" keeps it
             else:
                 def torch_call(t=t, xa=xa, needs=needs, drop=drop):
-                    return torch_route.backward(t["dy"], t["x"], t["w"], t["A"], t["B"], xa, 2.0, drop, needs)
+                    return torch_route.backward(t["dy"], t["x"], t["w"], t["A"], t["B"], xa, 2.0,
+                                                fresh(drop), needs)
             try:  # a wrong result is said and the route not timed (as a fused config's below)
                 check_close(torch_call(), ref, "torch route")
                 times["torch"] = bench(torch_call, graph)
