@@ -9,8 +9,9 @@ launches; under dropout with the kernels' mask, drawn once a pass), after checki
 the split route's result, and records the fastest: route, the fused route's best config, and every
 time measured (a decoding forward, M <= 16, as CUDA graph replays: GPU time alone, as the decode
 bar measures it and as a served model runs; everything else eagerly, host time included). Then,
-for the problems with a backward and no dropout, whole training steps: the hand-written backward
-(the passes as just chosen) against autograd's path (fastlora/autograd.py takes it where it won).
+for the problems with a backward, whole training steps: the hand-written backward (the passes as
+just chosen) against autograd's path (fastlora/autograd.py takes it where it won; under dropout
+only on CUDA, where both draw the kernels' mask).
 The run is added to the table with the device, its generation, torch's
 and triton's versions, the date and this command; runs of other GPUs are kept, and where two runs
 cover a key the newest wins (fastlora/route_table.py). Under five minutes on an H100.
@@ -205,30 +206,34 @@ def main() -> int:
             f.write("\n")
 
     write()
-    # Whole training steps (no dropout), as users run them: the Function, its passes taking the
-    # routes just measured, against autograd's path (the torch route's forward ops; C++ backward
-    # nodes, no Python backward), host time included.
+    # Whole training steps, as users run them: the Function, its passes taking the routes just
+    # measured, against autograd's path (the torch route's forward ops; C++ backward nodes, no
+    # Python backward), host time included; under dropout where the torch route draws the
+    # kernels' mask (the same mask both ways, from one seed).
     from fastlora.autograd import LoRALinearFunction
     route_table.TABLE_PATH = out_path
     route_table.load.cache_clear()
-    print(f"{'M':>5} {'N':>6} {'K':>6} {'r':>3}  step: {'function':>9} {'autograd':>9}  path")
+    print(f"{'M':>5} {'N':>6} {'K':>6} {'r':>3} {'drop':>4}  step: {'function':>9} {'autograd':>9}  path")
     for M, N, K, r, dropout, pass_ in problems(args.quick, args.dry_run):
-        if dropout or pass_ != "bwd":
+        if pass_ != "bwd" or (dropout and not draws_kernels_mask(dev)):
             continue
         t = tensors(M, N, K, r)
         x, a, b = (t[k].detach().requires_grad_(True) for k in ("x", "A", "B"))
-        paths = {"function": lambda t=t, x=x, a=a, b=b: LoRALinearFunction.apply(
-                     x, t["w"], t["b"], a, b, 2.0, 0.0, None, "triton", None),
-                 "autograd": lambda t=t, x=x, a=a, b=b: torch_route.autograd_forward(
-                     x, t["w"], t["b"], a, b, 2.0, None)}
+        p = 0.1 if dropout else 0.0
+        seed = torch.tensor([1234], device=dev) if dropout else None
+        paths = {"function": lambda t=t, x=x, a=a, b=b, p=p, seed=seed: LoRALinearFunction.apply(
+                     x, t["w"], t["b"], a, b, 2.0, p, seed, "triton", None),
+                 "autograd": lambda t=t, x=x, a=a, b=b, p=p, seed=seed: torch_route.autograd_forward(
+                     x, t["w"], t["b"], a, b, 2.0, Dropout(seed, p) if p else None)}
         steps = {k: (lambda f=f, x=x, a=a, b=b, t=t: torch.autograd.grad(f(), [x, a, b], t["dy"]))
                  for k, f in paths.items()}
         check_close(steps["autograd"](), steps["function"](), "autograd path's step")
         times = {k: bench(f) for k, f in steps.items()}
         path = min(times, key=times.get)
-        entries.append(dict(dtype=dtype_name, M=M, N=N, K=K, rank=r, dropout=False, **{"pass": "step"},
+        entries.append(dict(dtype=dtype_name, M=M, N=N, K=K, rank=r, dropout=dropout, **{"pass": "step"},
                             route=path, gemm=None, ms={k: round(v, 5) for k, v in times.items()}))
-        print(f"{M:5d} {N:6d} {K:6d} {r:3d}        {times['function']:9.4f} {times['autograd']:9.4f}  {path}")
+        print(f"{M:5d} {N:6d} {K:6d} {r:3d} {int(dropout):4d}        {times['function']:9.4f} "
+              f"{times['autograd']:9.4f}  {path}")
     write()
     print(f"{len(entries)} entries in {run['seconds']} s; written to {out_path}")
     return 0

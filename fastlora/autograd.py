@@ -74,6 +74,7 @@ from torch.autograd.function import once_differentiable
 from . import dora, route_table
 from .autocast import autocast_cast, autocast_on
 from .routes import DoraGrad, Dropout, Needs, acc_dtype, get_route, resolve
+from .torch_route import draws_kernels_mask
 
 
 def _dropout(seed: Optional[Tensor], p: float) -> Optional[Dropout]:
@@ -275,14 +276,16 @@ def _training(x: Tensor, lora_A: Tensor, lora_B: Tensor) -> bool:
 def _run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, magnitude=None) -> Tensor:
     # the route, resolved once for both passes (resolve takes a resolved name back unchanged)
     name = resolve(backend, x, lora_A.shape[0])
-    if x.shape[0] > 0 and (name == "torch" or name == "triton" and dropout_p == 0 and magnitude is None
-                           and _training(x, lora_A, lora_B)):
+    if x.shape[0] > 0 and (name == "torch" or name == "triton" and magnitude is None
+                           and _training(x, lora_A, lora_B)
+                           and (dropout_p == 0 or draws_kernels_mask(x.device))):
         route = get_route("torch")
         # the torch route: by size (its rule); "triton": a LoRA training step where the table
-        # measured autograd's path faster than the Function's (host time: no Python backward)
+        # measured autograd's path faster than the Function's (host time: no Python backward),
+        # under dropout only where the torch route draws the kernels' mask (the Triton family's)
         if (route.host_bound(x, weight) if name == "torch" else
                 route_table.autograd_step(x.device, x.dtype, x.shape[0], weight.shape[0], x.shape[1],
-                                          lora_A.shape[0])):
+                                          lora_A.shape[0], dropout_p > 0)):
             scale = None
             if magnitude is not None:  # g differentiable in m; n a constant (no grad through it)
                 scale = dora_scale(magnitude, dora.weight_norm(route, weight, lora_A, lora_B, scaling))

@@ -3,7 +3,7 @@
 ``route_table.json`` (beside this file) holds runs of ``benchmarks/tune_routes.py``: each names the
 GPU, torch and triton versions, the date and the command, and lists for every problem it timed
 the fastest route for each pass, "fused", "split" or "torch", and the fused route's best launch
-config; and, for whole training steps without dropout, whether PyTorch's autograd differentiating
+config; and, for whole training steps, whether PyTorch's autograd differentiating
 the torch route's forward ops ("autograd": C++ backward nodes, no Python backward) beat the
 hand-written backward with the passes as chosen ("function"). A problem is keyed by
 
@@ -87,10 +87,11 @@ def load(path: str = TABLE_PATH) -> dict[tuple, dict]:
     return entries
 
 
-def autograd_step(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int, R: int) -> bool:
-    """Whether a training step without dropout was measured faster through autograd's path (the
-    torch route's forward ops, differentiated by PyTorch) than through the hand-written backward."""
-    entry = load(TABLE_PATH).get(key(generation(device), DTYPE_NAMES.get(dtype), M, N, K, R, False, "step"))
+def autograd_step(device: torch.device, dtype: torch.dtype, M: int, N: int, K: int, R: int,
+                  dropout: bool) -> bool:
+    """Whether a training step was measured faster through autograd's path (the torch route's
+    forward ops, differentiated by PyTorch) than through the hand-written backward."""
+    entry = load(TABLE_PATH).get(key(generation(device), DTYPE_NAMES.get(dtype), M, N, K, R, dropout, "step"))
     return entry is not None and entry["route"] == "autograd"
 
 

@@ -40,14 +40,14 @@ def _draw_keep(seed: torch.Tensor, p: float, shape: tuple[int, ...], device: tor
     mask every Triton route regenerates, so the passes of one step may mix the families (the
     route table's choice, fastlora/triton_routes.py). Elsewhere (and on CUDA without triton)
     torch's generator for the device, seeded from the seed's value: a synchronisation a pass."""
+    if draws_kernels_mask(device) and len(shape) == 2:
+        return triton_kernels().dropout_mask(seed, shape, p)
     if device.type == "cpu":
         import numpy as np  # only the CPU's dropout draws with it
 
         n = math.prod(shape)
         bits = np.random.PCG64(int(seed.item()) % 2**64).random_raw((n + 1) // 2).view(np.uint32)[:n]
         return torch.from_numpy(bits.reshape(shape) >= np.uint32(min(round(p * 2**32), 2**32 - 1)))
-    if draws_kernels_mask(device) and len(shape) == 2:
-        return triton_kernels().dropout_mask(seed, shape, p)
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed.item()))
     return torch.rand(shape, generator=gen, device=device) >= p
