@@ -79,7 +79,7 @@ def passes(copy_tbs):
          2 * x.numel() * 2),
     ):
         t = ms(fn)
-        g = time_cuda(fn, graph=True, rep=60)[0]  # GPU time alone: the kernels' own bandwidth
+        g = time_cuda(fn, graph=True, rep=20)[0]  # GPU time alone: the kernels' own bandwidth
         bw = nbytes / (g * 1e-3) / 1e12
         print(f"pass {name:28s} {g:.4f} ms  {bw:.2f} TB/s = {bw / copy_tbs:.2f} of copy "
               f"(graph replay; eager {t:.4f} ms, host included)")

@@ -105,11 +105,35 @@ def main() -> int:
             fn()
             return (time.perf_counter() - t0) * 1e3
         if graph:
-            return time_cuda(fn, graph=True, rep=args.rep)[0]
+            return time_cuda(fn, graph=True, rep=min(args.rep, 10))[0]  # replays vary little
         return triton.testing.do_bench(fn, warmup=10, rep=args.rep)
     out_path = args.out or route_table.TABLE_PATH
     started = time.time()
     entries = []
+    run = dict(generation=route_table.generation(dev),
+               device="dry run" if args.dry_run else torch.cuda.get_device_name(dev),
+               capability=[0, 0] if args.dry_run else list(torch.cuda.get_device_capability(dev)),
+               torch=torch.__version__, triton=triton.__version__,
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               command=" ".join(["python benchmarks/tune_routes.py"] + [a for a in ("--quick", "--dry-run")
+                                                                       if getattr(args, a[2:].replace("-", "_"))]),
+               entries=entries)
+    table = {"format": 1, "runs": []}
+    if os.path.exists(out_path):
+        with open(out_path, encoding="utf-8") as f:
+            table = json.load(f)
+    table["about"] = route_table.ABOUT
+    table["runs"].append(run)
+
+    def write():
+        """After every entry: a run its timeout cuts short keeps what it measured. Written whole to
+        a temporary file and renamed over the table, so that a kill never leaves half a table."""
+        run["seconds"] = round(time.time() - started, 1)
+        with open(out_path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(table, f, indent=1)
+            f.write("\n")
+        os.replace(out_path + ".tmp", out_path)
+
     g = torch.Generator(device=dev).manual_seed(0)
     cache = {}
 
@@ -182,30 +206,9 @@ def main() -> int:
         entries.append(dict(dtype=dtype_name, M=M, N=N, K=K, rank=r, dropout=dropout, **{"pass": pass_},
                             route=route, gemm=best_cfg, ms={k: round(v, 5) for k, v in times.items()},
                             timing="graph" if graph else "eager"))
+        write()
         print(f"{M:5d} {N:6d} {K:6d} {r:3d} {int(dropout):4d} {pass_:>4}  {times['split']:9.4f} "
               f"{best_ms:9.4f} {times.get('torch', math.nan):9.4f}  {route:5s}  {best_cfg}")
-    run = dict(generation=route_table.generation(dev),
-               device="dry run" if args.dry_run else torch.cuda.get_device_name(dev),
-               capability=[0, 0] if args.dry_run else list(torch.cuda.get_device_capability(dev)),
-               torch=torch.__version__, triton=triton.__version__,
-               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               command=" ".join(["python benchmarks/tune_routes.py"] + [a for a in ("--quick", "--dry-run")
-                                                                       if getattr(args, a[2:].replace("-", "_"))]),
-               entries=entries)
-    table = {"format": 1, "runs": []}
-    if os.path.exists(out_path):
-        with open(out_path, encoding="utf-8") as f:
-            table = json.load(f)
-    table["about"] = route_table.ABOUT
-    table["runs"].append(run)
-
-    def write():
-        run["seconds"] = round(time.time() - started, 1)
-        with open(out_path, "w", encoding="utf-8") as f:
-            json.dump(table, f, indent=1)
-            f.write("\n")
-
-    write()
     # Whole training steps, as users run them: the Function, its passes taking the routes just
     # measured, against autograd's path (the torch route's forward ops; C++ backward nodes, no
     # Python backward), host time included; under dropout where the torch route draws the
@@ -232,9 +235,9 @@ def main() -> int:
         path = min(times, key=times.get)
         entries.append(dict(dtype=dtype_name, M=M, N=N, K=K, rank=r, dropout=dropout, **{"pass": "step"},
                             route=path, gemm=None, ms={k: round(v, 5) for k, v in times.items()}))
+        write()
         print(f"{M:5d} {N:6d} {K:6d} {r:3d} {int(dropout):4d}        {times['function']:9.4f} "
               f"{times['autograd']:9.4f}  {path}")
-    write()
     print(f"{len(entries)} entries in {run['seconds']} s; written to {out_path}")
     return 0
 

@@ -238,6 +238,7 @@ def test_the_tuner_dry_runs_on_the_cpu_and_writes_a_table_the_routes_read(tmp_pa
                           "--out", str(out)], env={**os.environ, "TRITON_INTERPRET": "1"},
                          capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["table.json"]  # (written through a renamed temporary)
     table = json.loads(out.read_text())
     (run_,) = table["runs"]
     assert run_["generation"] == "interpreter" and run_["command"].endswith("--dry-run")
