@@ -46,7 +46,7 @@ timeout 65 $BENCH --shape 8192,4096,4096 --shape 8192,4096,14336 --shape 2048,40
 
 step "route table (benchmarks/tune_routes.py --quick)"
 cp fastlora/route_table.json "$OUT_DIR/route_table.json"
-timeout 55 $PY benchmarks/tune_routes.py --quick --rep 25 --out "$OUT_DIR/route_table.json" 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
+timeout 75 $PY benchmarks/tune_routes.py --quick --rep 25 --out "$OUT_DIR/route_table.json" 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
 cp "$OUT_DIR/route_table.json" fastlora/route_table.json  # the runs below choose from it
 
 step "diagnostics"
@@ -55,7 +55,7 @@ tail -40 "$OUT_DIR/machine.txt"
 
 # the compile tests first: on 2026-11-29 (H200) they never ran past the first failure
 step "GPU tests"
-timeout 130 $PY -m pytest -q -m gpu --durations=15 tests/test_gpu_compile.py tests/test_gpu.py \
+timeout 120 $PY -m pytest -q -m gpu --durations=15 tests/test_gpu_compile.py tests/test_gpu.py \
   tests/test_dequant.py tests/test_linear4bit.py 2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -25 || status=1
 
 # --quick: a row of each kind (the whole list's first compiles took more than 40 s on the H200)
@@ -75,13 +75,13 @@ timeout 10 $BENCH --preset bars --M 1 16 --mode fwd --providers base peft fastlo
   2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
 
 step "DoRA"
-timeout 20 $BENCH --dora --rank 16 --shape 8192,4096,4096 --shape 8192,4096,14336 --mode fwd full \
+timeout 15 $BENCH --dora --rank 16 --shape 8192,4096,4096 --shape 8192,4096,14336 --mode fwd full \
   --providers fastlora fastlora-dora peft-dora 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
 
 step "QLoRA (nf4 base; PEFT's needs bitsandbytes' wheel carried in .whl/)"
 ls .whl/bitsandbytes-*.whl >/dev/null 2>&1 && $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site
-timeout 30 $BENCH --base nf4 --shape 16,4096,4096 --shape 16,4096,14336 --shape 8192,4096,4096 \
+timeout 25 $BENCH --base nf4 --shape 16,4096,4096 --shape 16,4096,14336 --shape 8192,4096,4096 \
   --shape 8192,4096,14336 --providers base peft fastlora fastlora-fused 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
 
 step "done, status $status"
