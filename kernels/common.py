@@ -102,7 +102,7 @@ def needs_int64(*extents: int) -> bool:
 def max_offset(t: torch.Tensor) -> int:
     """The largest element offset into ``t`` (sum of (size-1) * |stride|); 0 when it is empty."""
     n = t.numel()
-    if n == 0 or t.is_contiguous():  # (the common case, 10 a training step: a tenth of the time)
+    if n == 0 or t.is_contiguous():  # some ten calls a training step: a tenth of the sum's time
         return max(n - 1, 0)
     return sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
 
