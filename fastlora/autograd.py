@@ -193,10 +193,11 @@ def _dora_backward(route, dy, x, weight, lora_A, lora_B, xa, scaling, drop, need
 
 
 def _as_param(grad: Tensor, param: Tensor) -> Tensor:
-    """``grad`` in ``param``'s dtype and contiguous (what autograd accumulates best)."""
-    if grad.dtype != param.dtype:
-        grad = grad.to(param.dtype)
-    return grad if grad.is_contiguous() else grad.contiguous()
+    """``grad`` in ``param``'s dtype and contiguous (what autograd accumulates best): one copy
+    when either differs (dA arrives transposed and in float32 from the kernels), none otherwise."""
+    if grad.dtype == param.dtype and grad.is_contiguous():
+        return grad
+    return torch.empty(grad.shape, dtype=param.dtype, device=grad.device).copy_(grad)
 
 
 @dataclass(frozen=True)
