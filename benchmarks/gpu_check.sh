@@ -47,6 +47,7 @@ timeout 65 $BENCH --shape 8192,4096,4096 --shape 8192,4096,14336 --shape 2048,40
 step "route table (benchmarks/tune_routes.py --quick)"
 cp fastlora/route_table.json "$OUT_DIR/route_table.json"
 timeout 75 $PY benchmarks/tune_routes.py --quick --rep 25 --out "$OUT_DIR/route_table.json" 2>&1 | tee -a "$OUT_DIR/bench.log" || status=1
+rm -f "$OUT_DIR/route_table.json.tmp"  # (left only if the timeout struck mid-write)
 cp "$OUT_DIR/route_table.json" fastlora/route_table.json  # the runs below choose from it
 
 step "diagnostics"
