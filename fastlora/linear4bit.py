@@ -40,7 +40,8 @@ from .functional import draw_seed, lora_linear
 from .modules import check_lora_options, init_lora_parameters
 from .quant4bit import (NestedAbsmax, Weight4bit, check_quant_type, describe, is_bnb_4bit,
                         quantize)
-from .routes import Dropout, Needs, acc_dtype, resolve, triton_kernels
+from .autograd import backward as lora_backward
+from .routes import Dropout, get_route, resolve, triton_kernels
 
 # ------------------------------------------------------------------------------------------------
 # the dense weight, and keeping it out of the autograd graph
@@ -146,34 +147,25 @@ class LoRA4bitFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, lora_A, lora_B, scaling, dropout_p, seed, packed):
-        from .triton_routes import FusedRoute
-
-        kernels = triton_kernels()
-        route = FusedRoute(kernels)
-        cfg = kernels.gemm_config(x.shape[0], packed.shape[0], x.shape[1], lora_A.shape[0], x.dtype,
-                                  x.device, four_bit=True)
+        cfg = triton_kernels().gemm_config(x.shape[0], packed.shape[0], x.shape[1], lora_A.shape[0],
+                                           x.dtype, x.device, four_bit=True)
         dropout = Dropout(seed, dropout_p) if dropout_p > 0 else None
-        y, xa = route.forward(x, packed, bias, lora_A, lora_B, scaling, dropout, gemm=dataclasses.asdict(cfg))
+        y, xa = get_route("fused").forward(x, packed, bias, lora_A, lora_B, scaling, dropout,
+                                           gemm=dataclasses.asdict(cfg))
         ctx.save_for_backward(x, lora_A, lora_B, xa, seed)
-        ctx.route, ctx.packed, ctx.scaling, ctx.dropout_p = route, packed, scaling, dropout_p
+        ctx.packed, ctx.scaling, ctx.dropout_p = packed, scaling, dropout_p
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
+        """fastlora/autograd.py's backward on the fused route, the 4-bit weight in W's place (its
+        dX GEMM reads it as it reads the forward's)."""
         x, lora_A, lora_B, xa, seed = ctx.saved_tensors
         need_x, need_bias, need_a, need_b = ctx.needs_input_grad[:4]
-        dy = dy.to(x.dtype) if dy.dtype != x.dtype else dy
-        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-        dx = dbias = da = db = None
-        if need_x or need_a or need_b:
-            dropout = Dropout(seed, ctx.dropout_p) if ctx.dropout_p > 0 else None
-            dx, da, db, _ = ctx.route.backward(dy, x, ctx.packed, lora_A, lora_B, xa, ctx.scaling, dropout,
-                                               Needs(need_x, need_a, need_b))
-            da = da.to(lora_A.dtype).contiguous() if need_a else None
-            db = db.to(lora_B.dtype).contiguous() if need_b else None
-        if need_bias:
-            dbias = dy.sum(0, dtype=acc_dtype(dy.dtype)).to(x.dtype)
+        grads = iter(lora_backward(dy, x, ctx.packed, lora_A, lora_B, xa, seed, ctx.scaling, ctx.dropout_p,
+                                   "fused", [need_x, False, need_bias, need_a, need_b, False]))
+        dx, dbias, da, db = (next(grads) if need else None for need in (need_x, need_bias, need_a, need_b))
         # x, bias, lora_A, lora_B, scaling, dropout_p, seed, packed
         return dx, dbias, da, db, None, None, None, None
 
