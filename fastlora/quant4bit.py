@@ -292,10 +292,8 @@ def from_bnb(weight) -> Weight4bit:
             offset = torch.tensor(float(offset), dtype=torch.float32, device=data.device)
         nested = NestedAbsmax(scale=s2.absmax, code=s2.code, offset=offset.reshape(1),
                               blocksize=s2.blocksize)
-    code = qs.code if isinstance(getattr(qs, "code", None), Tensor) else code_table(qs.quant_type,
-                                                                                    data.device)
-    return Weight4bit(packed=data, absmax=qs.absmax, shape=shape, dtype=qs.dtype,
-                      blocksize=qs.blocksize, quant_type=qs.quant_type, code=code, nested=nested)
+    return Weight4bit(packed=data, absmax=qs.absmax, shape=shape, dtype=qs.dtype, blocksize=qs.blocksize,
+                      quant_type=qs.quant_type, code=_code(qs, data.device), nested=nested)
 
 
 def _from_bnb_cpu_layout(data: Tensor, qs) -> Weight4bit:
@@ -315,10 +313,13 @@ def _from_bnb_cpu_layout(data: Tensor, qs) -> Weight4bit:
     standard = ((codes[0::2] << 4) | codes[1::2]).reshape(-1, 1)
     absmax = qs.absmax.T.reshape(-1).float()  # [K / bs, N] bfloat16 -> per block, row-major
     dtype = getattr(qs, "original_dtype", torch.bfloat16)
-    code = qs.code if isinstance(getattr(qs, "code", None), Tensor) else code_table(qs.quant_type,
-                                                                                    data.device)
     return Weight4bit(packed=standard, absmax=absmax.contiguous(), shape=(n, k), dtype=dtype,
-                      blocksize=qs.blocksize, quant_type=qs.quant_type, code=code)
+                      blocksize=qs.blocksize, quant_type=qs.quant_type, code=_code(qs, data.device))
+
+
+def _code(qs, device) -> Tensor:
+    """A bitsandbytes quant state's 4-bit table: its own, or the standard one of its quant type."""
+    return qs.code if isinstance(getattr(qs, "code", None), Tensor) else code_table(qs.quant_type, device)
 
 
 # ------------------------------------------------------------------------------------------------
