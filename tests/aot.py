@@ -97,17 +97,18 @@ def _acc(dtype):
     return "fp64" if dtype == torch.float64 else "fp32"
 
 
-def gemm_job(item) -> dict:
+def gemm_job(item, four_bit: bool = False) -> dict:
     """Every form of the fused GEMM a config serves: forward with x A^T in the loop or read, each
     also with DoRA's per-column scale in the epilogue, dX with and without the dropout epilogue;
-    through descriptors when the config says TMA."""
+    through descriptors when the config says TMA. ``four_bit``: W read in 4 bits (pointer path, no
+    contraction, as its launcher runs it), with a plain and a nested absmax, no DoRA forms."""
     cfg, block_r, dtype, cap, dropout = item
     t = _TL[dtype]
     acc = "tl.float64" if dtype == torch.float64 else "tl.float32"
     out = {}
     forms = ([("dx_dropout", True, False)] if dropout else
-             [("fwd_xa_in_loop", False, True), ("fwd_xa_read", False, False), ("dx", True, False),
-              ("fwd_dora_xa_in_loop", False, True), ("fwd_dora_xa_read", False, False)])
+             [("fwd_xa_in_loop", False, True), ("fwd_xa_read", False, False), ("dx", True, False)]
+             + ([] if four_bit else [("fwd_dora_xa_in_loop", False, True), ("fwd_dora_xa_read", False, False)]))
     for form, grad_input, in_loop in forms:
         dora = "dora" in form
         if in_loop and not cfg.xa_in_loop:
@@ -120,38 +121,50 @@ def gemm_job(item) -> dict:
             y_t = f"tensordesc<{t}[{cfg.block_m}, {cfg.block_n // (2 if cfg.epilogue_subtile else 1)}]>"
         else:
             x_t = w_t = y_t = f"*{t}"
-        types = {"X": x_t, "W": w_t, "V": f"*{t}", "Y": y_t, "XA": f"*{_acc(dtype)}", "M": "i32",
-                 "N": "i32", "K": "i32", "R": "i32", "stride_xm": "i32", "stride_ym": "i32",
-                 "scaling": "fp64", "dropout_p": "fp64"}
-        if in_loop:
-            types["U"] = f"*{t}"
-        if not grad_input:
-            types["BIAS"] = f"*{t}"
-        if dora:
-            types["SCALE"] = f"*{_acc(dtype)}"
-        if form == "dx_dropout":
-            types["SEED"] = "*i64"
-        # W as stored ([N, K] forward, [K, N] dX) and the small adapter operand (B [N, R] forward,
-        # A [R, K] dX) have unit stride along their rows; the runtime makes a stride of 1 a constant
-        types["stride_wk" if grad_input else "stride_wn"] = "i32"
-        types["stride_vr" if grad_input else "stride_vn"] = "i32"
-        const = dict(U=None, BIAS=None, SCALE=None, SEED=None, W_NK=not grad_input, INT64=False,
-                     BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
-                     GROUP_M=cfg.group_m, NUM_SMS=132, EPILOGUE_SUBTILE=cfg.epilogue_subtile and tma,
-                     USE_TMA=tma, XA_IN_LOOP=in_loop, HAS_BIAS=not grad_input, HAS_SCALE=dora,
-                     DROPOUT_OUT=form == "dx_dropout", EVEN_K=True,
-                     # the heavier form, with the epilogue's mask of the padded rank lanes
-                     R_PADDED=True, ACC_DTYPE=eval(acc, {"tl": triton.language}),
-                     PRECISION="ieee",
-                     CHUNKED_ACC=dtype in (torch.float32, torch.float64),
-                     ABSMAX=None, CODE=None, ABSMAX_SCALE=None, CODE8=None, OFFSET=None, W4BIT=False,
-                     QBLOCK=1, NESTED=False, NESTED_BLOCK=1,
-                     **({"stride_wn": 1, "stride_vn": 1} if grad_input
-                        else {"stride_wk": 1, "stride_vr": 1}))
-        const = {k: v for k, v in const.items() if k not in types}
-        c = compile_kernel(lora_gemm_kernel, types, const, cap, cfg.num_warps, cfg.num_stages)
-        out[form] = dict(wgmma="wgmma" in c.ptx, tma="cp.async.bulk.tensor" in c.ptx,
-                         shared=c.shared, registers=c.registers, spills=c.spill_bytes)
+        for nested in ((False, True) if four_bit else (None,)):
+            types = {"X": x_t, "W": "*u8" if four_bit else w_t, "V": f"*{t}", "Y": y_t,
+                     "XA": f"*{_acc(dtype)}", "M": "i32", "N": "i32", "K": "i32", "R": "i32",
+                     "stride_xm": "i32", "stride_ym": "i32", "scaling": "fp64", "dropout_p": "fp64"}
+            if in_loop:
+                types["U"] = f"*{t}"
+            if not grad_input:
+                types["BIAS"] = f"*{t}"
+            if dora:
+                types["SCALE"] = f"*{_acc(dtype)}"
+            if form == "dx_dropout":
+                types["SEED"] = "*i64"
+            # W as stored ([N, K] forward, [K, N] dX) and the small adapter operand (B [N, R]
+            # forward, A [R, K] dX) have unit stride along their rows; the runtime makes a stride of
+            # 1 a constant (a 4-bit W's strides are unused: zeros)
+            if not four_bit:
+                types["stride_wk" if grad_input else "stride_wn"] = "i32"
+            types["stride_vr" if grad_input else "stride_vn"] = "i32"
+            if four_bit:
+                types.update(ABSMAX="*u8" if nested else "*fp32", CODE="*fp32")
+                if nested:
+                    types.update(ABSMAX_SCALE="*fp32", CODE8="*fp32", OFFSET="*fp32")
+            const = dict(U=None, BIAS=None, SCALE=None, SEED=None, W_NK=not grad_input, INT64=False,
+                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
+                         GROUP_M=cfg.group_m, NUM_SMS=132, EPILOGUE_SUBTILE=cfg.epilogue_subtile and tma,
+                         USE_TMA=tma, XA_IN_LOOP=in_loop, HAS_BIAS=not grad_input, HAS_SCALE=dora,
+                         DROPOUT_OUT=form == "dx_dropout", EVEN_K=True,
+                         # the heavier form, with the epilogue's mask of the padded rank lanes
+                         R_PADDED=True, ACC_DTYPE=eval(acc, {"tl": triton.language}),
+                         PRECISION="ieee",
+                         CHUNKED_ACC=dtype in (torch.float32, torch.float64),
+                         ABSMAX=None, CODE=None, ABSMAX_SCALE=None, CODE8=None, OFFSET=None, W4BIT=four_bit,
+                         QBLOCK=64 if four_bit else 1, NESTED=bool(nested),
+                         NESTED_BLOCK=256 if nested else 1,
+                         **({"stride_wk": 0, "stride_wn": 0} if four_bit else
+                            {"stride_wn": 1} if grad_input else {"stride_wk": 1}),
+                         **({"stride_vn": 1} if grad_input else {"stride_vr": 1}))
+            const = {k: v for k, v in const.items() if k not in types}
+            c = compile_kernel(lora_gemm_kernel, types, const, cap, cfg.num_warps, cfg.num_stages,
+                               **({"enable_fp_fusion": False} if four_bit else {}))
+            out[form + ("_nested" if nested else "")] = dict(
+                wgmma="wgmma" in c.ptx, tma="cp.async.bulk.tensor" in c.ptx, shared=c.shared,
+                registers=c.registers, spills=c.spill_bytes,
+                **({"fma": "fma.rn" in c.ptx} if four_bit else {}))
     return out
 
 
@@ -208,49 +221,6 @@ def pass_job(item) -> dict:
                 const[name] = None
         c = compile_kernel(reduce_kernel, types, const, cap, cfg.num_warps, cfg.num_stages)
         out[form] = dict(shared=c.shared, registers=c.registers, spills=c.spill_bytes)
-    return out
-
-
-def gemm4bit_job(item) -> dict:
-    """The fused GEMM reading W in 4 bits (pointer path, no contraction, as its launcher runs it):
-    the forward with x A^T in the loop or read, dX with and without the dropout epilogue, with a
-    plain and a nested absmax, for a config of ``production_gemm4bit_configs``."""
-    cfg, block_r, dtype, cap, dropout = item
-    t = _TL[dtype]
-    out = {}
-    forms = ([("dx_dropout", True, False)] if dropout else
-             [("fwd_xa_in_loop", False, True), ("fwd_xa_read", False, False), ("dx", True, False)])
-    for form, grad_input, in_loop in forms:
-        if in_loop and not cfg.xa_in_loop:
-            continue
-        for nested in (False, True):
-            types = {"X": f"*{t}", "W": "*u8", "V": f"*{t}", "Y": f"*{t}", "XA": "*fp32", "M": "i32",
-                     "N": "i32", "K": "i32", "R": "i32", "stride_xm": "i32", "stride_ym": "i32",
-                     "scaling": "fp64", "dropout_p": "fp64", "ABSMAX": "*u8" if nested else "*fp32",
-                     "CODE": "*fp32", "stride_vr" if grad_input else "stride_vn": "i32"}
-            if nested:
-                types.update(ABSMAX_SCALE="*fp32", CODE8="*fp32", OFFSET="*fp32")
-            if in_loop:
-                types["U"] = f"*{t}"
-            if not grad_input:
-                types["BIAS"] = f"*{t}"
-            if form == "dx_dropout":
-                types["SEED"] = "*i64"
-            const = dict(U=None, BIAS=None, SEED=None, SCALE=None, HAS_SCALE=False, ABSMAX_SCALE=None,
-                         CODE8=None, OFFSET=None, W_NK=not grad_input, INT64=False, BLOCK_M=cfg.block_m,
-                         BLOCK_N=cfg.block_n,
-                         BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=cfg.group_m, NUM_SMS=132,
-                         EPILOGUE_SUBTILE=False, USE_TMA=False, XA_IN_LOOP=in_loop, HAS_BIAS=not grad_input,
-                         DROPOUT_OUT=form == "dx_dropout", EVEN_K=True, R_PADDED=True,
-                         ACC_DTYPE=triton.language.float32, PRECISION="ieee", CHUNKED_ACC=False,
-                         stride_wk=0, stride_wn=0, W4BIT=True, QBLOCK=64, NESTED=nested,
-                         NESTED_BLOCK=256 if nested else 1, **({"stride_vn": 1} if grad_input else {"stride_vr": 1}))
-            const = {k: v for k, v in const.items() if k not in types}
-            c = compile_kernel(lora_gemm_kernel, types, const, cap, cfg.num_warps, cfg.num_stages,
-                               enable_fp_fusion=False)
-            out[form + ("_nested" if nested else "")] = dict(
-                wgmma="wgmma" in c.ptx, tma=False, shared=c.shared, registers=c.registers,
-                spills=c.spill_bytes, fma="fma.rn" in c.ptx)
     return out
 
 
@@ -390,7 +360,9 @@ def all_items() -> list:
 
 def _run(job):
     kind, item = job
-    return {"gemm": gemm_job, "pass": pass_job, "dequant": dequant_job, "gemm4bit": gemm4bit_job}[kind](item)
+    if kind == "gemm4bit":
+        return gemm_job(item, four_bit=True)
+    return {"gemm": gemm_job, "pass": pass_job, "dequant": dequant_job}[kind](item)
 
 
 def main() -> None:
