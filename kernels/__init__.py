@@ -4,7 +4,8 @@ Launchers (what fastlora's routes call): ``lora_gemm`` (the fused GEMM, forward 
 takes W in 4 bits, ``Packed4bit``), ``xa_pass``, ``dy_pass``, ``x_pass`` (the memory-bound rank-r
 passes), ``dropout_mask``, DoRA's ``weight_pass`` (the norm's pre-pass over W) and
 ``dora_dy_pass``, and ``dequantize_4bit`` (a 4-bit frozen weight to a dense one,
-fastlora/linear4bit.py).
+fastlora/linear4bit.py). Each launches its kernel through ``launch.launch`` (Triton's launch with
+less host time on a repeat).
 """
 from .common import INTERPRETED
 from .configs import (MAX_RANK, TUNED_RANK, DeviceInfo, GemmConfig, PassConfig, device_info,

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .common import cdiv, check_device, needs_int64
+from .launch import launch
 
 
 class Packed4bit(NamedTuple):
@@ -93,7 +94,7 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
         raise ValueError(f"dequantize_4bit: {n_bytes} bytes hold {2 * n_bytes} codes, not a {tuple(shape)} weight")
     if n_bytes == 0:
         return w
-    dequant_4bit_kernel[(cdiv(n_bytes, block),)](
+    launch(dequant_4bit_kernel, (cdiv(n_bytes, block),),
         packed, absmax, code, scale, code8, offset, w, n_bytes,
         HALF_BLOCKSIZE=blocksize // 2, NESTED_BLOCKSIZE=nested_bs, BLOCK=block,
         NESTED=scale is not None, INT64=needs_int64(2 * n_bytes), num_warps=4, enable_fp_fusion=False,

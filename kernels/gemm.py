@@ -32,6 +32,7 @@ from .common import (INTERPRETED, acc_dtype, alloc, cdiv, check_device, dot_prec
                      max_offset, needs_int64, tl_acc_dtype, tma_ready, widened, wrapped_offsets)
 from .configs import GemmConfig, device_info, fit_4bit, gemm_config, rank_block
 from .dequant import Packed4bit, block_absmax
+from .launch import launch
 
 
 @triton.jit
@@ -183,7 +184,7 @@ def _lora_tile(
 
 @triton.jit(do_not_specialize=["M"])
 def lora_gemm_kernel(
-    X, W, U, V, BIAS, SCALE, Y, XA, SEED,
+    X, W, U, V, BIAS, SCALE, Y, XA, SEED, ABSMAX, CODE, ABSMAX_SCALE, CODE8, OFFSET,
     M, N, K, R,
     stride_xm, stride_wk, stride_wn, stride_vr, stride_vn, stride_ym,
     scaling: "fp64", dropout_p: "fp64",
@@ -193,7 +194,6 @@ def lora_gemm_kernel(
     USE_TMA: tl.constexpr, XA_IN_LOOP: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr, DROPOUT_OUT: tl.constexpr, EVEN_K: tl.constexpr, R_PADDED: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, CHUNKED_ACC: tl.constexpr,
-    ABSMAX, CODE, ABSMAX_SCALE, CODE8, OFFSET,
     W4BIT: tl.constexpr, QBLOCK: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr,
 ):
     """Y = SCALE o (X op(W) + s * D o (XA op(V))) + BIAS, XA = X U^T (in the loop, written to XA)
@@ -302,8 +302,8 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor | Packed4bit, v: torch.Tensor, bi
     int64 = needs_int64(max_offset(x), N * K if w4 is not None else max_offset(w), max_offset(y),
                         M * block_r, max_offset(v))
     q = w4 if w4 is not None else _NO_4BIT
-    lora_gemm_kernel[(programs,)](
-        x_arg, w_arg, u, v, bias, scale, y_arg, xa, seed,
+    launch(lora_gemm_kernel, (programs,),
+        x_arg, w_arg, u, v, bias, scale, y_arg, xa, seed, q.absmax, q.code, q.scale, q.code8, q.offset,
         M, N, K, R,
         x.stride(0), w_kn[0], w_kn[1], v_rn[0], v_rn[1], y.stride(0),
         float(scaling), float(p),
@@ -314,7 +314,6 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor | Packed4bit, v: torch.Tensor, bi
         DROPOUT_OUT=seed is not None, EVEN_K=K % cfg.block_k == 0, R_PADDED=R < block_r,
         ACC_DTYPE=tl_acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype),
         CHUNKED_ACC=x.dtype in (torch.float32, torch.float64),
-        ABSMAX=q.absmax, CODE=q.code, ABSMAX_SCALE=q.scale, CODE8=q.code8, OFFSET=q.offset,
         W4BIT=w4 is not None, QBLOCK=q.blocksize, NESTED=q.scale is not None, NESTED_BLOCK=q.nested_blocksize,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         # the nested absmax rounds after its product and after its sum (kernels/dequant.py)

@@ -21,6 +21,7 @@ import triton.language as tl
 from .common import (acc_dtype, alloc, cdiv, check_device, chunk_range, dot_precision, dropout_keep,
                      max_offset, needs_int64, tl_acc_dtype, widened, wrapped_offsets)
 from .configs import PassConfig, rank_block, reduce_config, xa_config
+from .launch import launch
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -206,7 +207,7 @@ def _xa(x, a, dropout, sum_sq: bool, config):
     ws = alloc((cfg.splits, M, R), x, acc)
     sq = alloc((cfg.splits, M), x, acc) if sum_sq else None
     seed, p = dropout if dropout is not None else (None, 0.0)
-    xa_kernel[(cdiv(M, cfg.block_rows), cfg.splits)](
+    launch(xa_kernel, (cdiv(M, cfg.block_rows), cfg.splits),
         x, a, ws, sq, seed, M, K, R, x.stride(0), 1.0 / (1.0 - p), float(p),
         BLOCK_M=cfg.block_rows, BLOCK_K=cfg.block_cols, BLOCK_R=rank_block(R),
         INT64=needs_int64(max_offset(x), ws.numel()),
@@ -236,7 +237,7 @@ def _reduce(big, s, e, f, scaling, dropout, *, reduce: bool, rank_out: bool, exp
     seed, p = dropout if dropout is not None else (None, 0.0)
     keep_scale = 1.0 / (1.0 - p)
     int64 = needs_int64(max_offset(big), T * P, p_blocks * T * R, cfg.splits * P * R)
-    reduce_kernel[(p_blocks, cfg.splits)](
+    launch(reduce_kernel, (p_blocks, cfg.splits),
         big, s, e, e_lo, f, c, z, o, seed, scale, lg, y, shift, dm, T, P, R, big.stride(0),
         float(scaling) * keep_scale, float(scaling) * keep_scale, float(p),
         BLOCK_T=cfg.block_rows, BLOCK_P=cfg.block_cols, BLOCK_R=rank_block(R), INT64=int64,
@@ -349,6 +350,6 @@ def dropout_mask(seed: torch.Tensor, shape: tuple[int, int], p: float) -> torch.
     M, K = shape
     out = torch.empty((M, K), device=seed.device, dtype=torch.int8)
     if M and K:
-        _dropout_mask_kernel[(cdiv(M, 32), cdiv(K, 64))](out, seed, M, K, float(p),
-                                                         BLOCK_M=32, BLOCK_K=64)
+        launch(_dropout_mask_kernel, (cdiv(M, 32), cdiv(K, 64)), out, seed, M, K, float(p),
+               BLOCK_M=32, BLOCK_K=64)
     return out.view(torch.bool)  # 0 and 1 written: a bool tensor as it is, no conversion launched

@@ -1,0 +1,172 @@
+"""fastlora's kernel launches through Triton's ``JITFunction.run`` and through kernels/launch.py's
+remembered path, side by side, without a GPU: a stand-in driver reports an sm_90 device, the kernels
+compile for it for real, and each compiled kernel's launcher records its call instead of running.
+
+Prints JSON: per launch, whether both paths chose the same compiled kernel and handed its launcher
+the same arguments, whether the remembered path served the repeat without Triton's binder, and
+the host time of each path per launch (microseconds, the launch itself a no-op). Runs without
+TRITON_INTERPRET (tests/test_launch.py starts it in a subprocess); ``--times`` prints the times as a
+table instead."""
+import json
+import statistics
+import sys
+import time
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import CompiledKernel
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+from fastlora import kernels
+from fastlora.kernels import configs, dequant, gemm, launch, passes
+from fastlora.linear4bit import packed_4bit
+from fastlora.quant4bit import quantize
+
+
+class StandInDriver:
+    """What Triton's launch path asks of the driver, for one sm_90 device."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 7
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+CALLS = []   # (compiled kernel, arguments) per launcher call, while RECORD
+RECORD = True
+BINDS = []   # one entry per JITFunction.run
+
+
+def main() -> None:
+    # on a Triton release not (yet) in VERIFIED_TRITON the path is off; replayed all the same, so
+    # that the test can say whether the release may join the list
+    assert launch._specialize is not None and not launch.INTERPRETED
+    verified, launch.ENABLED = launch.ENABLED, True
+    driver.set_active(StandInDriver())
+    CompiledKernel._init_handles = lambda self: None  # nothing to load: no GPU
+    CompiledKernel.run = property(lambda self: lambda *args: CALLS.append((self, args)) if RECORD else None)
+    run = JITFunction.run
+    JITFunction.run = lambda self, *a, **k: (BINDS.append(self), run(self, *a, **k))[1]
+    info = configs.DeviceInfo((9, 0), 132, 232448)  # an H100's
+    for module in (configs, gemm):
+        module.device_info = lambda device: info
+    for module in (gemm, passes, dequant):
+        module.check_device = lambda *tensors: None
+
+    recorded = []
+    for module in (gemm, passes, dequant):
+        module.launch = lambda kernel, grid, *args, **kwargs: recorded.append((kernel, grid, args, kwargs))
+    names = scenarios(recorded)
+
+    results = []
+    for name, (kernel, grid, args, kwargs) in zip(names, recorded):
+        CALLS.clear()
+        kernel[grid](*args, **kwargs)
+        theirs = CALLS[-1]
+        launch.launch(kernel, grid, *args, **kwargs)   # the first time: Triton's path, remembered
+        binds = len(BINDS)
+        launch.launch(kernel, grid, *args, **kwargs)   # a repeat
+        ours = CALLS[-1]
+        results.append({
+            "launch": name, "kernel": kernel.fn.__name__,
+            "direct": len(BINDS) == binds,
+            "same_kernel": ours[0] is theirs[0],
+            "same_args": same(ours[1], theirs[1]),
+            "compiled": id(theirs[0]),
+            "arg_types": sorted({type(a).__name__ for a in args}),
+            "triton_us": host_us(kernel[grid], args, kwargs),
+            "launch_us": host_us(launch.launch, (kernel, grid, *args), kwargs),
+        })
+    if "--times" in sys.argv:
+        print(f"triton {triton.__version__} ({'verified' if verified else 'not in VERIFIED_TRITON'})")
+        for r in results:
+            print(f"{r['launch']:28s} {r['kernel']:22s} Triton's path {r['triton_us']:5.1f} us, "
+                  f"launch {r['launch_us']:5.1f} us")
+    else:
+        print(json.dumps({"triton": triton.__version__, "verified": verified, "launches": results}))
+
+
+def same(a: tuple, b: tuple) -> bool:
+    """The same launcher arguments: objects identical, numbers equal, launch metadata alike."""
+    if len(a) != len(b):
+        return False
+    for i, (u, v) in enumerate(zip(a, b)):
+        if i == 6:  # launch metadata: a fresh dict (or None) per launch
+            if type(u) is not type(v):
+                return False
+        elif isinstance(u, (int, float, str, bool, type(None))):
+            if type(u) is not type(v) or u != v:
+                return False
+        elif u is not v:
+            return False
+    return True
+
+
+def host_us(call, args: tuple, kwargs: dict, reps: int = 300) -> float:
+    """Median microseconds of ``call(*args, **kwargs)`` over 3 runs of ``reps``, nothing recorded."""
+    global RECORD
+    RECORD = False
+    for _ in range(20):
+        call(*args, **kwargs)
+    runs = []
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            call(*args, **kwargs)
+        runs.append((time.perf_counter() - t) / reps * 1e6)
+    RECORD = True
+    return statistics.median(runs)
+
+
+def scenarios(recorded: list) -> list:
+    """Call each launcher on CPU tensors, its launches recorded into ``recorded``, not made;
+    returns a name for each launch."""
+    g = torch.Generator().manual_seed(0)
+    bf = torch.bfloat16
+
+    def rnd(*shape, dtype=bf):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    def misaligned(*shape):  # one element past a 16-byte boundary
+        return torch.randn(shape[0] * shape[1] + 1, generator=g).to(bf)[1:].view(*shape)
+
+    M, N, K, R = 64, 96, 64, 16
+    x, w, a, b, bias, dy = rnd(M, K), rnd(N, K), rnd(R, K), rnd(N, R), rnd(N), rnd(M, N)
+    seed = torch.tensor([1234], dtype=torch.int64)
+    xa = rnd(M, R, dtype=torch.float32)
+    w4 = packed_4bit(quantize(torch.randn(N, K, generator=g), "nf4", 64, True))
+    tma = configs.GemmConfig(64, 64, 64, tma=True, epilogue_subtile=True)
+    nested = (w4.scale, w4.code8, w4.offset, w4.nested_blocksize)
+    calls = {
+        "gemm forward": lambda: gemm.lora_gemm(x, w, b, bias, 0.5, u=a),
+        "gemm forward, misaligned x": lambda: gemm.lora_gemm(misaligned(M, K), w, b, bias, 0.5, u=a),
+        "gemm forward, TMA": lambda: gemm.lora_gemm(x, w, b, bias, 0.5, u=a, config=tma),
+        "gemm dX, TMA": lambda: gemm.lora_gemm(dy, w, a, None, 0.5, grad_input=True, xa=xa, config=tma),
+        "gemm forward, xa read": lambda: gemm.lora_gemm(x, w, b, None, 0.5, xa=xa),
+        "gemm dX, dropout, W strided": lambda: gemm.lora_gemm(dy, w.T.contiguous().T, a, None, 0.5, grad_input=True,
+                                                   xa=xa, dropout=(seed, 0.1)),
+        "gemm 4-bit forward": lambda: gemm.lora_gemm(x, w4, b, bias, 0.5, u=a),
+        "xa pass, dropout": lambda: kernels.xa_pass(x, a, dropout=(seed, 0.1)),
+        "xa pass, K=17, M=1": lambda: kernels.xa_pass(rnd(1, 17), rnd(R, 17)),
+        "dy pass": lambda: kernels.dy_pass(dy, xa, b, 0.5),
+        "x pass, dropout": lambda: kernels.x_pass(x, xa, a, 0.5, dropout=(seed, 0.1), need_dx=True),
+        "dropout mask": lambda: kernels.dropout_mask(seed, (M, K), 0.1),
+        "dequantize 4-bit": lambda: dequant.dequantize_4bit(w4.packed, w4.absmax, w4.code, (N, K), 64,
+                                                            bf, nested=nested),
+    }
+    names = []
+    for name, fn in calls.items():
+        before = len(recorded)
+        fn()
+        names += [f"{name} #{i}" for i in range(len(recorded) - before)]
+    return names
+
+
+if __name__ == "__main__":
+    main()
