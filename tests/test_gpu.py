@@ -90,6 +90,25 @@ def test_offsets_past_int32():
     assert torch.isfinite(a.grad).all()
 
 
+def test_remembered_launches_tell_alignment_apart():
+    """kernels/launch.py keys the kernels it remembers on Triton's specialisation: the same GEMM on
+    an x 16-byte aligned, then 2 bytes past that (Triton compiles a kernel for each), then aligned
+    again, each launched twice (the second through the remembered path), each right."""
+    from fastlora import kernels
+    M, K, N, r = 256, 512, 384, 16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    buf = torch.randn(M * K + 1, device="cuda", dtype=BF16, generator=g)
+    w = torch.randn(N, K, device="cuda", dtype=BF16, generator=g) * K ** -0.5
+    a = torch.randn(r, K, device="cuda", dtype=BF16, generator=g) * K ** -0.5
+    b = torch.randn(N, r, device="cuda", dtype=BF16, generator=g)
+    for x in (buf[:-1].view(M, K), buf[1:].view(M, K), buf[:-1].view(M, K)):
+        xf = x.float()
+        ref = xf @ w.float().T + 0.5 * (xf @ a.float().T) @ b.float().T
+        for _ in range(2):
+            y, _ = kernels.lora_gemm(x, w, b, None, 0.5, u=a)
+            torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+
+
 def _graphed_step(layer, x, dy):
     """A training step (forward, backward) of ``layer`` captured in a CUDA graph after a warm-up
     on a side stream, as torch.cuda.graphs asks."""
