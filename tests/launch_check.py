@@ -6,7 +6,8 @@ Prints JSON: per launch, whether both paths chose the same compiled kernel and h
 the same arguments, whether the remembered path served the repeat without Triton's binder, and
 the host time of each path per launch (microseconds, the launch itself a no-op). Runs without
 TRITON_INTERPRET (tests/test_launch.py starts it in a subprocess); ``--times`` prints the times as a
-table instead."""
+table instead; ``--step`` prints the host time of a whole training step through each Triton route
+(16 x 256, bf16, r=16) with launches through Triton's path and through ``launch``."""
 import json
 import statistics
 import sys
@@ -43,21 +44,29 @@ RECORD = True
 BINDS = []   # one entry per JITFunction.run
 
 
-def main() -> None:
-    # on a Triton release not (yet) in VERIFIED_TRITON the path is off; replayed all the same, so
-    # that the test can say whether the release may join the list
-    assert launch._specialize is not None and not launch.INTERPRETED
-    verified, launch.ENABLED = launch.ENABLED, True
+def stand_in_gpu() -> None:
+    """Triton's launch path against the stand-in driver: compiled kernels load nothing and their
+    launchers record (or, RECORD off, skip) the call; fastlora's launchers see an H100."""
     driver.set_active(StandInDriver())
     CompiledKernel._init_handles = lambda self: None  # nothing to load: no GPU
     CompiledKernel.run = property(lambda self: lambda *args: CALLS.append((self, args)) if RECORD else None)
-    run = JITFunction.run
-    JITFunction.run = lambda self, *a, **k: (BINDS.append(self), run(self, *a, **k))[1]
     info = configs.DeviceInfo((9, 0), 132, 232448)  # an H100's
     for module in (configs, gemm):
         module.device_info = lambda device: info
     for module in (gemm, passes, dequant):
         module.check_device = lambda *tensors: None
+
+
+def main() -> None:
+    # on a Triton release not (yet) in VERIFIED_TRITON the path is off; replayed all the same, so
+    # that the test can say whether the release may join the list
+    assert launch._specialize is not None and not launch.INTERPRETED
+    verified, launch.ENABLED = launch.ENABLED, True
+    stand_in_gpu()
+    if "--step" in sys.argv:
+        return step_times()
+    run = JITFunction.run
+    JITFunction.run = lambda self, *a, **k: (BINDS.append(self), run(self, *a, **k))[1]
 
     recorded = []
     for module in (gemm, passes, dequant):
@@ -90,6 +99,34 @@ def main() -> None:
                   f"launch {r['launch_us']:5.1f} us")
     else:
         print(json.dumps({"triton": triton.__version__, "verified": verified, "launches": results}))
+
+
+def step_times(M: int = 16, features: int = 256, steps: int = 1500) -> None:
+    """Host time of a LoRALinear training step (bf16, r=16) through each Triton route, launches
+    made through Triton's path and through ``launch``, interleaved twice (medians, us)."""
+    global RECORD
+    RECORD = False
+    kernels.INTERPRETED = True  # the routes take CPU tensors (the kernels themselves are compiled)
+    import fastlora
+    print(f"triton {triton.__version__}, launches no-ops (split's base GEMMs run on this CPU)")
+    for route in ("fused", "split"):
+        layer = fastlora.LoRALinear(features, features, r=16, backend=route, dtype=torch.bfloat16,
+                                    init_lora_weights=False)
+        x = torch.randn(M, features, dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(M, features, dtype=torch.bfloat16)
+        times = {False: [], True: []}
+        for enabled in (False, True, False, True):
+            launch.ENABLED = enabled
+            for _ in range(30):
+                torch.autograd.grad(layer(x), [x, layer.lora_A, layer.lora_B], dy)
+            ts = []
+            for _ in range(steps):
+                t = time.perf_counter()
+                torch.autograd.grad(layer(x), [x, layer.lora_A, layer.lora_B], dy)
+                ts.append(time.perf_counter() - t)
+            times[enabled].append(statistics.median(ts) * 1e6)
+        print(f"{route:5s} {M} x {features}: Triton's path " + " ".join(f"{t:.0f}" for t in times[False])
+              + " us a step, launch " + " ".join(f"{t:.0f}" for t in times[True]))
 
 
 def same(a: tuple, b: tuple) -> bool:
