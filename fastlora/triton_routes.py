@@ -66,7 +66,8 @@ class _KernelRoute:
         """(dY' B, dB, dY', dm sum): LoRA's dY pass (dY' = dY, no sum) or DoRA's."""
         need_dyb = needs.x or needs.lora_A
         if dora is None:
-            dyb, db = self.k.dy_pass(dy, xa, lora_B, scaling, need_dyb=need_dyb, need_db=needs.lora_B)
+            dyb, db = self.k.dy_pass(dy, xa, lora_B, scaling, need_dyb=need_dyb, need_db=needs.lora_B,
+                                     db_dtype=lora_B.dtype)
             return dyb, db, dy, None
         return self.k.dora_dy_pass(dy, xa, lora_B, scaling, dora.scale, dora.out, dora.shift,
                                    need_dyb=need_dyb, need_db=needs.lora_B, need_scaled=needs.x,
@@ -100,7 +101,8 @@ class FusedRoute(_KernelRoute):
             dx, _ = k.lora_gemm(dy, weight, lora_A, None, scaling, grad_input=True, xa=dyb,
                                 dropout=drop, config=cfg)
         if needs.lora_A:
-            _, da = k.x_pass(x, dyb, lora_A, scaling, dropout=drop, need_dx=False, need_da=True)
+            _, da = k.x_pass(x, dyb, lora_A, scaling, dropout=drop, need_dx=False, need_da=True,
+                             da_dtype=lora_A.dtype)
         return Grads(dx, da, db, dm)
 
 
@@ -122,7 +124,7 @@ class SplitRoute(_KernelRoute):
         dx = da = None
         if needs.x or needs.lora_A:
             dx, da = k.x_pass(x, dyb, lora_A, scaling, dropout=_seed_p(dropout), need_dx=needs.x,
-                              need_da=needs.lora_A)
+                              need_da=needs.lora_A, da_dtype=lora_A.dtype)
         if needs.x:
             dx = dx.addmm_(dy, weight)
         return Grads(dx, da, db, dm)

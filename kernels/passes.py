@@ -79,7 +79,8 @@ def reduce_kernel(
     BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, INT64: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, REDUCE: tl.constexpr, RANK_OUT: tl.constexpr, SPLIT_E: tl.constexpr,
     EXPAND_OUT: tl.constexpr, SCALED_OUT: tl.constexpr,
-    COL_DOT: tl.constexpr, HAS_SHIFT: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    COL_DOT: tl.constexpr, HAS_SHIFT: tl.constexpr, TRANS_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Over the rows of L [T, P]; program (i_p, c) owns BLOCK_P columns and the c-th chunk of rows:
 
@@ -90,9 +91,11 @@ def reduce_kernel(
         LG       = G o L                               [T, P], column p scaled by G[p] (SCALED_OUT)
         DM[c]  = sum over the chunk's rows of L o (Y - SH)   [P]  (COL_DOT)
 
-    S [T, R], E, E_LO [P, R], F [R, P], C [SPLITS, P, R], Z [P_BLOCKS, T, R], OUT, LG and Y [T, P], G, SH
-    [P] and DM [SPLITS, P] contiguous; D is the dropout mask of element (t, p) of L, which is x
-    under dropout. (DoRA's dY pass: L = dY, G = g, Y = y, SH = bias.)
+    S [T, R], E, E_LO [P, R], F [R, P], C [SPLITS, P, R] ([SPLITS, R, P] with TRANS_C), Z
+    [P_BLOCKS, T, R], OUT, LG and Y [T, P], G, SH [P] and DM [SPLITS, P] contiguous (the SPLITS
+    and P_BLOCKS axes absent when 1); C is written in its own dtype; D is the dropout mask of
+    element (t, p) of L, which is x under dropout. (DoRA's dY pass: L = dY, G = g, Y = y,
+    SH = bias.)
     """
     i_p = tl.program_id(0)
     i_c = tl.program_id(1)
@@ -159,7 +162,11 @@ def reduce_kernel(
                 b_o = tl.where(keep, b_o, 0.0)
             tl.store(OUT + ot[:, None] * P + op[None, :], b_o.to(OUT.dtype.element_ty), mask=m_tp)
     if REDUCE:
-        p_c = C + widened(i_c, INT64) * P * R + op[:, None] * R + o_r[None, :]
+        p_c = C + widened(i_c, INT64) * P * R
+        if TRANS_C:  # C^T: the x pass's dA [R, K] as the adapter stores it
+            p_c += o_r[None, :] * P + op[:, None]
+        else:
+            p_c += op[:, None] * R + o_r[None, :]
         acc = acc * tl.full((1, 1), c_scale, ACC_DTYPE)
         tl.store(p_c, acc.to(C.dtype.element_ty), mask=m_p[:, None] & m_r[None, :])
     if COL_DOT:
@@ -175,8 +182,19 @@ def split_in(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.T
     return hi, (t - hi.to(t.dtype)).to(dtype)
 
 
-def _fixed_order_sum(parts: torch.Tensor) -> torch.Tensor:
-    return parts[0] if parts.shape[0] == 1 else parts.sum(0)
+def _parts(n: int, shape: tuple, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A buffer for ``n`` partial results of ``shape``: [n, *shape], or ``shape`` itself when n is
+    1 (the result as it is: no view to take, nothing to sum)."""
+    return alloc((n, *shape) if n > 1 else shape, like, dtype)
+
+
+def _fixed_order_sum(parts: torch.Tensor, n: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``_parts``' ``n`` partial results summed in a fixed order, rounded once to ``dtype`` (a single
+    result was written in it)."""
+    if n == 1:
+        return parts
+    total = parts.sum(0)
+    return total if dtype is None or total.dtype == dtype else total.to(dtype)
 
 
 def xa_pass(x: torch.Tensor, a: torch.Tensor, *, dropout: tuple[torch.Tensor, float] | None = None,
@@ -204,8 +222,8 @@ def _xa(x, a, dropout, sum_sq: bool, config):
         x = x.contiguous()
     a = a.contiguous()
     cfg = config or xa_config(M, K, R, x.dtype, x.device, dropout=dropout is not None)
-    ws = alloc((cfg.splits, M, R), x, acc)
-    sq = alloc((cfg.splits, M), x, acc) if sum_sq else None
+    ws = _parts(cfg.splits, (M, R), x, acc)
+    sq = _parts(cfg.splits, (M,), x, acc) if sum_sq else None
     seed, p = dropout if dropout is not None else (None, 0.0)
     launch(xa_kernel, (cdiv(M, cfg.block_rows), cfg.splits),
         x, a, ws, sq, seed, M, K, R, x.stride(0), 1.0 / (1.0 - p), float(p),
@@ -214,14 +232,16 @@ def _xa(x, a, dropout, sum_sq: bool, config):
         HAS_DROPOUT=seed is not None, SUM_SQ=sq is not None, ACC_DTYPE=tl_acc_dtype(x.dtype),
         PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return _fixed_order_sum(ws), (_fixed_order_sum(sq) if sum_sq else None)
+    return _fixed_order_sum(ws, cfg.splits), (_fixed_order_sum(sq, cfg.splits) if sum_sq else None)
 
 
 def _reduce(big, s, e, f, scaling, dropout, *, reduce: bool, rank_out: bool, expand_out: bool,
-            out_dtype, config, e_lo=None, scale=None, scaled_out: bool = False, y=None, shift=None):
-    """Launch ``reduce_kernel``; returns (C summed [P, R] | None, Z summed [T, R] | None, OUT | None,
-    LG | None, DM summed [P] | None). ``e_lo``, ``scale`` (G), ``scaled_out`` (LG), ``y`` and
-    ``shift`` (DM): DoRA's dY pass."""
+            out_dtype, config, e_lo=None, scale=None, scaled_out: bool = False, y=None, shift=None,
+            c_dtype=None, trans_c: bool = False):
+    """Launch ``reduce_kernel``; returns (C summed [P, R] ([R, P] if ``trans_c``) in ``c_dtype``
+    (the accumulator's by default) | None, Z summed [T, R] | None, OUT | None, LG | None, DM summed
+    [P] | None). ``e_lo``, ``scale`` (G), ``scaled_out`` (LG), ``y`` and ``shift`` (DM): DoRA's dY
+    pass."""
     T, P = big.shape
     R = (s if s is not None else e).shape[1] if (s is not None or e is not None) else 1
     acc = acc_dtype(big.dtype)
@@ -229,11 +249,13 @@ def _reduce(big, s, e, f, scaling, dropout, *, reduce: bool, rank_out: bool, exp
     cfg = config or reduce_config(T, P, R, big.dtype, big.device, dropout=dropout is not None,
                                   expand=expand_out, rank_out=rank_out, dora=dora)
     p_blocks = cdiv(P, cfg.block_cols)
-    c = alloc((cfg.splits, P, R), big, acc) if reduce else None
-    z = alloc((p_blocks, T, R), big, acc) if rank_out else None
+    c_dtype = c_dtype or acc
+    c = (_parts(cfg.splits, (R, P) if trans_c else (P, R), big, acc if cfg.splits > 1 else c_dtype)
+         if reduce else None)
+    z = _parts(p_blocks, (T, R), big, acc) if rank_out else None
     o = alloc((T, P), big, out_dtype) if expand_out else None
     lg = alloc((T, P), big, big.dtype) if scaled_out else None
-    dm = alloc((cfg.splits, P), big, acc) if y is not None else None
+    dm = _parts(cfg.splits, (P,), big, acc) if y is not None else None
     seed, p = dropout if dropout is not None else (None, 0.0)
     keep_scale = 1.0 / (1.0 - p)
     int64 = needs_int64(max_offset(big), T * P, p_blocks * T * R, cfg.splits * P * R)
@@ -243,31 +265,33 @@ def _reduce(big, s, e, f, scaling, dropout, *, reduce: bool, rank_out: bool, exp
         BLOCK_T=cfg.block_rows, BLOCK_P=cfg.block_cols, BLOCK_R=rank_block(R), INT64=int64,
         HAS_DROPOUT=seed is not None, REDUCE=c is not None, RANK_OUT=z is not None,
         SPLIT_E=e_lo is not None, EXPAND_OUT=o is not None, SCALED_OUT=lg is not None,
-        COL_DOT=dm is not None, HAS_SHIFT=shift is not None, ACC_DTYPE=tl_acc_dtype(big.dtype),
-        PRECISION=dot_precision(big.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        COL_DOT=dm is not None, HAS_SHIFT=shift is not None, TRANS_C=trans_c,
+        ACC_DTYPE=tl_acc_dtype(big.dtype), PRECISION=dot_precision(big.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return (_fixed_order_sum(c) if reduce else None, _fixed_order_sum(z) if rank_out else None, o, lg,
-            _fixed_order_sum(dm) if y is not None else None)
+    return (_fixed_order_sum(c, cfg.splits, c_dtype) if reduce else None,
+            _fixed_order_sum(z, p_blocks) if rank_out else None, o, lg,
+            _fixed_order_sum(dm, cfg.splits) if y is not None else None)
 
 
 def dy_pass(dy: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, scaling: float, *,
-            need_dyb: bool = True, need_db: bool = True,
+            need_dyb: bool = True, need_db: bool = True, db_dtype: torch.dtype | None = None,
             config: PassConfig | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(dy b [M, R], scaling * dy^T xa [N, R]), both in the accumulator dtype, from one pass over
-    dy [M, N]; xa [M, R], b [N, R]. What is not needed is neither computed nor returned."""
+    """(dy b [M, R] in the accumulator dtype, scaling * dy^T xa [N, R] in ``db_dtype``, the
+    accumulator's by default: summed in it, rounded once) from one pass over dy [M, N]; xa [M, R],
+    b [N, R]. What is not needed is neither computed nor returned."""
     check_device(dy, xa, b)
     M, N = dy.shape
     R = b.shape[1]
     acc = acc_dtype(dy.dtype)
     if M == 0:
-        zeros = torch.zeros((N, R), device=dy.device, dtype=acc)
         return (torch.zeros((0, R), device=dy.device, dtype=acc) if need_dyb else None,
-                zeros if need_db else None)
+                torch.zeros((N, R), device=dy.device, dtype=db_dtype or acc) if need_db else None)
     if dy.stride(1) != 1:
         dy = dy.contiguous()
     db, dyb, *_ = _reduce(dy, xa.contiguous() if need_db else None, b.contiguous() if need_dyb else None,
                           None, scaling, None, reduce=need_db, rank_out=need_dyb, expand_out=False,
-                          out_dtype=None, config=config)
+                          out_dtype=None, config=config, c_dtype=db_dtype)
     return dyb, db
 
 
@@ -311,9 +335,10 @@ def dora_dy_pass(dy: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, scaling: f
 
 def x_pass(x: torch.Tensor, dyb: torch.Tensor, a: torch.Tensor, scaling: float, *,
            dropout: tuple[torch.Tensor, float] | None = None, need_dx: bool = False,
-           need_da: bool = True,
+           need_da: bool = True, da_dtype: torch.dtype | None = None,
            config: PassConfig | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(dx0 [M, K] in x's dtype, dA [R, K] in the accumulator dtype) from one pass over x [M, K]:
+    """(dx0 [M, K] in x's dtype, dA [R, K] contiguous in ``da_dtype``, the accumulator's by default:
+    summed in it, rounded once) from one pass over x [M, K]:
 
         dx0 = scaling * D o (dyb a)        dA = scaling * dyb^T (D o x)
 
@@ -324,13 +349,13 @@ def x_pass(x: torch.Tensor, dyb: torch.Tensor, a: torch.Tensor, scaling: float, 
     R = a.shape[0]
     if M == 0:
         return (alloc((0, K), x, x.dtype) if need_dx else None,
-                torch.zeros((R, K), device=x.device, dtype=acc_dtype(x.dtype)) if need_da else None)
+                torch.zeros((R, K), device=x.device, dtype=da_dtype or acc_dtype(x.dtype)) if need_da else None)
     if x.stride(1) != 1:
         x = x.contiguous()
-    da_t, _, dx0, *_ = _reduce(x, dyb.contiguous(), None, a.contiguous() if need_dx else None,
-                               scaling, dropout, reduce=need_da, rank_out=False, expand_out=need_dx,
-                               out_dtype=x.dtype, config=config)
-    return dx0, (da_t.T if need_da else None)
+    da, _, dx0, *_ = _reduce(x, dyb.contiguous(), None, a.contiguous() if need_dx else None,
+                             scaling, dropout, reduce=need_da, rank_out=False, expand_out=need_dx,
+                             out_dtype=x.dtype, config=config, c_dtype=da_dtype, trans_c=True)
+    return dx0, da
 
 
 @triton.jit

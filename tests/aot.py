@@ -210,7 +210,7 @@ def pass_job(item) -> dict:
         const = dict(BLOCK_T=cfg.block_rows, BLOCK_P=cfg.block_cols, BLOCK_R=block_r, INT64=False,
                      HAS_DROPOUT=drop, REDUCE=has_c, RANK_OUT=has_z, SPLIT_E=split_e,
                      EXPAND_OUT=has_o, SCALED_OUT=dora, COL_DOT=dora, HAS_SHIFT=dora,
-                     ACC_DTYPE=acc, PRECISION=prec)
+                     TRANS_C=not has_z, ACC_DTYPE=acc, PRECISION=prec)
         for name, on, ty in (("C", has_c, f"*{a}"), ("Z", has_z, f"*{a}"), ("E", has_z, f"*{t}"),
                              ("OUT", has_o, f"*{t}"), ("F", has_o, f"*{t}"), ("SEED", drop, "*i64"),
                              ("E_LO", split_e, f"*{t}"), ("G", dora, f"*{a}"), ("LG", dora, f"*{t}"),

@@ -10,7 +10,7 @@ from helpers import DEVICE, HAS_TRITON
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 
 if HAS_TRITON:
-    from fastlora.kernels import (GemmConfig, PassConfig, dora_dy_pass, dropout_mask, dy_pass,
+    from fastlora.kernels import (INTERPRETED, GemmConfig, PassConfig, dora_dy_pass, dropout_mask, dy_pass,
                                   lora_gemm, weight_pass, x_pass, xa_pass)
     from fastlora.kernels import gemm as gemm_module
     from fastlora.kernels.common import max_offset, needs_int64, tma_ready
@@ -168,6 +168,39 @@ def test_x_pass_gives_dx0_and_da_with_one_mask(cfg, p):
     dx_only, none = x_pass(x, dyb, a, 0.3, dropout=drop, need_dx=True, need_da=False, config=cfg)
     assert none is None
     _close(dx_only, 0.3 * keep * (dyb @ a))
+
+
+def _rounded_once(got, acc, dtype, written: bool):
+    """``got`` is ``acc`` rounded to nearest (even) in ``dtype``: exactly torch's rounding, except
+    where the interpreter's kernel wrote it in bfloat16: the interpreter truncates (compiled code
+    rounds to nearest even), so there it must be the truncation."""
+    want = acc.to(dtype)
+    if not (written and dtype == torch.bfloat16 and INTERPRETED):
+        assert torch.equal(got, want)
+        return
+    truncated = (acc.view(torch.int32) & ~0xFFFF).view(torch.float32).to(dtype)  # exact: 8 bits left
+    assert torch.equal(got, truncated), "not the interpreter's truncation"
+
+
+@pytest.mark.parametrize("cfg", PASSES, ids=["splits1", "splits3"])
+@pytest.mark.parametrize("out", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_db_and_da_come_in_the_adapters_dtype_rounded_once(cfg, out):
+    """dB and dA as the adapters store them (dA [R, K] contiguous), each the accumulator's sum
+    rounded once: written so by the kernel when it does not split its rows, else summed, then cast."""
+    M, N, K, R = 70, 37, 45, 5
+    dy, xa, b = _rand(M, N, dtype=torch.float32), _rand(M, R, dtype=torch.float32), _rand(N, R, dtype=torch.float32)
+    x, a = _rand(M, K, dtype=torch.float32), _rand(R, K, dtype=torch.float32)
+    dyb, db = dy_pass(dy, xa, b, 0.3, db_dtype=out, config=cfg)
+    _, db_acc = dy_pass(dy, xa, b, 0.3, config=cfg)
+    assert db.dtype == out and db_acc.dtype == torch.float32
+    _rounded_once(db, db_acc, out, written=cfg.splits == 1)
+    drop = (_seed(7), 0.4)
+    _, da = x_pass(x, dyb, a, 0.3, dropout=drop, da_dtype=out, config=cfg)
+    _, da_acc = x_pass(x, dyb, a, 0.3, dropout=drop, config=cfg)
+    assert da.shape == (R, K) and da.is_contiguous() and da_acc.is_contiguous() and da.dtype == out
+    _rounded_once(da, da_acc, out, written=cfg.splits == 1)
+    keep = dropout_mask(_seed(7), (M, K), 0.4).double() / 0.6
+    _close(da_acc, 0.3 * dyb.double().T @ (keep * x.double()), tol=1e-5)
 
 
 @pytest.mark.parametrize("cfg", PASSES, ids=["splits1", "splits3"])
