@@ -8,7 +8,9 @@ time. One line per probe (benchmarks/gpu_check.sh keeps them in machine.txt).
   H200 run of 2026-11-29 timed them eagerly only, at 0.07-0.23 ms a pass, the order of a call's
   host time there, so its 0.12-0.25 of the copy bandwidth may be the host's, not the kernels';
 - host time per call at M=16 and 2048 for each route (and the torch route through autograd's
-  path), against F.linear's and PEFT's, with the Triton launches of one call counted.
+  path; and the fused route with its launches through Triton's JITFunction.run, against
+  kernels/launch.py's remembered path), against F.linear's and PEFT's, with the Triton launches
+  of one call counted.
 """
 import time
 
@@ -16,6 +18,7 @@ import torch
 import triton
 import triton.testing
 
+import fastlora.kernels.launch as launch_path
 from fastlora import kernels as K
 from fastlora import torch_route
 from fastlora.bench import build, make_weights, time_cuda
@@ -103,15 +106,19 @@ def host_time(features: int = 4096, sizes=(16, 2048), n: int = 100):
         module.launch = counting
     weights = make_weights(features, features, 16, BF16, torch.device(DEV), dropout=0.0)
     hand_written_from = torch_route.AUTOGRAD_FROM
+    remembered = launch_path.ENABLED
     for M in sizes:
         x = torch.randn(M, features, device=DEV, dtype=BF16, requires_grad=True)
         dy = torch.randn(M, features, device=DEV, dtype=BF16)
         for provider in ("base", "peft", "fastlora-torch", "torch-autograd", "fastlora-fused",
-                         "fastlora-split", "fastlora"):
-            # the torch route through autograd's path at any size (its rule takes it up to 2^26)
+                         "fused-via-jit", "fastlora-split", "fastlora"):
+            # the torch route through autograd's path at any size (its rule takes it up to 2^26);
+            # fused-via-jit: the fused route with every launch through Triton's JITFunction.run
             torch_route.AUTOGRAD_FROM = 2**62 if provider == "torch-autograd" else hand_written_from
+            launch_path.ENABLED = remembered and provider != "fused-via-jit"
+            built = {"torch-autograd": "fastlora-torch", "fused-via-jit": "fastlora-fused"}.get(provider, provider)
             try:
-                module, params = build("fastlora-torch" if provider == "torch-autograd" else provider, weights)
+                module, params = build(built, weights)
             except Exception as e:  # (PEFT not installed, say): said, the others still measured
                 print(f"host M{M} {provider}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
                 continue
@@ -138,6 +145,7 @@ def host_time(features: int = 4096, sizes=(16, 2048), n: int = 100):
                 print(f"host M{M:<5d} {provider:15s} {name:8s} {host:7.1f} us/call host, {wall:7.1f} wall, "
                       f"{n_launch} Triton launches")
     torch_route.AUTOGRAD_FROM = hand_written_from
+    launch_path.ENABLED = remembered
 
 
 if __name__ == "__main__":
