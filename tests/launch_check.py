@@ -4,7 +4,8 @@ compile for it for real, and each compiled kernel's launcher records its call in
 
 Prints JSON: per launch, whether both paths chose the same compiled kernel and handed its launcher
 the same arguments, whether the remembered path served the repeat without Triton's binder, and
-the host time of each path per launch (microseconds, the launch itself a no-op). Runs without
+the host time of each path per launch (microseconds, the launch itself a no-op); per training step
+of each route (``step_replays``), the same comparison over its sequence of launches. Runs without
 TRITON_INTERPRET (tests/test_launch.py starts it in a subprocess); ``--times`` prints the times as a
 table instead; ``--step`` prints the host time of a whole training step through each Triton route
 (16 x 256, bf16, r=16) with launches through Triton's path and through ``launch``."""
@@ -72,6 +73,8 @@ def main() -> None:
     for module in (gemm, passes, dequant):
         module.launch = lambda kernel, grid, *args, **kwargs: recorded.append((kernel, grid, args, kwargs))
     names = scenarios(recorded)
+    for module in (gemm, passes, dequant):
+        module.launch = launch.launch
 
     results = []
     for name, (kernel, grid, args, kwargs) in zip(names, recorded):
@@ -92,13 +95,15 @@ def main() -> None:
             "triton_us": host_us(kernel[grid], args, kwargs),
             "launch_us": host_us(launch.launch, (kernel, grid, *args), kwargs),
         })
+    steps = step_replays()
     if "--times" in sys.argv:
         print(f"triton {triton.__version__} ({'verified' if verified else 'not in VERIFIED_TRITON'})")
         for r in results:
             print(f"{r['launch']:28s} {r['kernel']:22s} Triton's path {r['triton_us']:5.1f} us, "
                   f"launch {r['launch_us']:5.1f} us")
     else:
-        print(json.dumps({"triton": triton.__version__, "verified": verified, "launches": results}))
+        print(json.dumps({"triton": triton.__version__, "verified": verified, "launches": results,
+                          "steps": steps}))
 
 
 def step_times(M: int = 16, features: int = 256, steps: int = 1500) -> None:
@@ -127,6 +132,63 @@ def step_times(M: int = 16, features: int = 256, steps: int = 1500) -> None:
             times[enabled].append(statistics.median(ts) * 1e6)
         print(f"{route:5s} {M} x {features}: Triton's path " + " ".join(f"{t:.0f}" for t in times[False])
               + " us a step, launch " + " ".join(f"{t:.0f}" for t in times[True]))
+
+
+def step_replays() -> list:
+    """Whole training steps (bf16 layers, 64 x 128, r=16) through each Triton route, with and
+    without dropout, DoRA, a 4-bit base: the launches of a step made through Triton's path, then
+    (after a step that fills the remembered path) through ``launch``; per step, whether the two
+    sequences launch the same compiled kernels with alike arguments (tensors by dtype, shape,
+    strides and 16-byte alignment: each step allocates its own) and whether every launch of the
+    second skipped Triton's binder. A step of each kind runs first (DoRA's ||W_n||^2 is computed
+    once, then cached)."""
+    import fastlora
+    kernels.INTERPRETED = True  # the routes take CPU tensors (the kernels themselves are compiled)
+    bf = torch.bfloat16
+    g = torch.Generator().manual_seed(1)
+
+    def lora(route, **kw):
+        return fastlora.LoRALinear(128, 128, r=16, backend=route, dtype=bf, init_lora_weights=False, **kw)
+
+    def qlora(route):
+        base = fastlora.quantize_4bit(torch.nn.Linear(128, 128, dtype=bf), quant_type="nf4")
+        return fastlora.LoRALinear4bit(base, r=16, backend=route, init_lora_weights=False)
+
+    layers = {f"{route}{name}": make(route) for route in ("fused", "split") for name, make in (
+        ("", lambda r: lora(r)), (", dropout", lambda r: lora(r, dropout=0.1)),
+        (", DoRA", lambda r: lora(r, use_dora=True)))}
+    layers["fused, 4-bit W"] = qlora("fused")
+    out = []
+    for name, layer in layers.items():
+        layer.train()
+        x = torch.randn(64, 128, generator=g).to(bf).requires_grad_(True)
+        dy = torch.randn(64, 128, generator=g).to(bf)
+        params = [x, *(p for p in layer.parameters() if p.requires_grad)]
+        seq = {}
+        for enabled in (False, False, True, True):  # (the first warms DoRA's cached norm up)
+            launch.ENABLED = enabled
+            CALLS.clear()
+            binds = len(BINDS)
+            torch.manual_seed(0)
+            torch.autograd.grad(layer(x), params, dy)
+            seq[enabled] = ([(c, alike(args)) for c, args in CALLS], len(BINDS) - binds)
+        (theirs, _), (ours, bound) = seq[False], seq[True]
+        out.append({"step": name, "launches": len(ours), "same": ours == theirs, "direct": bound == 0})
+    launch.ENABLED = True
+    return out
+
+
+def alike(args: tuple) -> tuple:
+    """A launcher call's arguments, tensors by what a kernel's specialisation and addressing see."""
+    def one(i, a):
+        if isinstance(a, torch.Tensor):
+            return ("tensor", a.dtype, tuple(a.shape), a.stride(), a.data_ptr() % 16)
+        if type(a).__name__ == "TensorDescriptor":
+            return ("desc", one(0, a.base), tuple(a.shape), tuple(a.strides), tuple(a.block_shape))
+        if i == 6:  # launch metadata: a fresh dict per launch
+            return type(a)
+        return a if isinstance(a, (int, float, str, bool, type(None))) else id(a)
+    return tuple(one(i, a) for i, a in enumerate(args))
 
 
 def same(a: tuple, b: tuple) -> bool:
