@@ -1,6 +1,11 @@
 """What the tests share: the device and Triton facts, the backends to run, the bound check's
 failure message and a small model. (tests/conftest.py sets TRITON_INTERPRET before anything here
 imports the kernels, and holds the fixtures.)"""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -15,6 +20,18 @@ try:
     HAS_TRITON = True
 except ImportError:  # a machine without triton still runs the fallback's tests
     HAS_TRITON = False
+
+def run_compiled(script: str, timeout: int):
+    """The JSON that ``script`` (a file of tests/) prints, run in a subprocess without
+    TRITON_INTERPRET: the kernels compiled, not interpreted (this process defined them in
+    interpreter mode)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(__file__)
+    proc = subprocess.run([sys.executable, os.path.join(here, script)], env=env, cwd=here,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
 
 # Every route, for the correctness suite: each must pass it on its own.
 ROUTES = ["torch", "fused", "split"] if HAS_TRITON else ["torch"]

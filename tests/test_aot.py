@@ -8,15 +8,11 @@ spills. The 4-bit forms (the dequantize kernel, the GEMM reading W in 4 bits) ho
 multiply-add.
 
 The compiles run in a subprocess: this test process defined the kernels in interpreter mode."""
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import HAS_TRITON
+from helpers import HAS_TRITON, run_compiled
 
 if not HAS_TRITON:
     pytest.skip("triton not installed", allow_module_level=True)
@@ -32,12 +28,7 @@ SMEM = {cap[0] * 10 + cap[1]: smem for cap, _, smem, _ in aot.GPUS}
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    here = os.path.dirname(__file__)
-    proc = subprocess.run([sys.executable, os.path.join(here, "aot.py")], env=env, cwd=here,
-                          capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout)
+    return run_compiled("aot.py", timeout=1800)
 
 
 def test_the_production_configs_include_the_persistent_tma_gemm():

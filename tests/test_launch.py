@@ -6,14 +6,10 @@ each compiled kernel's launcher records its call instead of making it). Both mus
 compiled kernel and hand it the same arguments, and a repeat must skip Triton's binder. The
 subprocess runs without TRITON_INTERPRET: this test process defined the kernels in interpreter
 mode."""
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from helpers import HAS_TRITON
+from helpers import HAS_TRITON, run_compiled
 
 if not HAS_TRITON:
     pytest.skip("triton not installed", allow_module_level=True)
@@ -23,12 +19,7 @@ KERNELS = {"lora_gemm_kernel", "xa_kernel", "reduce_kernel", "_dropout_mask_kern
 
 @pytest.fixture(scope="module")
 def replay():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    here = os.path.dirname(__file__)
-    proc = subprocess.run([sys.executable, os.path.join(here, "launch_check.py")], env=env, cwd=here,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout)
+    out = run_compiled("launch_check.py", timeout=900)
     if not out["verified"]:
         agree = all(r["same_kernel"] and r["same_args"] for r in out["launches"])
         agree = agree and all(r["same"] for r in out["steps"])
