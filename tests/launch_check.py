@@ -9,6 +9,8 @@ of each route (``step_replays``), the same comparison over its sequence of launc
 TRITON_INTERPRET (tests/test_launch.py starts it in a subprocess); ``--times`` prints the times as a
 table instead; ``--step`` prints the host time of a whole training step through each Triton route
 (16 x 256, bf16, r=16) with launches through Triton's path and through ``launch``."""
+import functools
+import inspect
 import json
 import statistics
 import sys
@@ -56,6 +58,14 @@ def stand_in_gpu() -> None:
         module.device_info = lambda device: info
     for module in (gemm, passes, dequant):
         module.check_device = lambda *tensors: None
+    cuda = torch.device("cuda", 0)  # the config functions' GPU rules, not the interpreter's
+    for name in ("gemm_config", "xa_config", "reduce_config"):
+        rule = getattr(configs, name)
+        i = list(inspect.signature(rule).parameters).index("device")
+        on_gpu = functools.wraps(rule)(lambda *a, _rule=rule, _i=i, **k: _rule(*a[:_i], cuda, *a[_i + 1:], **k))
+        for module in (configs, kernels, gemm, passes):
+            if hasattr(module, name):
+                setattr(module, name, on_gpu)
 
 
 def main() -> None:
