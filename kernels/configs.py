@@ -13,8 +13,16 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import triton
 
 from .common import cdiv, next_power_of_2
+
+# The Triton releases whose warp specialization compiles the fused GEMM for sm_90 (tests/aot.py):
+# 3.6 (the GPU machines'); 3.7 to 3.9's Hopper pass rejects its 128-row TMA tiles ("descriptor
+# block and tensor must have the same number of elements"), even a plain GEMM's. Elsewhere a
+# warp-specialized config runs as the same tiles without it.
+WARP_SPECIALIZED_TRITON = ("3.6",)
+WARP_SPECIALIZE = ".".join(triton.__version__.split(".")[:2]) in WARP_SPECIALIZED_TRITON
 
 # Largest rank the kernels take: the [BLOCK_M, BLOCK_R] XA block lives in registers.
 MAX_RANK = 256
@@ -29,7 +37,9 @@ _INTERPRETER_PROGRAMS = 3
 class GemmConfig:
     """The fused GEMM (kernels/gemm.py). ``tma``: operands through tensor descriptors (sm_90+ and
     16-byte-aligned strides; the launcher falls back to pointers otherwise); ``xa_in_loop``: the
-    forward computes x A^T in its K loop instead of reading it from a separate pass over x."""
+    forward computes x A^T in its K loop instead of reading it from a separate pass over x;
+    ``warp_specialize`` (with ``tma``, x A^T read): Triton's warp specialization of the persistent
+    tile loop, ``num_warps`` a warpgroup (on sm_90 one producer and two consumer groups)."""
     block_m: int
     block_n: int
     block_k: int
@@ -39,6 +49,7 @@ class GemmConfig:
     tma: bool = False
     epilogue_subtile: bool = False
     xa_in_loop: bool = True
+    warp_specialize: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,12 @@ def gemm_smem_bytes(cfg: GemmConfig, block_r: int, elt: int) -> int:
     compiler stages through shared memory: ptxas's reports in tests/aot.py match this to 24 bytes
     for the TMA configs, and it overestimates the others)."""
     per_stage = (cfg.block_m + cfg.block_n + (block_r if cfg.xa_in_loop else 0)) * cfg.block_k
+    if cfg.warp_specialize:
+        # the epilogue's xa (float32) and B tiles come by TMA, buffered per stage like the main
+        # operands, and y leaves through pointers after a layout change in shared memory
+        # (ptxas's reports in tests/aot.py under triton 3.6: within 60 bytes for 128-wide tiles)
+        epilogue = cfg.block_m * block_r * 4 + cfg.block_n * block_r * elt
+        return cfg.num_stages * (per_stage * elt + epilogue) + 128 * max(cfg.block_n, 128) + 512
     staging = cfg.block_m * cfg.block_n // (2 if cfg.epilogue_subtile else 1) if cfg.tma else 0
     epilogue = (cfg.block_m + cfg.block_n) * block_r
     return (cfg.num_stages * per_stage + staging + epilogue) * elt
@@ -135,12 +152,16 @@ def gemm_candidates(M: int, block_r: int, elt: int, info: DeviceInfo, *, grad_in
         if not (grad_input or dropout):
             out.append(GemmConfig(128, 256, 64, num_warps=8, num_stages=3, tma=True,
                                   epilogue_subtile=True))
+        if WARP_SPECIALIZE and info.capability[0] >= 9:  # 4 warps a group, 12 a program on
+            # sm_90; unmeasured on a GPU so far; 128 x 256 spills in DoRA's form
+            out.append(GemmConfig(128, 128, 64, num_warps=4, num_stages=4, tma=True, xa_in_loop=False,
+                                  warp_specialize=True))
     if grad_input and dropout:  # the dX epilogue holds Philox state per output element
         out = [dataclasses.replace(c, block_n=min(c.block_n, 64)) for c in out]
     hopper = info.capability[0] >= 9
     # before Hopper, no TMA, and a 128x256 accumulator spills (tests/aot.py)
     out = [fit_gemm(c if hopper else dataclasses.replace(c, block_n=min(c.block_n, 128), tma=False,
-                                                         epilogue_subtile=False),
+                                                         epilogue_subtile=False, warp_specialize=False),
                     block_r, elt, info.smem) for c in out]
     return list(dict.fromkeys(out))
 
@@ -204,7 +225,8 @@ def _fit_device(cfg: GemmConfig, block_r: int, dtype: torch.dtype, info: DeviceI
         bn //= 2
     # x A^T in the loop holds [block_k, block_r] A tiles beside the main operands: ranks past 64
     # read xa from its own pass instead
-    cfg = dataclasses.replace(cfg, block_m=bm, block_n=bn, tma=cfg.tma and info.capability[0] >= 9,
+    tma = cfg.tma and info.capability[0] >= 9
+    cfg = dataclasses.replace(cfg, block_m=bm, block_n=bn, tma=tma, warp_specialize=cfg.warp_specialize and tma,
                               xa_in_loop=cfg.xa_in_loop and block_r <= 64)
     return fit_gemm(cfg, block_r, dtype.itemsize, info.smem)
 
@@ -229,10 +251,10 @@ def gpu_gemm_config_4bit(M: int, block_r: int, dtype: torch.dtype, info: DeviceI
 def fit_4bit(cfg: GemmConfig, blocksize: int, grad_input: bool) -> GemmConfig:
     """``cfg`` for a W read in 4 bits in blocks of ``blocksize``: no TMA, and a tile's extent along W's
     rows (BLOCK_K forward, BLOCK_N for dX) within one block."""
+    cfg = dataclasses.replace(cfg, tma=False, epilogue_subtile=False, warp_specialize=False)
     if grad_input:
-        return dataclasses.replace(cfg, tma=False, epilogue_subtile=False,
-                                   block_n=min(cfg.block_n, blocksize))
-    return dataclasses.replace(cfg, tma=False, epilogue_subtile=False, block_k=min(cfg.block_k, blocksize))
+        return dataclasses.replace(cfg, block_n=min(cfg.block_n, blocksize))
+    return dataclasses.replace(cfg, block_k=min(cfg.block_k, blocksize))
 
 
 # Registers a thread may give the tiles of a pass (of 255), leaving the rest for addresses.

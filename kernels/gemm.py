@@ -30,7 +30,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .common import (INTERPRETED, acc_dtype, alloc, cdiv, check_device, dot_precision, dropout_keep,
                      max_offset, needs_int64, tl_acc_dtype, tma_ready, widened, wrapped_offsets)
-from .configs import GemmConfig, device_info, fit_4bit, gemm_config, rank_block
+from .configs import WARP_SPECIALIZE, GemmConfig, device_info, fit_4bit, gemm_config, rank_block
 from .dequant import Packed4bit, block_absmax
 from .launch import launch
 
@@ -57,11 +57,14 @@ def _lora_tile(
     R_PADDED: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     CHUNKED_ACC: tl.constexpr,
     ABSMAX, CODE, ABSMAX_SCALE, CODE8, OFFSET, W4BIT: tl.constexpr, QBLOCK: tl.constexpr,
-    NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr,
+    NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, LOW_DESC: tl.constexpr,
 ):
     """One output tile: the main loop over K for tile number ``tile``, the epilogue for tile number
     ``tile_out`` (the same tile; a persistent loop counts the two apart so that the software
-    pipeline may start the next tile's loads under this one's epilogue)."""
+    pipeline may start the next tile's loads under this one's epilogue). LOW_DESC (with USE_TMA,
+    for warp specialization): XA and V are tensor descriptors and Y a pointer, since Triton's
+    Hopper warp specialization fails on 2-D pointer loads feeding a dot in the loop and on a
+    descriptor store."""
     n_tiles_m = tl.cdiv(M, BLOCK_M)
     n_tiles_n = tl.cdiv(N, BLOCK_N)
     if USE_TMA:
@@ -145,14 +148,21 @@ def _lora_tile(
     m_n = o_n < N
     om = widened(o_m, INT64)
     on = widened(o_n, INT64)
-    p_xa = XA + om[:, None] * R + o_r[None, :]
-    if XA_IN_LOOP:
-        if e_n == 0:  # the side output, written once per row block
-            tl.store(p_xa, b_xa.to(XA.dtype.element_ty), mask=m_m[:, None] & m_r[None, :])
+    if LOW_DESC:  # (edges zero-filled: rows past M, columns past N, lanes past R)
+        b_xa = XA.load([e_m * BLOCK_M, 0]).to(ACC_DTYPE)                               # [BM, BR]
+        if W_NK:
+            b_v = V.load([e_n * BLOCK_N, 0]).T.to(DOT_DTYPE)                           # [BR, BN]
+        else:
+            b_v = V.load([0, e_n * BLOCK_N]).to(DOT_DTYPE)
     else:
-        b_xa = tl.load(p_xa, mask=m_m[:, None] & m_r[None, :], other=0.0).to(ACC_DTYPE)
-    p_v = V + o_r[:, None] * stride_vr + on[None, :] * stride_vn
-    b_v = tl.load(p_v, mask=m_r[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)      # [BR, BN]
+        p_xa = XA + om[:, None] * R + o_r[None, :]
+        if XA_IN_LOOP:
+            if e_n == 0:  # the side output, written once per row block
+                tl.store(p_xa, b_xa.to(XA.dtype.element_ty), mask=m_m[:, None] & m_r[None, :])
+        else:
+            b_xa = tl.load(p_xa, mask=m_m[:, None] & m_r[None, :], other=0.0).to(ACC_DTYPE)
+        p_v = V + o_r[:, None] * stride_vr + on[None, :] * stride_vn
+        b_v = tl.load(p_v, mask=m_r[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)  # [BR, BN]
     b_xas = (b_xa * tl.full((1, 1), scaling, ACC_DTYPE)).to(DOT_DTYPE)
     if R_PADDED:
         # lanes r >= R hold x * 0 from U's zero padding, NaN where x is +-Inf; V's zero padding
@@ -169,7 +179,7 @@ def _lora_tile(
         acc = acc * tl.load(SCALE + on, mask=m_n, other=0.0).to(ACC_DTYPE)[None, :]
     if HAS_BIAS:
         acc += tl.load(BIAS + on, mask=m_n, other=0.0).to(ACC_DTYPE)[None, :]
-    if USE_TMA:
+    if USE_TMA and not LOW_DESC:
         if EPILOGUE_SUBTILE:
             halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
             acc0, acc1 = tl.split(halves)
@@ -195,6 +205,7 @@ def lora_gemm_kernel(
     HAS_SCALE: tl.constexpr, DROPOUT_OUT: tl.constexpr, EVEN_K: tl.constexpr, R_PADDED: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, CHUNKED_ACC: tl.constexpr,
     W4BIT: tl.constexpr, QBLOCK: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     """Y = SCALE o (X op(W) + s * D o (XA op(V))) + BIAS, XA = X U^T (in the loop, written to XA)
     or read; SCALE [N] per output column (DoRA's g), ones when None.
@@ -205,6 +216,9 @@ def lora_gemm_kernel(
     min(#tiles, NUM_SMS) programs walk the tiles NUM_SMS apart. Otherwise pointers, one tile a
     program (a persistent loop costs the pointer path registers it has no use for), rows and columns
     past the edges wrapped onto valid ones (never stored) and K masked unless EVEN_K.
+    WARP_SPECIALIZE (with USE_TMA, XA read): the tile loop warp-specialized by Triton (on sm_90:
+    a producer warpgroup issuing the copies, two computing; num_warps=4 a group), XA and op(V) then
+    descriptors too and Y a pointer.
 
     W4BIT: W is the packed codes of a 4-bit [N_out, K_in] weight (ABSMAX, CODE and, NESTED,
     ABSMAX_SCALE, CODE8, OFFSET its quant state, blocks of QBLOCK, nested blocks of NESTED_BLOCK), read through
@@ -216,21 +230,22 @@ def lora_gemm_kernel(
     if USE_TMA:
         n_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         tile_out = i_pid - NUM_SMS
-        for tile in tl.range(i_pid, n_tiles, NUM_SMS, flatten=True):
+        for tile in tl.range(i_pid, n_tiles, NUM_SMS, flatten=not WARP_SPECIALIZE,
+                             warp_specialize=WARP_SPECIALIZE):
             tile_out += NUM_SMS
             _lora_tile(tile, tile_out, X, W, U, V, BIAS, SCALE, Y, XA, seed, M, N, K, R, stride_xm,
                        stride_wk, stride_wn, stride_vr, stride_vn, stride_ym, scaling, dropout_p,
                        W_NK, INT64, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M, EPILOGUE_SUBTILE,
                        USE_TMA, XA_IN_LOOP, HAS_BIAS, HAS_SCALE, DROPOUT_OUT, EVEN_K, R_PADDED, ACC_DTYPE,
                        PRECISION, CHUNKED_ACC, ABSMAX, CODE, ABSMAX_SCALE, CODE8, OFFSET, W4BIT, QBLOCK,
-                       NESTED, NESTED_BLOCK)
+                       NESTED, NESTED_BLOCK, WARP_SPECIALIZE)
     else:
         _lora_tile(i_pid, i_pid, X, W, U, V, BIAS, SCALE, Y, XA, seed, M, N, K, R, stride_xm,
                    stride_wk, stride_wn, stride_vr, stride_vn, stride_ym, scaling, dropout_p,
                    W_NK, INT64, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M, EPILOGUE_SUBTILE,
                    USE_TMA, XA_IN_LOOP, HAS_BIAS, HAS_SCALE, DROPOUT_OUT, EVEN_K, R_PADDED, ACC_DTYPE,
                    PRECISION, CHUNKED_ACC, ABSMAX, CODE, ABSMAX_SCALE, CODE8, OFFSET, W4BIT, QBLOCK,
-                   NESTED, NESTED_BLOCK)
+                   NESTED, NESTED_BLOCK, False)
 
 
 _NO_4BIT = Packed4bit(None, None, None, None, None, None, (0, 0), 1)  # the 4-bit arguments of a 16-bit W
@@ -287,15 +302,23 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor | Packed4bit, v: torch.Tensor, bi
     v_rn = (v.stride(0), v.stride(1)) if grad_input else (v.stride(1), v.stride(0))
     use_tma = (cfg.tma and w4 is None and (INTERPRETED or info.capability[0] >= 9)
                and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and tma_ready(x, w, y))
+    block_r = rank_block(R)
+    # warp specialization reads xa and the adapter (B [N, R] forward, A [R, N] dX) through
+    # descriptors as well, and stores y through pointers (see the kernel)
+    ws = (use_tma and cfg.warp_specialize and (WARP_SPECIALIZE or INTERPRETED) and u is None
+          and tma_ready(xa, v))
+    x_arg, w_arg, y_arg, xa_arg, v_arg = x, w, y, xa, v
     if use_tma:
         x_arg = TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k])
         w_arg = TensorDescriptor.from_tensor(w, [cfg.block_k, cfg.block_n] if grad_input
                                              else [cfg.block_n, cfg.block_k])
+    if use_tma and not ws:
         y_arg = TensorDescriptor.from_tensor(
             y, [cfg.block_m, cfg.block_n // 2 if cfg.epilogue_subtile else cfg.block_n])
-    else:
-        x_arg, w_arg, y_arg = x, w, y
-    block_r = rank_block(R)
+    if ws:
+        xa_arg = TensorDescriptor.from_tensor(xa, [cfg.block_m, block_r])
+        v_arg = TensorDescriptor.from_tensor(v, [block_r, cfg.block_n] if grad_input
+                                             else [cfg.block_n, block_r])
     n_tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
     programs = min(n_tiles, info.sms) if use_tma else n_tiles
     seed, p = dropout if dropout is not None else (None, 0.0)
@@ -303,19 +326,19 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor | Packed4bit, v: torch.Tensor, bi
                         M * block_r, max_offset(v))
     q = w4 if w4 is not None else _NO_4BIT
     launch(lora_gemm_kernel, (programs,),
-        x_arg, w_arg, u, v, bias, scale, y_arg, xa, seed, q.absmax, q.code, q.scale, q.code8, q.offset,
+        x_arg, w_arg, u, v_arg, bias, scale, y_arg, xa_arg, seed, q.absmax, q.code, q.scale, q.code8, q.offset,
         M, N, K, R,
         x.stride(0), w_kn[0], w_kn[1], v_rn[0], v_rn[1], y.stride(0),
         float(scaling), float(p),
         W_NK=not grad_input, INT64=int64,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
-        GROUP_M=cfg.group_m, NUM_SMS=info.sms, EPILOGUE_SUBTILE=cfg.epilogue_subtile and use_tma,
+        GROUP_M=cfg.group_m, NUM_SMS=info.sms, EPILOGUE_SUBTILE=cfg.epilogue_subtile and use_tma and not ws,
         USE_TMA=use_tma, XA_IN_LOOP=u is not None, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
         DROPOUT_OUT=seed is not None, EVEN_K=K % cfg.block_k == 0, R_PADDED=R < block_r,
         ACC_DTYPE=tl_acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype),
         CHUNKED_ACC=x.dtype in (torch.float32, torch.float64),
         W4BIT=w4 is not None, QBLOCK=q.blocksize, NESTED=q.scale is not None, NESTED_BLOCK=q.nested_blocksize,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        WARP_SPECIALIZE=ws, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         # the nested absmax rounds after its product and after its sum (kernels/dequant.py)
         **({"enable_fp_fusion": False} if w4 is not None else {}),
     )

@@ -114,6 +114,8 @@ def gemm_job(item, four_bit: bool = False) -> dict:
         if in_loop and not cfg.xa_in_loop:
             continue
         tma = cfg.tma and dtype != torch.float64
+        ws = tma and cfg.warp_specialize  # (its forms read xa: the launcher's rule)
+        xa_t, v_t = f"*{_acc(dtype)}", f"*{t}"
         if tma:
             x_t = f"tensordesc<{t}[{cfg.block_m}, {cfg.block_k}]>"
             w_t = (f"tensordesc<{t}[{cfg.block_k}, {cfg.block_n}]>" if grad_input
@@ -121,9 +123,14 @@ def gemm_job(item, four_bit: bool = False) -> dict:
             y_t = f"tensordesc<{t}[{cfg.block_m}, {cfg.block_n // (2 if cfg.epilogue_subtile else 1)}]>"
         else:
             x_t = w_t = y_t = f"*{t}"
+        if ws:
+            y_t = f"*{t}"
+            xa_t = f"tensordesc<{_acc(dtype)}[{cfg.block_m}, {block_r}]>"
+            v_t = (f"tensordesc<{t}[{block_r}, {cfg.block_n}]>" if grad_input
+                   else f"tensordesc<{t}[{cfg.block_n}, {block_r}]>")
         for nested in ((False, True) if four_bit else (None,)):
-            types = {"X": x_t, "W": "*u8" if four_bit else w_t, "V": f"*{t}", "Y": y_t,
-                     "XA": f"*{_acc(dtype)}", "M": "i32", "N": "i32", "K": "i32", "R": "i32",
+            types = {"X": x_t, "W": "*u8" if four_bit else w_t, "V": v_t, "Y": y_t,
+                     "XA": xa_t, "M": "i32", "N": "i32", "K": "i32", "R": "i32",
                      "stride_xm": "i32", "stride_ym": "i32", "scaling": "fp64", "dropout_p": "fp64"}
             if in_loop:
                 types["U"] = f"*{t}"
@@ -145,7 +152,8 @@ def gemm_job(item, four_bit: bool = False) -> dict:
                     types.update(ABSMAX_SCALE="*fp32", CODE8="*fp32", OFFSET="*fp32")
             const = dict(U=None, BIAS=None, SCALE=None, SEED=None, W_NK=not grad_input, INT64=False,
                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
-                         GROUP_M=cfg.group_m, NUM_SMS=132, EPILOGUE_SUBTILE=cfg.epilogue_subtile and tma,
+                         GROUP_M=cfg.group_m, NUM_SMS=132, EPILOGUE_SUBTILE=cfg.epilogue_subtile and tma and not ws,
+                         WARP_SPECIALIZE=ws,
                          USE_TMA=tma, XA_IN_LOOP=in_loop, HAS_BIAS=not grad_input, HAS_SCALE=dora,
                          DROPOUT_OUT=form == "dx_dropout", EVEN_K=True,
                          # the heavier form, with the epilogue's mask of the padded rank lanes
@@ -163,6 +171,7 @@ def gemm_job(item, four_bit: bool = False) -> dict:
                                **({"enable_fp_fusion": False} if four_bit else {}))
             out[form + ("_nested" if nested else "")] = dict(
                 wgmma="wgmma" in c.ptx, tma="cp.async.bulk.tensor" in c.ptx, shared=c.shared,
+                setmaxnreg="setmaxnreg" in c.ptx,
                 registers=c.registers, spills=c.spill_bytes,
                 **({"fma": "fma.rn" in c.ptx} if four_bit else {}))
     return out
@@ -336,7 +345,8 @@ def item_id(kind, item) -> str:
     if kind in ("gemm", "gemm4bit"):
         cfg, block_r, dtype, cap, dropout = item
         tile = (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}" + ("-tma" if cfg.tma else "")
-                + ("-subtile" if cfg.epilogue_subtile else "") + ("-dropout" if dropout else ""))
+                + ("-subtile" if cfg.epilogue_subtile else "") + ("-ws" if cfg.warp_specialize else "")
+                + ("-dropout" if dropout else ""))
     else:
         kind, cfg, block_r, dtype, cap, (dropout, expand, rank_out, dora) = item
         tile = (f"{cfg.block_rows}x{cfg.block_cols}" + ("-dropout" if dropout else "")

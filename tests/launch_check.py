@@ -251,12 +251,16 @@ def scenarios(recorded: list) -> list:
     xa = rnd(M, R, dtype=torch.float32)
     w4 = packed_4bit(quantize(torch.randn(N, K, generator=g), "nf4", 64, True))
     tma = configs.GemmConfig(64, 64, 64, tma=True, epilogue_subtile=True)
+    # (where Triton warp-specializes it: configs.WARP_SPECIALIZE; else the TMA path)
+    ws = configs.GemmConfig(128, 128, 64, num_warps=4, num_stages=4, tma=True, xa_in_loop=False,
+                            warp_specialize=True)
     nested = (w4.scale, w4.code8, w4.offset, w4.nested_blocksize)
     calls = {
         "gemm forward": lambda: gemm.lora_gemm(x, w, b, bias, 0.5, u=a),
         "gemm forward, misaligned x": lambda: gemm.lora_gemm(misaligned(M, K), w, b, bias, 0.5, u=a),
         "gemm forward, TMA": lambda: gemm.lora_gemm(x, w, b, bias, 0.5, u=a, config=tma),
         "gemm dX, TMA": lambda: gemm.lora_gemm(dy, w, a, None, 0.5, grad_input=True, xa=xa, config=tma),
+        "gemm forward, warp-specialized": lambda: gemm.lora_gemm(x, w, b, bias, 0.5, xa=xa, config=ws),
         "gemm forward, xa read": lambda: gemm.lora_gemm(x, w, b, None, 0.5, xa=xa),
         "gemm dX, dropout, W strided": lambda: gemm.lora_gemm(dy, w.T.contiguous().T, a, None, 0.5, grad_input=True,
                                                    xa=xa, dropout=(seed, 0.1)),

@@ -18,7 +18,7 @@ if not HAS_TRITON:
     pytest.skip("triton not installed", allow_module_level=True)
 
 import aot  # noqa: E402
-from fastlora.kernels import TUNED_RANK  # noqa: E402
+from fastlora.kernels import TUNED_RANK, configs  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +29,11 @@ SMEM = {cap[0] * 10 + cap[1]: smem for cap, _, smem, _ in aot.GPUS}
 @pytest.fixture(scope="module")
 def compiled():
     return run_compiled("aot.py", timeout=1800)
+
+
+def test_warp_specialized_candidates_only_where_triton_compiles_them():
+    ws = [it for kind, it in ITEMS if kind == "gemm" and it[0].warp_specialize]
+    assert bool(ws) == configs.WARP_SPECIALIZE
 
 
 def test_the_production_configs_include_the_persistent_tma_gemm():
@@ -57,3 +62,5 @@ def test_production_config_compiles_without_spills(compiled, kind, item):
                 assert info["wgmma"], f"{form}: no wgmma in the sm_90 PTX"
             if item[0].tma:
                 assert info["tma"], f"{form}: no cp.async.bulk.tensor in the sm_90 PTX"
+            if item[0].warp_specialize:  # (a tuning candidate only under WARP_SPECIALIZED_TRITON)
+                assert info["setmaxnreg"], f"{form}: not warp-specialized (no setmaxnreg in the PTX)"

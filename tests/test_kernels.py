@@ -125,6 +125,38 @@ def test_gemm_tma_path_matches_float64(dtype, subtile, monkeypatch):
     assert ((dx.double() - want).abs().max() / want.abs().max()).item() < tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_warp_specialized_gemm_reads_xa_and_the_adapter_through_descriptors(dtype, monkeypatch):
+    """A warp-specialized config: xa and the adapter (B forward, A dX) through descriptors too
+    (their edges past M, N and R zero-filled) and y through pointers; the same results as the
+    config without it, bit for bit, in the forward (with DoRA's scale), dX and dX with dropout;
+    the non-specialized path where xa's rows are not 16 bytes aligned (R = 3 in float32)."""
+    built = []
+    make = gemm_module.TensorDescriptor.from_tensor
+    monkeypatch.setattr(gemm_module.TensorDescriptor, "from_tensor",
+                        lambda t, block: built.append(tuple(block)) or make(t, block))
+    M, K, N, R = 37, 48, 40, 8  # (B's rows 16 bytes in float16: TMA's least)
+    x, w, b, bias, dy = (_rand(*s, dtype=dtype) for s in ((M, K), (N, K), (N, R), (N,), (M, N)))
+    a = _rand(R, K, dtype=dtype)
+    xa, dyb, g = _rand(M, R, dtype=torch.float32), _rand(M, R, dtype=torch.float32), _rand(N, dtype=torch.float32)
+    plain = GemmConfig(16, 32, 16, group_m=2, num_warps=4, tma=True, xa_in_loop=False)
+    ws = GemmConfig(16, 32, 16, group_m=2, num_warps=4, tma=True, xa_in_loop=False, warp_specialize=True)
+    for kwargs in (dict(v=b, bias=bias, xa=xa, scale=g), dict(v=a, bias=None, xa=dyb, grad_input=True),
+                   dict(v=a, bias=None, xa=dyb, grad_input=True, dropout=(_seed(5), 0.3))):
+        v, bias_ = kwargs.pop("v"), kwargs.pop("bias")
+        built.clear()
+        y_ws, _ = lora_gemm(dy if kwargs.get("grad_input") else x, w, v, bias_, 0.7, config=ws, **kwargs)
+        assert built[2:] == ([(16, 16), (16, 32)] if kwargs.get("grad_input") else [(16, 16), (32, 16)])
+        y, _ = lora_gemm(dy if kwargs.get("grad_input") else x, w, v, bias_, 0.7, config=plain, **kwargs)
+        assert torch.equal(y_ws, y)
+    built.clear()
+    xa3 = _rand(M, 3, dtype=torch.float32)  # [M, 3] float32: 12-byte rows, no descriptor
+    y3, _ = lora_gemm(x, w, b[:, :3].contiguous(), None, 0.7, xa=xa3, config=ws)
+    assert len(built) == 3  # x, W and y: the TMA path without warp specialization
+    want = x.double() @ w.double().T + 0.7 * xa3.to(dtype).double() @ b[:, :3].double().T
+    assert ((y3.double() - want).abs().max() / want.abs().max()).item() < (1e-5 if dtype == torch.float32 else 4e-3)
+
+
 def test_tma_needs_aligned_strides():
     assert tma_ready(torch.empty(4, 8, dtype=torch.float16))
     assert not tma_ready(torch.empty(4, 7, dtype=torch.float16))          # 14-byte rows
