@@ -195,7 +195,7 @@ def main() -> int:
         best_cfg, best_ms = None, float("inf")
         candidates = kernels.gemm_candidates(M, kernels.rank_block(r), dtype.itemsize,
                                              kernels.device_info(dev), grad_input=pass_ == "bwd",
-                                             dropout=dropout)
+                                             dropout=dropout, warp_specialized=not args.quick)
         for cfg in candidates[:2] if args.dry_run else candidates:
             gemm = dataclasses.asdict(cfg)
             try:

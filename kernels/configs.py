@@ -126,9 +126,11 @@ def fit_gemm(cfg: GemmConfig, block_r: int, elt: int, smem: int) -> GemmConfig:
 
 
 def gemm_candidates(M: int, block_r: int, elt: int, info: DeviceInfo, *, grad_input: bool = False,
-                    dropout: bool = False) -> list[GemmConfig]:
+                    dropout: bool = False, warp_specialized: bool = True) -> list[GemmConfig]:
     """The configs benchmarks/tune_routes.py times for a 16-bit problem (the rule's kind first),
-    each fitted to the device's shared memory, so none fails to compile for lack of it."""
+    each fitted to the device's shared memory, so none fails to compile for lack of it;
+    ``warp_specialized``: with the warp-specialized form where Triton gives it (the tuner's --quick
+    run, inside gpu_check.sh's time, leaves it to benchmarks/gpu_diag.py's main-loop lines)."""
     if M <= 64:
         bm = 16 if M <= 16 else 64
         out = [GemmConfig(bm, 32, 128, num_warps=4, num_stages=5),
@@ -152,7 +154,7 @@ def gemm_candidates(M: int, block_r: int, elt: int, info: DeviceInfo, *, grad_in
         if not (grad_input or dropout):
             out.append(GemmConfig(128, 256, 64, num_warps=8, num_stages=3, tma=True,
                                   epilogue_subtile=True))
-        if WARP_SPECIALIZE and info.capability[0] >= 9:  # 4 warps a group, 12 a program on
+        if warp_specialized and WARP_SPECIALIZE and info.capability[0] >= 9:  # 4 warps a group, 12 a program on
             # sm_90; unmeasured on a GPU so far; 128 x 256 spills in DoRA's form
             out.append(GemmConfig(128, 128, 64, num_warps=4, num_stages=4, tma=True, xa_in_loop=False,
                                   warp_specialize=True))

@@ -109,6 +109,32 @@ def test_remembered_launches_tell_alignment_apart():
             torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
 
 
+def test_warp_specialized_gemm_on_gpu():
+    """The warp-specialized GEMM form (where Triton gives it: kernels/configs.py) against the same
+    tiles without it, forward and dX (with dropout), at a size of several tiles per SM."""
+    from fastlora import kernels
+    if not kernels.configs.WARP_SPECIALIZE or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("Triton warp-specializes the fused GEMM only under triton 3.6 on sm_90+")
+    M, K, N, r = 2048, 1024, 1536, 16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(M, K, device="cuda", dtype=BF16, generator=g)
+    w = torch.randn(N, K, device="cuda", dtype=BF16, generator=g) * K ** -0.5
+    a = torch.randn(r, K, device="cuda", dtype=BF16, generator=g) * K ** -0.5
+    b = torch.randn(N, r, device="cuda", dtype=BF16, generator=g)
+    bias = torch.randn(N, device="cuda", dtype=BF16, generator=g)
+    dy = torch.randn(M, N, device="cuda", dtype=BF16, generator=g)
+    xa, dyb = x.float() @ a.float().T, dy.float() @ b.float()
+    seed = torch.tensor([3], device="cuda")
+    ws = kernels.GemmConfig(128, 128, 64, num_warps=4, num_stages=4, tma=True, xa_in_loop=False,
+                            warp_specialize=True)
+    plain = kernels.GemmConfig(128, 128, 64, num_warps=8, num_stages=4, tma=True, xa_in_loop=False)
+    for args, kw in (((x, w, b, bias, 0.5), dict(xa=xa)),
+                     ((dy, w, a, None, 0.5), dict(grad_input=True, xa=dyb, dropout=(seed, 0.1)))):
+        got, _ = kernels.lora_gemm(*args, config=ws, **kw)
+        want, _ = kernels.lora_gemm(*args, config=plain, **kw)
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
 def _graphed_step(layer, x, dy):
     """A training step (forward, backward) of ``layer`` captured in a CUDA graph after a warm-up
     on a side stream, as torch.cuda.graphs asks."""
