@@ -3,9 +3,9 @@
 ``JITFunction.run`` binds and specialises every argument again at each launch (a generated
 binder over all of a kernel's parameters, then a cache key hashing them all) before it calls the
 compiled kernel's launcher. With the launch itself a no-op (a stand-in driver, no GPU: the harness
-of tests/launch_check.py), that path took 28 us for the GEMM's 51 parameters and 18 us for a
-pass's 37 on this project's 2-core CPU, triton 3.6 and 3.9 alike, and a training step makes three
-to six launches. ``launch`` keeps, per kernel and device, the compiled kernel that Triton's own
+of tests/launch_check.py, ``--times``), that path took about 21 us for the GEMM's 50 parameters
+and 16 us for a reduction pass's 36 on this project's 2-core CPU, triton 3.6 and 3.9 alike, and a
+training step makes three to six launches. ``launch`` keeps, per kernel and device, the compiled kernel that Triton's own
 path chose for
 
 - the constexpr parameters' and the options' values (num_warps, ...), as passed;
@@ -16,7 +16,7 @@ path chose for
 - the knobs Triton folds into its options at each launch (debug, instrumentation),
 
 and on a repeat calls that kernel's launcher with the arguments ``JITFunction.run`` passes it
-(9 and 7 us in the same harness). Everything else takes ``kernel[grid]``, which compiles when it
+(about 11 and 9 us in the same harness). Everything else takes ``kernel[grid]``, which compiles when it
 must, and its choice is remembered: the first launch of each key, a Triton version whose launch
 path tests/launch_check.py has not replayed against ``JITFunction.run``, the interpreter, a kernel
 with pre-run hooks or global values, and a stages-inspection hook.
