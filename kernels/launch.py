@@ -5,8 +5,8 @@ binder over all of a kernel's parameters, then a cache key hashing them all) bef
 compiled kernel's launcher. With the launch itself a no-op (a stand-in driver, no GPU: the harness
 of tests/launch_check.py, ``--times``), that path took about 21 us for the GEMM's 50 parameters
 and 16 us for a reduction pass's 36 on this project's 2-core CPU, triton 3.6 and 3.9 alike, and a
-training step makes three to six launches. ``launch`` keeps, per kernel and device, the compiled kernel that Triton's own
-path chose for
+training step makes three to six launches. ``launch`` keeps, per kernel and device, the compiled
+kernel that Triton's own path chose for
 
 - the constexpr parameters' and the options' values (num_warps, ...), as passed;
 - each runtime argument's specialisation, from Triton's own specialiser with the parameter's own
