@@ -108,7 +108,7 @@ def gemm_smem_bytes(cfg: GemmConfig, block_r: int, elt: int) -> int:
     if cfg.warp_specialize:
         # the epilogue's xa (float32) and B tiles come by TMA, buffered per stage like the main
         # operands, and y leaves through pointers after a layout change in shared memory
-        # (ptxas's reports in tests/aot.py under triton 3.6: within 60 bytes for 128-wide tiles)
+        # (ptxas's reports in tests/aot.py under triton 3.6: within 64 bytes)
         epilogue = cfg.block_m * block_r * 4 + cfg.block_n * block_r * elt
         return cfg.num_stages * (per_stage * elt + epilogue) + 128 * max(cfg.block_n, 128) + 512
     staging = cfg.block_m * cfg.block_n // (2 if cfg.epilogue_subtile else 1) if cfg.tma else 0
@@ -154,8 +154,9 @@ def gemm_candidates(M: int, block_r: int, elt: int, info: DeviceInfo, *, grad_in
         if not (grad_input or dropout):
             out.append(GemmConfig(128, 256, 64, num_warps=8, num_stages=3, tma=True,
                                   epilogue_subtile=True))
-        if warp_specialized and WARP_SPECIALIZE and info.capability[0] >= 9:  # 4 warps a group, 12 a program on
-            # sm_90; unmeasured on a GPU so far; 128 x 256 spills in DoRA's form
+        if warp_specialized and WARP_SPECIALIZE and info.capability[0] >= 9:
+            # 4 warps a group, 12 a program; unmeasured on a GPU so far (128 x 256 spills in
+            # DoRA's form)
             out.append(GemmConfig(128, 128, 64, num_warps=4, num_stages=4, tma=True, xa_in_loop=False,
                                   warp_specialize=True))
     if grad_input and dropout:  # the dX epilogue holds Philox state per output element
@@ -228,7 +229,8 @@ def _fit_device(cfg: GemmConfig, block_r: int, dtype: torch.dtype, info: DeviceI
     # x A^T in the loop holds [block_k, block_r] A tiles beside the main operands: ranks past 64
     # read xa from its own pass instead
     tma = cfg.tma and info.capability[0] >= 9
-    cfg = dataclasses.replace(cfg, block_m=bm, block_n=bn, tma=tma, warp_specialize=cfg.warp_specialize and tma,
+    cfg = dataclasses.replace(cfg, block_m=bm, block_n=bn, tma=tma,
+                              warp_specialize=cfg.warp_specialize and tma,
                               xa_in_loop=cfg.xa_in_loop and block_r <= 64)
     return fit_gemm(cfg, block_r, dtype.itemsize, info.smem)
 
