@@ -8,10 +8,11 @@ fused route under a few launch configs and the torch route (cuBLAS for every pro
 launches; under dropout with the kernels' mask, drawn once a pass), after checking each against
 the split route's result, and records the fastest: route, the fused route's best config, and every
 time measured (a decoding forward, M <= 16, as CUDA graph replays: GPU time alone, as the decode
-bar measures it and as a served model runs; everything else eagerly, host time included). Then,
-for the problems with a backward, whole training steps: the hand-written backward (the passes as
-just chosen) against autograd's path (fastlora/autograd.py takes it where it won; under dropout
-only on CUDA, where both draw the kernels' mask).
+bar measures it and as a served model runs; everything else eagerly, host time included). After
+each problem's backward, whole training steps: the hand-written backward (the passes as just
+chosen) against autograd's path (fastlora/autograd.py takes it where it won; under dropout only on
+CUDA, where both draw the kernels' mask). The problems the bars measure come first, and the table
+is written after every entry: a run cut short keeps what matters most.
 The run is added to the table with the device, its generation, torch's
 and triton's versions, the date and this command; runs of other GPUs are kept, and where two runs
 cover a key the newest wins (fastlora/route_table.py). Under five minutes on an H100.
@@ -52,7 +53,9 @@ def check_close(got, ref, what: str) -> None:
 
 
 def problems(quick: bool, dry_run: bool = False):
-    ms = [1, 16, 256, 2048, 8192] if quick else [1, 16, 64, 256, 1024, 2048, 4096, 8192]
+    """The problems, those the bars measure first (M 2048 and 8192, then the rest of M >= 256, then
+    decoding), so that a run cut short by its timeout has measured what matters most."""
+    ms = [2048, 8192, 256, 16, 1] if quick else [2048, 8192, 4096, 1024, 256, 64, 16, 1]
     shapes = [(4096, 4096), (14336, 4096)] + ([] if quick else [(4096, 14336)])
     ranks, dropout_from = (16, 64), 256
     if dry_run:
@@ -146,6 +149,41 @@ def main() -> int:
                               B=rnd(N, r, scale=r ** -0.5), dy=rnd(M, N))
         return cache[key]
 
+    # Whole training steps, as users run them: the Function, its passes taking the routes just
+    # measured, against autograd's path (the torch route's forward ops; C++ backward nodes, no
+    # Python backward), host time included; under dropout where the torch route draws the
+    # kernels' mask (the same mask both ways, from one seed). Timed right after the problem's
+    # backward entry, so a run its timeout cuts short keeps whole problems.
+    from fastlora.autograd import LoRALinearFunction
+    route_table.TABLE_PATH = out_path
+
+    def time_step(M, N, K, r, dropout):
+        if dropout and not draws_kernels_mask(dev):
+            return
+        route_table.load.cache_clear()  # the entries just written
+        t = tensors(M, N, K, r)
+        x, a, b = (t[k].detach().requires_grad_(True) for k in ("x", "A", "B"))
+        p = 0.1 if dropout else 0.0
+        seed = torch.tensor([1234], device=dev) if dropout else None
+        paths = {"function": lambda: LoRALinearFunction.apply(x, t["w"], t["b"], a, b, 2.0, p, seed,
+                                                              "triton", None),
+                 "autograd": lambda: torch_route.autograd_forward(x, t["w"], t["b"], a, b, 2.0,
+                                                                  Dropout(seed, p) if p else None)}
+        steps = {k: (lambda f=f: torch.autograd.grad(f(), [x, a, b], t["dy"])) for k, f in paths.items()}
+        try:
+            check_close(steps["autograd"](), steps["function"](), "autograd path's step")
+            times = {k: bench(f) for k, f in steps.items()}
+        except Exception as e:  # said; the problem keeps the Function (no entry)
+            print(f"  skipped the step {M}x{N}x{K} r={r} dropout={int(dropout)}: {type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:120]}")
+            return
+        path = min(times, key=times.get)
+        entries.append(dict(dtype=dtype_name, M=M, N=N, K=K, rank=r, dropout=dropout, **{"pass": "step"},
+                            route=path, gemm=None, ms={k: round(v, 5) for k, v in times.items()}))
+        write()
+        print(f"{M:5d} {N:6d} {K:6d} {r:3d} {int(dropout):4d} step  function {times['function']:.4f} "
+              f"ms, autograd's path {times['autograd']:.4f} ms: {path}")
+
     print(f"{'M':>5} {'N':>6} {'K':>6} {'r':>3} {'drop':>4} {'pass':>4}  {'split ms':>9} {'fused ms':>9} "
           f"{'torch ms':>9}  route  fused config")
     for M, N, K, r, dropout, pass_ in problems(args.quick, args.dry_run):
@@ -206,7 +244,7 @@ def main() -> int:
                 continue
             times[f"fused {cfg.block_m}x{cfg.block_n}x{cfg.block_k} s{cfg.num_stages}"
                   f"{' tma' if cfg.tma else ''}{' sub' if cfg.epilogue_subtile else ''}"
-                  f"{' xa-loop' if cfg.xa_in_loop else ''}"] = ms
+                  f"{' xa-loop' if cfg.xa_in_loop else ''}{' ws' if cfg.warp_specialize else ''}"] = ms
             if ms < best_ms:
                 best_cfg, best_ms = gemm, ms
         route = min((("fused", best_ms), ("split", times["split"]), ("torch", times.get("torch", math.inf))),
@@ -217,40 +255,8 @@ def main() -> int:
         write()
         print(f"{M:5d} {N:6d} {K:6d} {r:3d} {int(dropout):4d} {pass_:>4}  {times['split']:9.4f} "
               f"{best_ms:9.4f} {times.get('torch', math.nan):9.4f}  {route:5s}  {best_cfg}")
-    # Whole training steps, as users run them: the Function, its passes taking the routes just
-    # measured, against autograd's path (the torch route's forward ops; C++ backward nodes, no
-    # Python backward), host time included; under dropout where the torch route draws the
-    # kernels' mask (the same mask both ways, from one seed).
-    from fastlora.autograd import LoRALinearFunction
-    route_table.TABLE_PATH = out_path
-    route_table.load.cache_clear()
-    print(f"{'M':>5} {'N':>6} {'K':>6} {'r':>3} {'drop':>4}  step: {'function':>9} {'autograd':>9}  path")
-    for M, N, K, r, dropout, pass_ in problems(args.quick, args.dry_run):
-        if pass_ != "bwd" or (dropout and not draws_kernels_mask(dev)):
-            continue
-        t = tensors(M, N, K, r)
-        x, a, b = (t[k].detach().requires_grad_(True) for k in ("x", "A", "B"))
-        p = 0.1 if dropout else 0.0
-        seed = torch.tensor([1234], device=dev) if dropout else None
-        paths = {"function": lambda t=t, x=x, a=a, b=b, p=p, seed=seed: LoRALinearFunction.apply(
-                     x, t["w"], t["b"], a, b, 2.0, p, seed, "triton", None),
-                 "autograd": lambda t=t, x=x, a=a, b=b, p=p, seed=seed: torch_route.autograd_forward(
-                     x, t["w"], t["b"], a, b, 2.0, Dropout(seed, p) if p else None)}
-        steps = {k: (lambda f=f, x=x, a=a, b=b, t=t: torch.autograd.grad(f(), [x, a, b], t["dy"]))
-                 for k, f in paths.items()}
-        try:
-            check_close(steps["autograd"](), steps["function"](), "autograd path's step")
-            times = {k: bench(f) for k, f in steps.items()}
-        except Exception as e:  # said; the problem keeps the Function (no entry)
-            print(f"  skipped the step {M}x{N}x{K} r={r} dropout={int(dropout)}: {type(e).__name__}: "
-                  f"{str(e).splitlines()[0][:120]}")
-            continue
-        path = min(times, key=times.get)
-        entries.append(dict(dtype=dtype_name, M=M, N=N, K=K, rank=r, dropout=dropout, **{"pass": "step"},
-                            route=path, gemm=None, ms={k: round(v, 5) for k, v in times.items()}))
-        write()
-        print(f"{M:5d} {N:6d} {K:6d} {r:3d} {int(dropout):4d}        {times['function']:9.4f} "
-              f"{times['autograd']:9.4f}  {path}")
+        if pass_ == "bwd":
+            time_step(M, N, K, r, dropout)
     print(f"{len(entries)} entries in {run['seconds']} s; written to {out_path}")
     return 0
 
