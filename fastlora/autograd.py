@@ -194,7 +194,8 @@ def _dora_backward(route, dy, x, weight, lora_A, lora_B, xa, scaling, drop, need
 
 def _as_param(grad: Tensor, param: Tensor) -> Tensor:
     """``grad`` in ``param``'s dtype and contiguous (what autograd accumulates best): one copy
-    when either differs (dA arrives transposed and in float32 from the kernels), none otherwise."""
+    when either differs (the torch route's dB comes transposed, DoRA's dB in the accumulator dtype,
+    any gradient in x's dtype for float32 adapters), none otherwise."""
     if grad.dtype == param.dtype and grad.is_contiguous():
         return grad
     return torch.empty(grad.shape, dtype=param.dtype, device=grad.device).copy_(grad)
