@@ -12,6 +12,7 @@ time. One line per probe (benchmarks/gpu_check.sh keeps them in machine.txt).
   kernels/launch.py's remembered path), against F.linear's and PEFT's, with the Triton launches
   of one call counted.
 """
+import functools
 import time
 
 import torch
@@ -22,6 +23,7 @@ import fastlora.kernels.launch as launch_path
 from fastlora import kernels as K
 from fastlora import torch_route
 from fastlora.bench import build, make_weights, time_cuda
+from sweep_passes import pass_problems  # (benchmarks/, beside this file)
 
 DEV = "cuda"
 BF16 = torch.bfloat16
@@ -76,23 +78,8 @@ def main_loop(cublas_ms):
 
 
 def passes(copy_tbs):
-    M, N, Kd, R = 8192, 4096, 4096, 16
-    x = torch.randn(M, Kd, device=DEV, dtype=BF16)
-    a = torch.randn(R, Kd, device=DEV, dtype=BF16)
-    b = torch.randn(N, R, device=DEV, dtype=BF16)
-    dy = torch.randn(M, N, device=DEV, dtype=BF16)
-    xa = torch.randn(M, R, device=DEV)
-    dyb = torch.randn(M, R, device=DEV)
-    seed = torch.tensor([1], device=DEV)
-    for name, fn, nbytes in (
-        ("xa pass", lambda: K.xa_pass(x, a), x.numel() * 2),
-        ("xa pass, dropout", lambda: K.xa_pass(x, a, dropout=(seed, 0.1)), x.numel() * 2),
-        ("dY pass (dY B, dB)", lambda: K.dy_pass(dy, xa, b, 1.0), dy.numel() * 2),
-        ("x pass (dA)", lambda: K.x_pass(x, dyb, a, 1.0), x.numel() * 2),
-        ("x pass (dA, dx0)", lambda: K.x_pass(x, dyb, a, 1.0, need_dx=True), 2 * x.numel() * 2),
-        ("x pass (dA, dx0), dropout", lambda: K.x_pass(x, dyb, a, 1.0, need_dx=True, dropout=(seed, 0.1)),
-         2 * x.numel() * 2),
-    ):
+    for name, _, call, nbytes in pass_problems():  # (sweep_passes.py's list, the rule's configs)
+        fn = functools.partial(call, None)
         t = ms(fn)
         try:
             g = time_cuda(fn, graph=True, rep=20)[0]  # GPU time alone: the kernels' own bandwidth

@@ -43,10 +43,9 @@ def neighbours(cfg: configs.PassConfig, quick: bool) -> list[configs.PassConfig]
     return list(dict.fromkeys(out))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="five configs a pass instead of eleven")
-    args = ap.parse_args()
+def pass_problems() -> list:
+    """The passes at M=8192, 4096 -> 4096, r=16, bf16: (name, the rule's config, a call with a
+    config (None: the rule's), bytes it moves). benchmarks/gpu_diag.py times the same list."""
     g = torch.Generator(device=DEV).manual_seed(0)
     x = torch.randn(M, KD, device=DEV, dtype=BF16, generator=g)
     a = torch.randn(R, KD, device=DEV, dtype=BF16, generator=g) * KD ** -0.5
@@ -54,13 +53,8 @@ def main() -> None:
     dy = torch.randn(M, N, device=DEV, dtype=BF16, generator=g)
     xa = torch.randn(M, R, device=DEV, generator=g)
     dyb = torch.randn(M, R, device=DEV, generator=g)
-    seed = torch.tensor([1], device=DEV)
-    src, dst = torch.empty(1 << 29, dtype=BF16, device=DEV), torch.empty(1 << 29, dtype=BF16, device=DEV)
-    copy = 2 * src.numel() * 2 / (triton.testing.do_bench(lambda: dst.copy_(src)) * 1e-3) / 1e12
-    print(f"copy {copy:.2f} TB/s (read + write)")
-    drop = (seed, 0.1)
-    # (name, the rule's config, call with a config, bytes moved)
-    passes = [
+    drop = (torch.tensor([1], device=DEV), 0.1)
+    return [
         ("xa", K.xa_config(M, KD, R, BF16, x.device), lambda c: K.xa_pass(x, a, config=c), x.numel() * 2),
         ("xa dropout", K.xa_config(M, KD, R, BF16, x.device, dropout=True),
          lambda c: K.xa_pass(x, a, dropout=drop, config=c), x.numel() * 2),
@@ -73,6 +67,16 @@ def main() -> None:
         ("x (dA, dx0) dropout", K.reduce_config(M, KD, R, BF16, x.device, dropout=True, expand=True),
          lambda c: K.x_pass(x, dyb, a, 1.0, need_dx=True, dropout=drop, config=c), 2 * x.numel() * 2),
     ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="five configs a pass instead of eleven")
+    args = ap.parse_args()
+    src, dst = torch.empty(1 << 29, dtype=BF16, device=DEV), torch.empty(1 << 29, dtype=BF16, device=DEV)
+    copy = 2 * src.numel() * 2 / (triton.testing.do_bench(lambda: dst.copy_(src)) * 1e-3) / 1e12
+    print(f"copy {copy:.2f} TB/s (read + write)")
+    passes = pass_problems()
     for name, rule, call, nbytes in passes:
         ref = call(rule)
         for cfg in neighbours(rule, args.quick):
