@@ -6,8 +6,10 @@ derives; they differ only in who runs the big GEMMs:
 
     fused  forward   xa = drop(x) A^T in the GEMM's K loop (or a pass over x first, under dropout
                      or where measured faster); y = x W^T + b + s xa B^T in one launch
-           backward  (dY B, dB) in one pass over dY; dx = dY W + s D o ((dY B) A) in one launch
-                     (the same GEMM, W read as stored); dA in one pass over x
+           backward  dx = dY W + s D o ((dY B) A) in one launch (the same GEMM, W read as
+                     stored), dY B either in its K loop from the same dY tiles (the config's
+                     xa_in_loop; LoRA) or from the pass over dY; dB (and dY B otherwise) in one
+                     pass over dY; dA in one pass over x
     split  forward   xa in one pass over x; y0 = b + s xa B^T (cuBLAS, rank r); y0 += x W^T
                      (cuBLAS, accumulating onto y0 in its epilogue)
            backward  (dY B, dB) in one pass over dY; (dx0 = s D o ((dY B) A), dA) in one pass
@@ -94,12 +96,24 @@ class FusedRoute(_KernelRoute):
                  dora=None, *, gemm=None) -> Grads:
         k = self.k
         drop = _seed_p(dropout)
-        dyb, db, dy, dm = self.dy_pass(dy, xa, lora_B, scaling, needs, dora)
-        dx = da = None
+        dx = da = db = dm = cfg = None
         if needs.x:
-            cfg = k.GemmConfig(**gemm) if gemm else None
-            dx, _ = k.lora_gemm(dy, weight, lora_A, None, scaling, grad_input=True, xa=dyb,
-                                dropout=drop, config=cfg)
+            M, N = dy.shape  # (weight [N, K] as stored, or its 4-bit form)
+            cfg = k.GemmConfig(**gemm) if gemm else k.gemm_config(
+                M, weight.shape[1], N, lora_A.shape[0], dy.dtype, dy.device, grad_input=True,
+                dropout=drop is not None, four_bit=isinstance(weight, k.Packed4bit))
+        if cfg is not None and cfg.xa_in_loop and dora is None:
+            # dY B in the dX GEMM's K loop, from the dY tiles it reads anyway: the dY pass then
+            # reduces dB alone, and no per-column-block dY B partials are summed (a launch)
+            dx, dyb = k.lora_gemm(dy, weight, lora_A, None, scaling, grad_input=True, u=lora_B,
+                                  dropout=drop, config=cfg)
+            if needs.lora_B:
+                _, db, _, _ = self.dy_pass(dy, xa, lora_B, scaling, Needs(False, False, True), None)
+        else:
+            dyb, db, dy, dm = self.dy_pass(dy, xa, lora_B, scaling, needs, dora)
+            if needs.x:
+                dx, _ = k.lora_gemm(dy, weight, lora_A, None, scaling, grad_input=True, xa=dyb,
+                                    dropout=drop, config=cfg)
         if needs.lora_A:
             _, da = k.x_pass(x, dyb, lora_A, scaling, dropout=drop, need_dx=False, need_da=True,
                              da_dtype=lora_A.dtype)

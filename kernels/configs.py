@@ -37,7 +37,8 @@ _INTERPRETER_PROGRAMS = 3
 class GemmConfig:
     """The fused GEMM (kernels/gemm.py). ``tma``: operands through tensor descriptors (sm_90+ and
     16-byte-aligned strides; the launcher falls back to pointers otherwise); ``xa_in_loop``: the
-    forward computes x A^T in its K loop instead of reading it from a separate pass over x;
+    forward computes x A^T in its K loop instead of reading it from a separate pass over x, and
+    dX (LoRA's) dY B instead of reading it from the pass over dY;
     ``warp_specialize`` (with ``tma``, x A^T read): Triton's warp specialization of the persistent
     tile loop, ``num_warps`` a warpgroup (on sm_90 one producer and two consumer groups)."""
     block_m: int
@@ -151,7 +152,9 @@ def gemm_candidates(M: int, block_r: int, elt: int, info: DeviceInfo, *, grad_in
                           xa_in_loop=False) for s in (3, 4)]
         out += [GemmConfig(128, 128, 64, num_warps=8, num_stages=4, tma=True, xa_in_loop=False),
                 GemmConfig(128, 256, 64, num_warps=8, num_stages=4, xa_in_loop=False)]
-        if not (grad_input or dropout):
+        if grad_input or not dropout:
+            # x A^T (forward) or dY B (dX) in the K loop: the forward without its pass over x,
+            # the backward's dY pass without dY B and the sum of its partials (a launch)
             out.append(GemmConfig(128, 256, 64, num_warps=8, num_stages=3, tma=True,
                                   epilogue_subtile=True))
         if warp_specialized and WARP_SPECIALIZE and info.capability[0] >= 9:

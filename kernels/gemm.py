@@ -6,8 +6,9 @@ both):
 * forward (``grad_input=False``): y = x W^T + bias + s * xa B^T, W [N, K] and B [N, R] as stored,
   xa = drop(x) A^T either computed in the K loop from the same x tiles (A [R, K]) or read;
 * dX (``grad_input=True``): dx = dy W + s * D o ((dy B) A), W [N_out, K_in] and A [R, K_in] as
-  stored (the kernel's K is N_out, its N is K_in), dy B read from the pass over dY, and D the
-  dropout mask of x (scaled by 1/(1-p)) applied to the low-rank term in the epilogue;
+  stored (the kernel's K is N_out, its N is K_in), dy B either computed in the K loop from the same
+  dy tiles (B [N_out, R] as stored; returned for the pass over x) or read from the pass over dY,
+  and D the dropout mask of x (scaled by 1/(1-p)) applied to the low-rank term in the epilogue;
 * DoRA's forward (``scale=g``): y = g o (x W^T + s * xa B^T) + bias, the per-output-column scale
   g applied in the epilogue before the bias (fastlora/autograd.py derives DoRA).
 
@@ -135,7 +136,10 @@ def _lora_tile(
         else:
             acc = tl.dot(b_x, b_w, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         if XA_IN_LOOP:
-            p_u = U + o_r[None, :] * K + o_k[:, None]
+            if W_NK:  # forward: U = A [R, K]
+                p_u = U + o_r[None, :] * K + o_k[:, None]
+            else:     # dX: U = B [K, R] (the kernel's K is N_out), as stored
+                p_u = U + o_k[:, None] * R + o_r[None, :]
             b_u = tl.load(p_u, mask=m_r[None, :] & (o_k < K)[:, None], other=0.0)      # [BK, BR]
             b_xa = tl.dot(b_x, b_u.to(DOT_DTYPE), b_xa, input_precision=PRECISION,
                           out_dtype=ACC_DTYPE)
@@ -210,7 +214,8 @@ def lora_gemm_kernel(
     """Y = SCALE o (X op(W) + s * D o (XA op(V))) + BIAS, XA = X U^T (in the loop, written to XA)
     or read; SCALE [N] per output column (DoRA's g), ones when None.
 
-    X [M, K]; op(W) [K, N] is W^T of W [N, K] (W_NK) or W [K, N] itself; U [R, K]; op(V) [R, N]
+    X [M, K]; op(W) [K, N] is W^T of W [N, K] (W_NK) or W [K, N] itself; U [R, K] (W_NK: the
+    forward's A) or [K, R] (dX: B as stored, XA = dY B); op(V) [R, N]
     through (stride_vr, stride_vn); XA [M, R] contiguous; Y [M, N]. With USE_TMA, X, W and Y are
     tensor descriptors (edges zero-filled on load, clipped on store) and the grid is persistent:
     min(#tiles, NUM_SMS) programs walk the tiles NUM_SMS apart. Otherwise pointers, one tile a
@@ -260,8 +265,9 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor | Packed4bit, v: torch.Tensor, bi
 
     Forward (``grad_input=False``): x [M, K], w [N, K], v = B [N, R]; op transposes.
     dX (``grad_input=True``): x = dY [M, K], w [K, N] (the base weight as stored), v = A [R, N].
-    ``u`` [R, K] (the forward's A): xa = x u^T is computed in the K loop and returned; otherwise
-    ``xa`` [M, R] (any float dtype) is read. ``dropout=(seed, p)`` multiplies the low-rank term by
+    ``u`` (forward: A [R, K]; dX: B [K, R] as stored): xa = x u^T (forward) or x u (dX: dY B) is
+    computed in the K loop from the same x tiles and returned; otherwise ``xa`` [M, R] (any float
+    dtype) is read. ``dropout=(seed, p)`` multiplies the low-rank term by
     the dropout mask of output element (m, n) over 1 - p (the dX epilogue). ``scale`` [N] (DoRA's
     g, forward only) scales each output column before the bias. Any strides; a fresh contiguous y.
     ``w`` may be a ``Packed4bit`` (the same [N, K] / [K, N] weight in 4 bits): its tiles are
@@ -285,8 +291,10 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor | Packed4bit, v: torch.Tensor, bi
     if x.stride(1) != 1:
         x = x.contiguous()
     if u is not None:
-        # u's [BLOCK_K, BLOCK_R] tiles feed the in-loop dot with unit stride along K
-        u = u.contiguous()
+        if u.shape != ((K, R) if grad_input else (R, K)):
+            raise ValueError(f"lora_gemm: u must be {'B [K, R]' if grad_input else 'A [R, K]'} = "
+                             f"{[K, R] if grad_input else [R, K]}, got shape {list(u.shape)}")
+        u = u.contiguous()  # (the kernel indexes its tiles as a contiguous [R, K] or [K, R])
         xa = alloc((M, R), x, acc_dtype(x.dtype))
     else:
         xa = xa.contiguous()

@@ -99,15 +99,17 @@ def _acc(dtype):
 
 def gemm_job(item, four_bit: bool = False) -> dict:
     """Every form of the fused GEMM a config serves: forward with x A^T in the loop or read, each
-    also with DoRA's per-column scale in the epilogue, dX with and without the dropout epilogue;
+    also with DoRA's per-column scale in the epilogue, dX with and without the dropout epilogue,
+    each with dY B in the loop (B [N, R] read beside dY's tiles) or read;
     through descriptors when the config says TMA. ``four_bit``: W read in 4 bits (pointer path, no
     contraction, as its launcher runs it), with a plain and a nested absmax, no DoRA forms."""
     cfg, block_r, dtype, cap, dropout = item
     t = _TL[dtype]
     acc = "tl.float64" if dtype == torch.float64 else "tl.float32"
     out = {}
-    forms = ([("dx_dropout", True, False)] if dropout else
-             [("fwd_xa_in_loop", False, True), ("fwd_xa_read", False, False), ("dx", True, False)]
+    forms = ([("dx_dropout", True, False), ("dx_dropout_dyb_in_loop", True, True)] if dropout else
+             [("fwd_xa_in_loop", False, True), ("fwd_xa_read", False, False), ("dx", True, False),
+              ("dx_dyb_in_loop", True, True)]
              + ([] if four_bit else [("fwd_dora_xa_in_loop", False, True), ("fwd_dora_xa_read", False, False)]))
     for form, grad_input, in_loop in forms:
         dora = "dora" in form
@@ -178,13 +180,15 @@ def gemm_job(item, four_bit: bool = False) -> dict:
 
 
 # The forms of the reduction kernel, by the config's (dropout, expand, rank_out, dora) flags:
-# (form, writes C, writes Z (dY B), writes O (dx0), dropout, DoRA's dY pass)
-REDUCE_FORMS = {(False, False, True, False): [("dy_pass", True, True, False, False, False)],
-                (False, False, False, False): [("da", True, False, False, False, False)],
-                (False, True, False, False): [("x_pass", True, False, True, False, False)],
-                (True, False, False, False): [("da_dropout", True, False, False, True, False)],
-                (True, True, False, False): [("x_pass_dropout", True, False, True, True, False)],
-                (False, False, True, True): [("dy_pass_dora", True, True, False, False, True)]}
+# (form, writes C, writes Z (dY B), writes O (dx0), dropout, DoRA's dY pass, C transposed (dA))
+REDUCE_FORMS = {(False, False, True, False): [("dy_pass", True, True, False, False, False, False)],
+                # dA alone, and the dY pass's dB alone (dY B in the dX GEMM's loop)
+                (False, False, False, False): [("da", True, False, False, False, False, True),
+                                               ("db", True, False, False, False, False, False)],
+                (False, True, False, False): [("x_pass", True, False, True, False, False, True)],
+                (True, False, False, False): [("da_dropout", True, False, False, True, False, True)],
+                (True, True, False, False): [("x_pass_dropout", True, False, True, True, False, True)],
+                (False, False, True, True): [("dy_pass_dora", True, True, False, False, True, False)]}
 
 
 def pass_job(item) -> dict:
@@ -212,14 +216,14 @@ def pass_job(item) -> dict:
         form = "weight_pass" if sum_sq else ("xa_dropout" if dropout else "xa")
         out[form] = dict(shared=c.shared, registers=c.registers, spills=c.spill_bytes)
         return out
-    for form, has_c, has_z, has_o, drop, dora in REDUCE_FORMS[flags]:
+    for form, has_c, has_z, has_o, drop, dora, trans_c in REDUCE_FORMS[flags]:
         split_e = dora and dtype in (torch.float16, torch.bfloat16)
         types = {"L": f"*{t}", "S": f"*{a}", "T": "i32", "P": "i32", "R": "i32", "stride_lt": "i32",
                  "c_scale": "fp64", "o_scale": "fp64", "dropout_p": "fp64"}
         const = dict(BLOCK_T=cfg.block_rows, BLOCK_P=cfg.block_cols, BLOCK_R=block_r, INT64=False,
                      HAS_DROPOUT=drop, REDUCE=has_c, RANK_OUT=has_z, SPLIT_E=split_e,
                      EXPAND_OUT=has_o, SCALED_OUT=dora, COL_DOT=dora, HAS_SHIFT=dora,
-                     TRANS_C=not has_z, ACC_DTYPE=acc, PRECISION=prec)
+                     TRANS_C=trans_c, ACC_DTYPE=acc, PRECISION=prec)
         for name, on, ty in (("C", has_c, f"*{a}"), ("Z", has_z, f"*{a}"), ("E", has_z, f"*{t}"),
                              ("OUT", has_o, f"*{t}"), ("F", has_o, f"*{t}"), ("SEED", drop, "*i64"),
                              ("E_LO", split_e, f"*{t}"), ("G", dora, f"*{a}"), ("LG", dora, f"*{t}"),
@@ -328,9 +332,10 @@ def production_pass_configs() -> list:
         # DoRA's norm: the xa kernel over W [N, K] (its rows are N), with ||W_n||^2
         add("xa", configs.gpu_xa_config(configs.bucket(N), K, block_r, dtype, info, False),
             (False, False, False, True))
-        # the dY pass reads dY [M, N] (DoRA's also y, writing dY'); the x pass reads x [M, K], with
-        # or without dx0 and dropout
-        flag_sets = ([(N, (False, False, True, False)), (N, (False, False, True, True))]
+        # the dY pass reads dY [M, N] (DoRA's also y, writing dY'; dB alone when the dX GEMM
+        # computes dY B); the x pass reads x [M, K], with or without dx0 and dropout
+        flag_sets = ([(N, (False, False, rank_out, dora)) for rank_out, dora in ((True, False), (True, True),
+                                                                                 (False, False))]
                      + [(K, (d, e, False, False)) for d in (False, True) for e in (False, True)])
         for P, flags in flag_sets:
             add("reduce", configs.gpu_reduce_config(configs.bucket(M), P, block_r, dtype, info,

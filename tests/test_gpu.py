@@ -135,6 +135,34 @@ def test_warp_specialized_gemm_on_gpu():
         torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("M", [16, 64, 2048])
+def test_dx_with_dyb_in_the_loop_matches_dyb_read(M):
+    """dX's dY B computed in the GEMM's K loop (the configs with xa_in_loop) against the same
+    config reading dY B from float32: dx to bf16 rounding, dY B to float32 summation order, with
+    and without the dropout epilogue, in every config the tuner and the rule may pick."""
+    from fastlora import kernels
+    K, N, r = 1024, 1536, 16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dy = torch.randn(M, N, device="cuda", dtype=BF16, generator=g)
+    w = torch.randn(N, K, device="cuda", dtype=BF16, generator=g) * N ** -0.5
+    a = torch.randn(r, K, device="cuda", dtype=BF16, generator=g) * K ** -0.5
+    b = torch.randn(N, r, device="cuda", dtype=BF16, generator=g)
+    dyb = dy.float() @ b.float()
+    seed = torch.tensor([3], device="cuda")
+    info = kernels.device_info(dy.device)
+    for dropout in (None, (seed, 0.1)):
+        cands = kernels.gemm_candidates(M, 16, 2, info, grad_input=True, dropout=dropout is not None)
+        in_loop = [c for c in cands if c.xa_in_loop]
+        assert in_loop, cands
+        for cfg in in_loop:
+            got, got_dyb = kernels.lora_gemm(dy, w, a, None, 0.5, grad_input=True, u=b, dropout=dropout,
+                                             config=cfg)
+            want, _ = kernels.lora_gemm(dy, w, a, None, 0.5, grad_input=True, xa=dyb, dropout=dropout,
+                                        config=cfg)
+            torch.testing.assert_close(got_dyb, dyb, rtol=1e-4, atol=1e-3 * dyb.abs().max().item())
+            torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
 def _graphed_step(layer, x, dy):
     """A training step (forward, backward) of ``layer`` captured in a CUDA graph after a warm-up
     on a side stream, as torch.cuda.graphs asks."""

@@ -50,16 +50,31 @@ def test_gemm_forward_reads_given_xa(cfg):
 
 
 @pytest.mark.parametrize("cfg", SMALL, ids=SMALL_IDS)
-def test_gemm_grad_input_reads_w_as_stored_with_dropout_epilogue(cfg):
-    """dX = dY W + s D o ((dY B) A): W [N, K] and A [R, K] as stored, the mask of x's elements."""
-    M, K, N, R = 37, 45, 70, 3
+@pytest.mark.parametrize("in_loop", [True, False], ids=["dyb-in-loop", "dyb-read"])
+@pytest.mark.parametrize("M,K,N,R", [(37, 45, 70, 3), (1, 16, 33, 1), (16, 40, 16, 17)])
+def test_gemm_grad_input_reads_w_as_stored_with_dropout_epilogue(cfg, in_loop, M, K, N, R):
+    """dX = dY W + s D o ((dY B) A): W [N, K], A [R, K] and B [N, R] as stored, the mask of x's
+    elements; dY B either computed in the K loop from dY's tiles (and returned) or read."""
     dy, w, a, b = _rand(M, N), _rand(N, K), _rand(R, K), _rand(N, R)
-    dx, _ = lora_gemm(dy, w, a, None, 0.7, grad_input=True, xa=dy @ b, config=cfg)
+    kw = dict(u=b) if in_loop else dict(xa=dy @ b)
+    dx, dyb = lora_gemm(dy, w, a, None, 0.7, grad_input=True, config=cfg, **kw)
     _close(dx, dy @ w + 0.7 * (dy @ b) @ a)
-    dx, _ = lora_gemm(dy, w, a, None, 0.7, grad_input=True, xa=dy @ b, dropout=(_seed(5), 0.3),
-                      config=cfg)
+    _close(dyb, dy @ b)
+    dx, dyb = lora_gemm(dy, w, a, None, 0.7, grad_input=True, dropout=(_seed(5), 0.3), config=cfg, **kw)
     keep = dropout_mask(_seed(5), (M, K), 0.3).double() / 0.7
     _close(dx, dy @ w + 0.7 * keep * ((dy @ b) @ a))
+    _close(dyb, dy @ b)
+
+
+def test_gemm_in_loop_operand_must_be_the_adapter_as_stored():
+    """u is A [R, K] forward and B [N_out, R] for dX: the other one (or a transposed view's shape)
+    is refused before any launch, not read with the wrong strides."""
+    M, K, N, R = 8, 24, 40, 4
+    x, dy, w, a, b = _rand(M, K), _rand(M, N), _rand(N, K), _rand(R, K), _rand(N, R)
+    with pytest.raises(ValueError, match=r"u must be B \[K, R\] = \[40, 4\], got shape \[4, 40\]"):
+        lora_gemm(dy, w, a, None, 0.7, grad_input=True, u=b.T)
+    with pytest.raises(ValueError, match=r"u must be A \[R, K\]"):
+        lora_gemm(x, w, b, None, 0.7, u=a.T)
 
 
 @pytest.mark.parametrize("cfg", SMALL, ids=SMALL_IDS)
@@ -123,6 +138,9 @@ def test_gemm_tma_path_matches_float64(dtype, subtile, monkeypatch):
     assert built[1] == (16, 32)  # W [N, K] read as stored: [BLOCK_K, BLOCK_N] tiles
     want = dy.double() @ w64 + 0.7 * dyb @ a64
     assert ((dx.double() - want).abs().max() / want.abs().max()).item() < tol
+    dx, got_dyb = lora_gemm(dy, w, a, None, 0.7, grad_input=True, u=b, config=cfg)  # dY B in the loop
+    assert ((dx.double() - want).abs().max() / want.abs().max()).item() < tol
+    assert ((got_dyb.double() - dyb).abs().max() / dyb.abs().max()).item() < tol
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
