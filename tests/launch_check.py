@@ -9,6 +9,7 @@ of each route (``step_replays``), the same comparison over its sequence of launc
 TRITON_INTERPRET (tests/test_launch.py starts it in a subprocess); ``--times`` prints the times as a
 table instead; ``--step`` prints the host time of a whole training step through each Triton route
 (16 x 256, bf16, r=16) with launches through Triton's path and through ``launch``."""
+import dataclasses
 import functools
 import inspect
 import json
@@ -118,13 +119,22 @@ def main() -> None:
 
 def step_times(M: int = 16, features: int = 256, steps: int = 1500) -> None:
     """Host time of a LoRALinear training step (bf16, r=16) through each Triton route, launches
-    made through Triton's path and through ``launch``, interleaved twice (medians, us)."""
+    made through Triton's path and through ``launch``, interleaved twice (medians, us); the fused
+    route also with its dX GEMM reading dY B from the dY pass (per-column-block partials and their
+    sum) instead of computing it in its K loop (the rule's at this M)."""
     global RECORD
     RECORD = False
     kernels.INTERPRETED = True  # the routes take CPU tensors (the kernels themselves are compiled)
     import fastlora
+    rule = kernels.gemm_config
+
+    def dyb_read(*a, grad_input=False, **k):
+        return dataclasses.replace(rule(*a, grad_input=grad_input, **k), xa_in_loop=not grad_input)
+
     print(f"triton {triton.__version__}, launches no-ops (split's base GEMMs run on this CPU)")
-    for route in ("fused", "split"):
+    for route, name, config in (("fused", "fused", rule), ("fused", "fused, dY B read", dyb_read),
+                                ("split", "split", rule)):
+        kernels.gemm_config = config
         layer = fastlora.LoRALinear(features, features, r=16, backend=route, dtype=torch.bfloat16,
                                     init_lora_weights=False)
         x = torch.randn(M, features, dtype=torch.bfloat16, requires_grad=True)
@@ -140,8 +150,9 @@ def step_times(M: int = 16, features: int = 256, steps: int = 1500) -> None:
                 torch.autograd.grad(layer(x), [x, layer.lora_A, layer.lora_B], dy)
                 ts.append(time.perf_counter() - t)
             times[enabled].append(statistics.median(ts) * 1e6)
-        print(f"{route:5s} {M} x {features}: Triton's path " + " ".join(f"{t:.0f}" for t in times[False])
+        print(f"{name:16s} {M} x {features}: Triton's path " + " ".join(f"{t:.0f}" for t in times[False])
               + " us a step, launch " + " ".join(f"{t:.0f}" for t in times[True]))
+    kernels.gemm_config = rule
 
 
 def step_replays() -> list:
