@@ -315,6 +315,10 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor | Packed4bit, v: torch.Tensor, bi
     # descriptors as well, and stores y through pointers (see the kernel)
     ws = (use_tma and cfg.warp_specialize and (WARP_SPECIALIZE or INTERPRETED) and u is None
           and tma_ready(xa, v))
+    # a warp-specialized config's num_warps is one warpgroup (4 of the program's 12); where it runs
+    # unspecialized (triton 3.7+, dY B in the loop, unaligned xa) its 128-row tiles take the plain
+    # configs' 8 warps (at 4 the dX dropout form spills under 3.9: tests/aot.py's compile)
+    warps = cfg.num_warps if ws or not cfg.warp_specialize else max(cfg.num_warps, 8)
     x_arg, w_arg, y_arg, xa_arg, v_arg = x, w, y, xa, v
     if use_tma:
         x_arg = TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k])
@@ -346,7 +350,7 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor | Packed4bit, v: torch.Tensor, bi
         ACC_DTYPE=tl_acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype),
         CHUNKED_ACC=x.dtype in (torch.float32, torch.float64),
         W4BIT=w4 is not None, QBLOCK=q.blocksize, NESTED=q.scale is not None, NESTED_BLOCK=q.nested_blocksize,
-        WARP_SPECIALIZE=ws, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        WARP_SPECIALIZE=ws, num_warps=warps, num_stages=cfg.num_stages,
         # the nested absmax rounds after its product and after its sum (kernels/dequant.py)
         **({"enable_fp_fusion": False} if w4 is not None else {}),
     )

@@ -168,9 +168,16 @@ def test_warp_specialized_gemm_reads_xa_and_the_adapter_through_descriptors(dtyp
         y, _ = lora_gemm(dy if kwargs.get("grad_input") else x, w, v, bias_, 0.7, config=plain, **kwargs)
         assert torch.equal(y_ws, y)
     built.clear()
+    launched = []
+    launch = gemm_module.launch
+    monkeypatch.setattr(gemm_module, "launch", lambda *a, **k: launched.append(k) or launch(*a, **k))
     xa3 = _rand(M, 3, dtype=torch.float32)  # [M, 3] float32: 12-byte rows, no descriptor
     y3, _ = lora_gemm(x, w, b[:, :3].contiguous(), None, 0.7, xa=xa3, config=ws)
     assert len(built) == 3  # x, W and y: the TMA path without warp specialization
+    # the config's 4 warps were a warpgroup's: unspecialized, its tiles get the plain configs' 8
+    assert not launched[0]["WARP_SPECIALIZE"] and launched[0]["num_warps"] == 8
+    lora_gemm(x, w, b, None, 0.7, xa=xa, config=ws)
+    assert launched[1]["WARP_SPECIALIZE"] and launched[1]["num_warps"] == 4
     want = x.double() @ w.double().T + 0.7 * xa3.to(dtype).double() @ b[:, :3].double().T
     assert ((y3.double() - want).abs().max() / want.abs().max()).item() < (1e-5 if dtype == torch.float32 else 4e-3)
 
