@@ -316,7 +316,7 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor | Packed4bit, v: torch.Tensor, bi
     ws = (use_tma and cfg.warp_specialize and (WARP_SPECIALIZE or INTERPRETED) and u is None
           and tma_ready(xa, v))
     # a warp-specialized config's num_warps is one warpgroup (4 of the program's 12); where it runs
-    # unspecialized (triton 3.7+, dY B in the loop, unaligned xa) its 128-row tiles take the plain
+    # unspecialized (triton 3.7+, the pointer path, unaligned xa) its 128-row tiles take the plain
     # configs' 8 warps (at 4 the dX dropout form spills under 3.9: tests/aot.py's compile)
     warps = cfg.num_warps if ws or not cfg.warp_specialize else max(cfg.num_warps, 8)
     x_arg, w_arg, y_arg, xa_arg, v_arg = x, w, y, xa, v
