@@ -10,7 +10,8 @@ time. One line per probe (benchmarks/gpu_check.sh keeps them in machine.txt).
 - host time per call at M=16 and 2048 for each route (and the torch route through autograd's
   path; and the fused route with its launches through Triton's JITFunction.run, against
   kernels/launch.py's remembered path), against F.linear's and PEFT's, with the Triton launches
-  of one call counted.
+  of one call counted and its other ATen calls that launch kernels (cuBLAS, sums, casts, copies:
+  every call below autograd but allocations and views), each some microseconds of host time.
 """
 import functools
 import time
@@ -18,6 +19,7 @@ import time
 import torch
 import triton
 import triton.testing
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlora.kernels.launch as launch_path
 from fastlora import kernels as K
@@ -92,6 +94,25 @@ def passes(copy_tbs):
               f"(graph replay; eager {t:.4f} ms, host included)")
 
 
+# ATen calls that allocate or make views: no kernel launched
+_NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "view", "_unsafe_view", "reshape",
+              "_reshape_alias", "t", "transpose", "permute", "as_strided", "select", "slice",
+              "expand", "unsqueeze", "squeeze", "detach", "alias", "lift_fresh"}
+
+
+class KernelCalls(TorchDispatchMode):
+    """The ATen calls of a region that launch kernels (``_NO_KERNEL`` left out), by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in _NO_KERNEL:
+            self.calls.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 def host_time(features: int = 4096, sizes=(16, 2048), n: int = 100):
     """Host microseconds per call (the loop's time with nothing synchronised inside it) against its
     wall time (synchronised at the end: where wall ~ host the host is the bottleneck), at M=16
@@ -133,7 +154,8 @@ def host_time(features: int = 4096, sizes=(16, 2048), n: int = 100):
                     fn()
                 torch.cuda.synchronize()
                 launches.clear()
-                fn()
+                with KernelCalls() as aten:
+                    fn()
                 n_launch = len(launches)
                 t0 = time.perf_counter()
                 for _ in range(n):
@@ -142,7 +164,7 @@ def host_time(features: int = 4096, sizes=(16, 2048), n: int = 100):
                 torch.cuda.synchronize()
                 wall = (time.perf_counter() - t0) / n * 1e6
                 print(f"host M{M:<5d} {provider:15s} {name:8s} {host:7.1f} us/call host, {wall:7.1f} wall, "
-                      f"{n_launch} Triton launches")
+                      f"{n_launch} Triton launches, {len(aten.calls)} other kernels ({' '.join(aten.calls)})")
     torch_route.AUTOGRAD_FROM = hand_written_from
     launch_path.ENABLED = remembered
 
