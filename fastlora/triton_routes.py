@@ -124,11 +124,13 @@ class SplitRoute(_KernelRoute):
     name = "split"
 
     def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout, scale=None, **_):
-        xa = self.k.xa_pass(x, lora_A, dropout=_seed_p(dropout))
+        # xa kept in the accumulator dtype, and in x's for cuBLAS (from the same launch)
+        xa, xa_x = self.k.xa_pass(x, lora_A, dropout=_seed_p(dropout), also=x.dtype)
+        b_x = as_dtype(lora_B, x.dtype).T
         if scale is not None:  # DoRA: the bias joins after g (see the module docstring)
-            y = addmm_scaled(None, xa.to(x.dtype), lora_B.to(x.dtype).T, scaling).addmm_(x, weight.T)
+            y = addmm_scaled(None, xa_x, b_x, scaling).addmm_(x, weight.T)
             return scale_columns(y, scale, bias), xa
-        y = addmm_scaled(bias, xa.to(x.dtype), lora_B.to(x.dtype).T, scaling)
+        y = addmm_scaled(bias, xa_x, b_x, scaling)
         return y.addmm_(x, weight.T), xa
 
     def backward(self, dy, x, weight, lora_A, lora_B, xa, scaling, dropout, needs: Needs,

@@ -10,7 +10,9 @@
 
 fastlora/autograd.py derives these products. Every reduction is split into a fixed number of
 chunks, each reduced in a fixed order by one program, and the chunks are summed in a fixed order
-afterwards: deterministic, no float atomics.
+afterwards by one launch (``sum_parts_kernel``) that rounds the sum once to the output's dtype
+(an adapter's dA or dB, and for the split route xa in x's dtype beside the float32 xa it keeps):
+deterministic, no float atomics, no cast launched.
 """
 from __future__ import annotations
 
@@ -188,20 +190,49 @@ def _parts(n: int, shape: tuple, like: torch.Tensor, dtype: torch.dtype) -> torc
     return alloc((n, *shape) if n > 1 else shape, like, dtype)
 
 
-def _fixed_order_sum(parts: torch.Tensor, n: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``_parts``' ``n`` partial results summed in a fixed order, rounded once to ``dtype`` (a single
-    result was written in it)."""
+@triton.jit
+def sum_parts_kernel(PARTS, OUT, OUT2, numel, n, BLOCK: tl.constexpr, INT64: tl.constexpr):
+    """OUT = PARTS[0] + PARTS[1] + ... + PARTS[n - 1] elementwise for PARTS [n, numel], summed in
+    that order in PARTS' dtype (the accumulator's) and rounded once to OUT's; OUT2, when given, the
+    same sum in its own dtype."""
+    o = widened(tl.program_id(0), INT64) * BLOCK + tl.arange(0, BLOCK)
+    m = o < numel
+    acc = tl.load(PARTS + o, mask=m, other=0.0)
+    for i in range(1, n):
+        acc += tl.load(PARTS + widened(i, INT64) * numel + o, mask=m, other=0.0)
+    tl.store(OUT + o, acc.to(OUT.dtype.element_ty), mask=m)
+    if OUT2 is not None:
+        tl.store(OUT2 + o, acc.to(OUT2.dtype.element_ty), mask=m)
+
+
+_SUM_BLOCK = 1024  # elements a program: the partials are small ([n, M, r] or [n, N, r])
+
+
+def _fixed_order_sum(parts: torch.Tensor, n: int, dtype: torch.dtype | None = None,
+                     also: torch.dtype | None = None):
+    """``_parts``' ``n`` partial results summed in a fixed order, rounded once to ``dtype`` (the
+    accumulator's by default; a single result was written in it) in one launch, which with
+    ``also`` writes the sum rounded once to that dtype too and returns both (an x-dtype copy of xa
+    for cuBLAS: no cast launched)."""
     if n == 1:
-        return parts
-    total = parts.sum(0)
-    return total if dtype is None or total.dtype == dtype else total.to(dtype)
+        return parts if also is None else (parts, parts.to(also))
+    shape = parts.shape[1:]
+    out = alloc(shape, parts, dtype or parts.dtype)
+    out2 = alloc(shape, parts, also) if also is not None else None
+    numel = out.numel()
+    if numel:
+        launch(sum_parts_kernel, (cdiv(numel, _SUM_BLOCK),), parts, out, out2, numel, n,
+               BLOCK=_SUM_BLOCK, INT64=needs_int64(parts.numel()))
+    return out if also is None else (out, out2)
 
 
 def xa_pass(x: torch.Tensor, a: torch.Tensor, *, dropout: tuple[torch.Tensor, float] | None = None,
-            config: PassConfig | None = None) -> torch.Tensor:
+            also: torch.dtype | None = None, config: PassConfig | None = None):
     """xa = drop(x) a^T [M, R] in the accumulator dtype, for x [M, K] (unit stride along K) and
-    a [R, K]; ``dropout=(seed, p)`` applies the dropout mask of x and 1/(1-p)."""
-    return _xa(x, a, dropout, False, config)[0]
+    a [R, K]; ``dropout=(seed, p)`` applies the dropout mask of x and 1/(1-p). With ``also`` (a
+    dtype), (xa, xa rounded once to it): the split route's operand for cuBLAS, written by the
+    launch that sums the split partials."""
+    return _xa(x, a, dropout, False, config, also)[0]
 
 
 def weight_pass(w: torch.Tensor, a: torch.Tensor, *, need_sq: bool = True,
@@ -211,13 +242,14 @@ def weight_pass(w: torch.Tensor, a: torch.Tensor, *, need_sq: bool = True,
     return _xa(w, a, None, need_sq, config)
 
 
-def _xa(x, a, dropout, sum_sq: bool, config):
+def _xa(x, a, dropout, sum_sq: bool, config, also=None):
     check_device(x, a)
     M, K = x.shape
     R = a.shape[0]
     acc = acc_dtype(x.dtype)
     if M == 0:
-        return torch.zeros((0, R), device=x.device, dtype=acc), (x.new_zeros(0, dtype=acc) if sum_sq else None)
+        xa = torch.zeros((0, R), device=x.device, dtype=acc)
+        return (xa if also is None else (xa, xa.to(also))), (x.new_zeros(0, dtype=acc) if sum_sq else None)
     if x.stride(1) != 1:
         x = x.contiguous()
     a = a.contiguous()
@@ -232,7 +264,8 @@ def _xa(x, a, dropout, sum_sq: bool, config):
         HAS_DROPOUT=seed is not None, SUM_SQ=sq is not None, ACC_DTYPE=tl_acc_dtype(x.dtype),
         PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return _fixed_order_sum(ws, cfg.splits), (_fixed_order_sum(sq, cfg.splits) if sum_sq else None)
+    return (_fixed_order_sum(ws, cfg.splits, also=also),
+            _fixed_order_sum(sq, cfg.splits) if sum_sq else None)
 
 
 def _reduce(big, s, e, f, scaling, dropout, *, reduce: bool, rank_out: bool, expand_out: bool,

@@ -25,7 +25,7 @@ from triton.compiler import ASTSource
 from fastlora.kernels import configs
 from fastlora.kernels.dequant import dequant_4bit_kernel
 from fastlora.kernels.gemm import lora_gemm_kernel
-from fastlora.kernels.passes import reduce_kernel, xa_kernel
+from fastlora.kernels.passes import _SUM_BLOCK, reduce_kernel, sum_parts_kernel, xa_kernel
 
 _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 # float32 dots compile with torch's default matmul precision ("highest": IEEE products); the
@@ -258,6 +258,26 @@ DEQUANT_FORMS = [(dtype, nested, bs) for dtype in (torch.bfloat16, torch.float16
                  for nested in (False, True) for bs in (64, 128, 256)]
 
 
+# the split partials' sum: (partials' dtype, out dtype, a second out dtype or None)
+SUM_FORMS = [(torch.float32, out, also) for out, also in ((torch.float32, None), (torch.bfloat16, None),
+                                                          (torch.float16, None), (torch.float32, torch.bfloat16),
+                                                          (torch.float32, torch.float16))] + [
+    (torch.float64, torch.float64, None), (torch.float64, torch.float64, torch.float64)]
+
+
+def sum_job(item) -> dict:
+    """The fixed-order sum of a pass's split partials, as its launcher compiles it."""
+    parts, out, also, cap = item
+    types = {"PARTS": f"*{_TL[parts]}", "OUT": f"*{_TL[out]}", "numel": "i32", "n": "i32"}
+    const = dict(BLOCK=_SUM_BLOCK, INT64=False)
+    if also is not None:
+        types["OUT2"] = f"*{_TL[also]}"
+    else:
+        const["OUT2"] = None
+    c = compile_kernel(sum_parts_kernel, types, const, cap, 4, 3)
+    return {"sum": dict(shared=c.shared, registers=c.registers, spills=c.spill_bytes)}
+
+
 def dequant_job(item) -> dict:
     """The 4-bit dequantize kernel as its launcher compiles it (no floating-point contraction: the
     PTX must hold no fma, or the nested absmax would round once where bitsandbytes rounds twice)."""
@@ -347,6 +367,9 @@ def item_id(kind, item) -> str:
     if kind == "dequant":
         dtype, nested, blocksize, cap = item
         return f"dequant-sm{cap}-{_TL[dtype]}-bs{blocksize}{'-nested' if nested else ''}"
+    if kind == "sum":
+        parts, out, also, cap = item
+        return f"sum-sm{cap}-{_TL[parts]}-to-{_TL[out]}" + (f"-and-{_TL[also]}" if also is not None else "")
     if kind in ("gemm", "gemm4bit"):
         cfg, block_r, dtype, cap, dropout = item
         tile = (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}" + ("-tma" if cfg.tma else "")
@@ -370,6 +393,7 @@ def all_items() -> list:
     return ([("gemm", it) for it in gemms]
             + [("pass", it) for it in production_pass_configs()]
             + [("dequant", (*form, cap)) for form in DEQUANT_FORMS for cap in caps]
+            + [("sum", (*form, cap)) for form in SUM_FORMS for cap in caps]
             + [("gemm4bit", it) for it in production_gemm4bit_configs()])
 
 
@@ -377,7 +401,7 @@ def _run(job):
     kind, item = job
     if kind == "gemm4bit":
         return gemm_job(item, four_bit=True)
-    return {"gemm": gemm_job, "pass": pass_job, "dequant": dequant_job}[kind](item)
+    return {"gemm": gemm_job, "pass": pass_job, "dequant": dequant_job, "sum": sum_job}[kind](item)
 
 
 def main() -> None:
@@ -401,11 +425,12 @@ def main() -> None:
             flag = "  SPILLS" if info["spills"] else ""
             flag += "  SHARED-MEMORY" if info["shared"] > smem[cap] else ""
             # the bar (tests/test_aot.py): bfloat16 up to TUNED_RANK spills nothing, everything fits,
-            # the dequantize kernel spills nothing and fuses no multiply-add
+            # the dequantize kernel spills nothing and fuses no multiply-add, the sum spills nothing
             block_r = re.search(r"-r(\d+)-", name)
             tuned = "-bf16-" in name and (block_r is None or int(block_r.group(1)) <= configs.TUNED_RANK)
             bad += bool(info["shared"] > smem[cap] or (info["spills"] and tuned)
-                        or (form == "dequant" and (info["spills"] or info["fma"]))
+                        or (form in ("dequant", "sum") and info["spills"])
+                        or (form == "dequant" and info["fma"])
                         or (name.startswith("gemm4bit") and info["fma"]))
             print(f"{name:60s} {form:16s} regs {info['registers']:3d} smem {info['shared']:6d}"
                   f"{' wgmma' if info.get('wgmma') else ''}{' tma' if info.get('tma') else ''}"

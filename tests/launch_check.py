@@ -8,7 +8,8 @@ the host time of each path per launch (microseconds, the launch itself a no-op);
 of each route (``step_replays``), the same comparison over its sequence of launches. Runs without
 TRITON_INTERPRET (tests/test_launch.py starts it in a subprocess); ``--times`` prints the times as a
 table instead; ``--step`` prints the host time of a whole training step through each Triton route
-(16 x 256, bf16, r=16) with launches through Triton's path and through ``launch``."""
+(16 x 256, bf16, r=16) with launches through Triton's path and through ``launch``; ``--count`` its
+launches (Triton's and the other ATen calls that launch kernels) at 16 x 256 and 2048 x 4096."""
 import dataclasses
 import functools
 import inspect
@@ -77,6 +78,8 @@ def main() -> None:
     stand_in_gpu()
     if "--step" in sys.argv:
         return step_times()
+    if "--count" in sys.argv:
+        return step_counts()
     run = JITFunction.run
     JITFunction.run = lambda self, *a, **k: (BINDS.append(self), run(self, *a, **k))[1]
 
@@ -153,6 +156,45 @@ def step_times(M: int = 16, features: int = 256, steps: int = 1500) -> None:
         print(f"{name:16s} {M} x {features}: Triton's path " + " ".join(f"{t:.0f}" for t in times[False])
               + " us a step, launch " + " ".join(f"{t:.0f}" for t in times[True]))
     kernels.gemm_config = rule
+
+
+def step_counts(sizes=((16, 256), (2048, 4096))) -> None:
+    """A training step's launches through each Triton route (bf16, r=16, the config functions'
+    H100 rules): its Triton launches and its other ATen calls that launch kernels (allocations and
+    views left out), at M x features each of ``sizes``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    global RECORD
+    RECORD = False
+    kernels.INTERPRETED = True  # the routes take CPU tensors (the kernels themselves are compiled)
+    import fastlora
+    no_kernel = {"empty", "empty_strided", "permute", "view", "t", "transpose", "as_strided", "select",
+                 "slice", "detach", "alias", "expand", "reshape", "_unsafe_view"}
+    names = []
+    for module in (gemm, passes):
+        module.launch = lambda kernel, grid, *a, **k: (names.append(kernel.fn.__name__),
+                                                       launch.launch(kernel, grid, *a, **k))
+
+    class AtenKernels(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in no_kernel:
+                names.append(f"aten.{func.overloadpacket.__name__}")
+            return func(*args, **(kwargs or {}))
+
+    print(f"triton {triton.__version__}; a training step's launches (H100 rules)")
+    for M, features in sizes:
+        for route in ("fused", "split"):
+            layer = fastlora.LoRALinear(features, features, r=16, backend=route, dtype=torch.bfloat16,
+                                        init_lora_weights=False)
+            x = torch.randn(M, features, dtype=torch.bfloat16, requires_grad=True)
+            dy = torch.randn(M, features, dtype=torch.bfloat16)
+            torch.autograd.grad(layer(x), [x, layer.lora_A, layer.lora_B], dy)
+            names.clear()
+            with AtenKernels():
+                torch.autograd.grad(layer(x), [x, layer.lora_A, layer.lora_B], dy)
+            aten = [n for n in names if n.startswith("aten.")]
+            print(f"{route:5s} {M:5d} x {features:5d}: {len(names) - len(aten)} Triton launches, "
+                  f"{len(aten)} other kernels: {' '.join(names)}")
 
 
 def step_replays() -> list:
@@ -278,6 +320,9 @@ def scenarios(recorded: list) -> list:
         "gemm 4-bit forward": lambda: gemm.lora_gemm(x, w4, b, bias, 0.5, u=a),
         "xa pass, dropout": lambda: kernels.xa_pass(x, a, dropout=(seed, 0.1)),
         "xa pass, K=17, M=1": lambda: kernels.xa_pass(rnd(1, 17), rnd(R, 17)),
+        # K in 3 chunks: the partials' sum, written in float32 and bfloat16
+        "xa pass, split, x-dtype copy": lambda: kernels.xa_pass(x, a, also=bf,
+                                                                config=configs.PassConfig(32, 16, splits=3)),
         "dy pass": lambda: kernels.dy_pass(dy, xa, b, 0.5),
         "x pass, dropout": lambda: kernels.x_pass(x, xa, a, 0.5, dropout=(seed, 0.1), need_dx=True),
         "dropout mask": lambda: kernels.dropout_mask(seed, (M, K), 0.1),

@@ -199,6 +199,35 @@ def test_xa_pass_with_and_without_dropout(cfg):
 
 
 @pytest.mark.parametrize("cfg", PASSES, ids=["splits1", "splits3"])
+@pytest.mark.parametrize("also", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_xa_pass_gives_an_x_dtype_copy_rounded_once(cfg, also):
+    """The split route's operand for cuBLAS: xa in x's dtype beside the float32 xa it keeps, the
+    same sum rounded once (written by the launch that sums the split partials)."""
+    M, K, R = 70, 45, 5
+    x, a = _rand(M, K, dtype=torch.float32), _rand(R, K, dtype=torch.float32)
+    xa, xa_x = xa_pass(x, a, also=also, config=cfg)
+    assert xa.dtype == torch.float32 and xa_x.dtype == also and xa_x.shape == (M, R)
+    torch.testing.assert_close(xa, xa_pass(x, a, config=cfg), rtol=0, atol=0)
+    _rounded_once(xa_x, xa, also, written=cfg.splits > 1)
+
+
+def test_split_partials_sum_in_index_order():
+    """The fixed-order sum of split partials: parts[0] + parts[1] + ... left to right in float32
+    (bit for bit), over more elements than one program takes, rounded once where asked."""
+    from fastlora.kernels.passes import _fixed_order_sum
+    parts = _rand(5, 3, 700, dtype=torch.float32) * torch.logspace(-3, 3, 5, device=DEVICE)[:, None, None]
+    want = parts[0].clone()
+    for p in parts[1:]:
+        want += p
+    got = _fixed_order_sum(parts, 5)
+    assert got.shape == (3, 700) and torch.equal(got, want)
+    got16, got32 = _fixed_order_sum(parts, 5, torch.float16, also=torch.float32)
+    assert torch.equal(got32, want) and torch.equal(got16, want.to(torch.float16))
+    one = parts[0]
+    assert _fixed_order_sum(one, 1) is one  # a single result: as the pass wrote it, nothing launched
+
+
+@pytest.mark.parametrize("cfg", PASSES, ids=["splits1", "splits3"])
 def test_dy_pass_gives_dyb_and_db_from_one_read(cfg):
     M, N, R = 70, 37, 5
     dy, xa, b = _rand(M, N), _rand(M, R), _rand(N, R)
@@ -243,19 +272,20 @@ def _rounded_once(got, acc, dtype, written: bool):
 @pytest.mark.parametrize("out", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 def test_db_and_da_come_in_the_adapters_dtype_rounded_once(cfg, out):
     """dB and dA as the adapters store them (dA [R, K] contiguous), each the accumulator's sum
-    rounded once: written so by the kernel when it does not split its rows, else summed, then cast."""
+    rounded once: written so by the kernel when it does not split its rows, else by the launch that
+    sums its partials (no cast launched)."""
     M, N, K, R = 70, 37, 45, 5
     dy, xa, b = _rand(M, N, dtype=torch.float32), _rand(M, R, dtype=torch.float32), _rand(N, R, dtype=torch.float32)
     x, a = _rand(M, K, dtype=torch.float32), _rand(R, K, dtype=torch.float32)
     dyb, db = dy_pass(dy, xa, b, 0.3, db_dtype=out, config=cfg)
     _, db_acc = dy_pass(dy, xa, b, 0.3, config=cfg)
     assert db.dtype == out and db_acc.dtype == torch.float32
-    _rounded_once(db, db_acc, out, written=cfg.splits == 1)
+    _rounded_once(db, db_acc, out, written=True)
     drop = (_seed(7), 0.4)
     _, da = x_pass(x, dyb, a, 0.3, dropout=drop, da_dtype=out, config=cfg)
     _, da_acc = x_pass(x, dyb, a, 0.3, dropout=drop, config=cfg)
     assert da.shape == (R, K) and da.is_contiguous() and da_acc.is_contiguous() and da.dtype == out
-    _rounded_once(da, da_acc, out, written=cfg.splits == 1)
+    _rounded_once(da, da_acc, out, written=True)
     keep = dropout_mask(_seed(7), (M, K), 0.4).double() / 0.6
     _close(da_acc, 0.3 * dyb.double().T @ (keep * x.double()), tol=1e-5)
 

@@ -1,6 +1,6 @@
 """kernels/launch.py against Triton's own launch path, without a GPU: tests/launch_check.py makes
 each launcher's launches (GEMM forward and dX, pointers and tensor descriptors, 16-bit and 4-bit W,
-every pass, the dropout mask, the dequantize kernel; then whole training steps of each route)
+every pass, the sum of split partials, the dropout mask, the dequantize kernel; then whole training steps of each route)
 through ``JITFunction.run`` and through ``launch``, with a stand-in sm_90 driver (real compiles;
 each compiled kernel's launcher records its call instead of making it). Both must pick the same
 compiled kernel and hand it the same arguments, and a repeat must skip Triton's binder. The
@@ -14,7 +14,8 @@ from helpers import HAS_TRITON, run_compiled
 if not HAS_TRITON:
     pytest.skip("triton not installed", allow_module_level=True)
 
-KERNELS = {"lora_gemm_kernel", "xa_kernel", "reduce_kernel", "_dropout_mask_kernel", "dequant_4bit_kernel"}
+KERNELS = {"lora_gemm_kernel", "xa_kernel", "reduce_kernel", "sum_parts_kernel", "_dropout_mask_kernel",
+           "dequant_4bit_kernel"}
 
 
 @pytest.fixture(scope="module")
