@@ -2,7 +2,8 @@
 time. One line per probe (benchmarks/gpu_check.sh keeps them in machine.txt).
 
 - ceilings: device-to-device copy bandwidth (bytes read + written) and cuBLAS's bf16 GEMM rate;
-- the fused GEMM's main loop against cuBLAS (forward and dX, M=8192, 4096x4096, r=16);
+- the fused GEMM's main loop against cuBLAS (forward and dX, M=8192, 4096x4096, r=16), in the
+  rule's config (the pointer path since session 7) and the persistent TMA one;
 - the memory-bound passes (xa, dY, x with dx0) in TB/s against the copy bandwidth (the bar: 70%),
   timed as CUDA graph replays (GPU time alone), the eager time (host included) beside it: the
   H200 run of 2026-11-29 timed them eagerly only, at 0.07-0.23 ms a pass, the order of a call's
@@ -64,9 +65,16 @@ def main_loop(cublas_ms):
     # run does not time
     ws = K.GemmConfig(128, 128, 64, num_warps=4, num_stages=4, tma=True, xa_in_loop=False,
                       warp_specialize=True)
+    # the persistent TMA config (the rule's before the H200's table timed the pointer path faster)
+    tma = K.GemmConfig(128, 256, 64, num_warps=8, num_stages=3, tma=True, epilogue_subtile=True,
+                       xa_in_loop=False)
     probes = [("fwd, xa read", cfg, lambda: K.lora_gemm(x, w, b, None, 1.0, xa=xa)),
-              ("fwd, xa in loop", cfg, lambda: K.lora_gemm(x, w, b, None, 1.0, u=a)),
-              ("dX", cfg, lambda: K.lora_gemm(dy, w, a, None, 1.0, grad_input=True, xa=dyb))]
+              ("fwd, xa in loop", cfg, lambda: K.lora_gemm(x, w, b, None, 1.0, u=a, config=cfg)),
+              ("dX", cfg, lambda: K.lora_gemm(dy, w, a, None, 1.0, grad_input=True, xa=dyb)),
+              ("dX, dY B in loop", cfg, lambda: K.lora_gemm(dy, w, a, None, 1.0, grad_input=True, u=b,
+                                                            config=cfg)),
+              ("fwd, xa read, tma", tma, lambda: K.lora_gemm(x, w, b, None, 1.0, xa=xa, config=tma)),
+              ("dX, tma", tma, lambda: K.lora_gemm(dy, w, a, None, 1.0, grad_input=True, xa=dyb, config=tma))]
     if K.configs.WARP_SPECIALIZE:
         probes += [("fwd, xa read, ws", ws, lambda: K.lora_gemm(x, w, b, None, 1.0, xa=xa, config=ws)),
                    ("dX, ws", ws, lambda: K.lora_gemm(dy, w, a, None, 1.0, grad_input=True, xa=dyb, config=ws))]

@@ -148,10 +148,10 @@ def gemm_candidates(M: int, block_r: int, elt: int, info: DeviceInfo, *, grad_in
         if M > 16:
             out.append(GemmConfig(64, 64, 64, num_warps=4, num_stages=4, tma=True))
     else:
-        out = [GemmConfig(128, 256, 64, num_warps=8, num_stages=s, tma=True, epilogue_subtile=True,
-                          xa_in_loop=False) for s in (3, 4)]
-        out += [GemmConfig(128, 128, 64, num_warps=8, num_stages=4, tma=True, xa_in_loop=False),
-                GemmConfig(128, 256, 64, num_warps=8, num_stages=4, xa_in_loop=False)]
+        out = [GemmConfig(128, 256, 64, num_warps=8, num_stages=4, xa_in_loop=False)]
+        out += [GemmConfig(128, 256, 64, num_warps=8, num_stages=s, tma=True, epilogue_subtile=True,
+                           xa_in_loop=False) for s in (3, 4)]
+        out += [GemmConfig(128, 128, 64, num_warps=8, num_stages=4, tma=True, xa_in_loop=False)]
         if grad_input or not dropout:
             # x A^T (forward) or dY B (dX) in the K loop: the forward without its pass over x,
             # the backward's dY pass without dY B and the sum of its partials (a launch)
@@ -206,9 +206,12 @@ def gpu_gemm_config(M: int, block_r: int, dtype: torch.dtype, info: DeviceInfo, 
         # and x A^T in the loop (one launch)
         cfg = GemmConfig(16 if M <= 16 else 64, 32, 128, num_warps=4, num_stages=5)
     elif hopper:
-        # persistent, TMA-fed, 128x256 accumulator stored in two halves (benchmarks/NOTES.md)
-        cfg = GemmConfig(128, 256, 64, num_warps=8, num_stages=3, tma=True, epilogue_subtile=True,
-                         xa_in_loop=False)
+        # through pointers, 4 stages: the H200's tuner run (fastlora/route_table.json, 2026-11-29)
+        # timed it fastest of the fused configs in 31 of its 32 problems at M >= 2048, forward and
+        # backward, 1% behind in the other (the best persistent TMA config, 3 stages beside its
+        # store's staging tile, 14-36% slower: benchmarks/NOTES.md); the dX dropout form narrows it
+        # to 128x64, also that run's fastest there
+        cfg = GemmConfig(128, 256, 64, num_warps=8, num_stages=4, xa_in_loop=False)
     else:
         cfg = GemmConfig(128, 128, 64, num_warps=8, num_stages=3)
     return _fit_device(cfg, block_r, dtype, info, dropout)
