@@ -57,7 +57,8 @@ def count_launches(monkeypatch):
     """Triton kernel launches, by kernel name."""
     from fastlora.kernels import gemm, passes
     launches = []
-    for module, name in ((gemm, "lora_gemm_kernel"), (passes, "xa_kernel"), (passes, "reduce_kernel")):
+    for module, name in ((gemm, "lora_gemm_kernel"), (passes, "xa_kernel"), (passes, "reduce_kernel"),
+                         (passes, "sum_parts_kernel")):
         kernel = getattr(module, name)
 
         class Counting:
