@@ -209,7 +209,7 @@ def gpu_gemm_config(M: int, block_r: int, dtype: torch.dtype, info: DeviceInfo, 
         # through pointers, 4 stages: the H200's tuner run (fastlora/route_table.json, 2026-11-29)
         # timed it fastest of the fused configs in 31 of its 32 problems at M >= 2048, forward and
         # backward, 1% behind in the other (the best persistent TMA config, 3 stages beside its
-        # store's staging tile, 14-36% slower: benchmarks/NOTES.md); the dX dropout form narrows it
+        # store's staging tile, 12-36% slower: benchmarks/NOTES.md); the dX dropout form narrows it
         # to 128x64, also that run's fastest there
         cfg = GemmConfig(128, 256, 64, num_warps=8, num_stages=4, xa_in_loop=False)
     else:
