@@ -1,5 +1,7 @@
 """GPU-only checks: bf16 numerics (the interpreter's bf16 arithmetic is wrong), production configs
 at real sizes, determinism, float64 gradcheck of the compiled kernels, 64-bit offsets."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -132,6 +134,32 @@ def test_warp_specialized_gemm_on_gpu():
                      ((dy, w, a, None, 0.5), dict(grad_input=True, xa=dyb, dropout=(seed, 0.1)))):
         got, _ = kernels.lora_gemm(*args, config=ws, **kw)
         want, _ = kernels.lora_gemm(*args, config=plain, **kw)
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_persistent_tma_gemm_matches_the_rule_config():
+    """The persistent TMA config (a tuning candidate; the rule's on sm_90 until the H200's table
+    timed the pointer path faster) against the rule's pointer config, which the three-way cases
+    check against the float64 reference: forward and dX with dropout, bf16 rounding apart."""
+    from fastlora import kernels
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA tensor descriptors need sm_90+")
+    M, K, N, r = 2048, 1024, 1536, 16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(M, K, device="cuda", dtype=BF16, generator=g)
+    w = torch.randn(N, K, device="cuda", dtype=BF16, generator=g) * K ** -0.5
+    a = torch.randn(r, K, device="cuda", dtype=BF16, generator=g) * K ** -0.5
+    b = torch.randn(N, r, device="cuda", dtype=BF16, generator=g)
+    dy = torch.randn(M, N, device="cuda", dtype=BF16, generator=g)
+    xa, dyb = x.float() @ a.float().T, dy.float() @ b.float()
+    seed = torch.tensor([3], device="cuda")
+    tma = kernels.GemmConfig(128, 256, 64, num_warps=8, num_stages=3, tma=True, epilogue_subtile=True,
+                             xa_in_loop=False)
+    for args, kw in (((x, w, b, None, 0.5), dict(xa=xa)),
+                     ((dy, w, a, None, 0.5), dict(grad_input=True, xa=dyb, dropout=(seed, 0.1)))):
+        got, _ = kernels.lora_gemm(*args, config=tma if not kw.get("dropout") else
+                                   dataclasses.replace(tma, block_n=64), **kw)
+        want, _ = kernels.lora_gemm(*args, **kw)  # the rule's config
         torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
 
 
