@@ -324,6 +324,9 @@ def scenarios(recorded: list) -> list:
         "xa pass, split, x-dtype copy": lambda: kernels.xa_pass(x, a, also=bf,
                                                                 config=configs.PassConfig(32, 16, splits=3)),
         "dy pass": lambda: kernels.dy_pass(dy, xa, b, 0.5),
+        # rows in 2 chunks, columns in 3 blocks: dB's and dY B's partials summed (dB in bfloat16)
+        "dy pass, split": lambda: kernels.dy_pass(dy, xa, b, 0.5, db_dtype=bf,
+                                                  config=configs.PassConfig(32, 32, splits=2)),
         "x pass, dropout": lambda: kernels.x_pass(x, xa, a, 0.5, dropout=(seed, 0.1), need_dx=True),
         "dropout mask": lambda: kernels.dropout_mask(seed, (M, K), 0.1),
         "dequantize 4-bit": lambda: dequant.dequantize_4bit(w4.packed, w4.absmax, w4.code, (N, K), 64,
