@@ -1,7 +1,5 @@
 """GPU-only checks: bf16 numerics (the interpreter's bf16 arithmetic is wrong), production configs
 at real sizes, determinism, float64 gradcheck of the compiled kernels, 64-bit offsets."""
-import dataclasses
-
 import pytest
 import torch
 
@@ -111,12 +109,11 @@ def test_remembered_launches_tell_alignment_apart():
             torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
 
 
-def test_warp_specialized_gemm_on_gpu():
-    """The warp-specialized GEMM form (where Triton gives it: kernels/configs.py) against the same
-    tiles without it, forward and dX (with dropout), at a size of several tiles per SM."""
+def _assert_gemms_agree(config, reference):
+    """lora_gemm in ``config(grad_input)`` against ``reference(grad_input)`` (None: the rule's
+    config), forward and dX with dropout, at 2048 rows, 1024 -> 1536, r=16 (several tiles per
+    SM): equal to bf16 rounding."""
     from fastlora import kernels
-    if not kernels.configs.WARP_SPECIALIZE or torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("Triton warp-specializes the fused GEMM only under triton 3.6 on sm_90+")
     M, K, N, r = 2048, 1024, 1536, 16
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(M, K, device="cuda", dtype=BF16, generator=g)
@@ -127,40 +124,40 @@ def test_warp_specialized_gemm_on_gpu():
     dy = torch.randn(M, N, device="cuda", dtype=BF16, generator=g)
     xa, dyb = x.float() @ a.float().T, dy.float() @ b.float()
     seed = torch.tensor([3], device="cuda")
+    for args, kw in (((x, w, b, bias, 0.5), dict(xa=xa)),
+                     ((dy, w, a, None, 0.5), dict(grad_input=True, xa=dyb, dropout=(seed, 0.1)))):
+        dx = kw.get("grad_input", False)
+        got, _ = kernels.lora_gemm(*args, config=config(dx), **kw)
+        want, _ = kernels.lora_gemm(*args, config=reference(dx), **kw)
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_warp_specialized_gemm_on_gpu():
+    """The warp-specialized GEMM form (where Triton gives it: kernels/configs.py) against the same
+    tiles without it, forward and dX (with dropout)."""
+    from fastlora import kernels
+    if not kernels.configs.WARP_SPECIALIZE or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("Triton warp-specializes the fused GEMM only under triton 3.6 on sm_90+")
     ws = kernels.GemmConfig(128, 128, 64, num_warps=4, num_stages=4, tma=True, xa_in_loop=False,
                             warp_specialize=True)
     plain = kernels.GemmConfig(128, 128, 64, num_warps=8, num_stages=4, tma=True, xa_in_loop=False)
-    for args, kw in (((x, w, b, bias, 0.5), dict(xa=xa)),
-                     ((dy, w, a, None, 0.5), dict(grad_input=True, xa=dyb, dropout=(seed, 0.1)))):
-        got, _ = kernels.lora_gemm(*args, config=ws, **kw)
-        want, _ = kernels.lora_gemm(*args, config=plain, **kw)
-        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    _assert_gemms_agree(lambda dx: ws, lambda dx: plain)
 
 
 def test_persistent_tma_gemm_matches_the_rule_config():
-    """The persistent TMA config (a tuning candidate; the rule's on sm_90 until the H200's table
-    timed the pointer path faster) against the rule's pointer config, which the three-way cases
-    check against the float64 reference: forward and dX with dropout, bf16 rounding apart."""
+    """The persistent TMA config as the tuner times it (128x256 subtiled; 128x64 in dX's dropout
+    form), the rule's on sm_90 until the H200's table timed the pointer path faster, against the
+    rule's pointer config, which the three-way cases check against the float64 reference."""
     from fastlora import kernels
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA tensor descriptors need sm_90+")
-    M, K, N, r = 2048, 1024, 1536, 16
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(M, K, device="cuda", dtype=BF16, generator=g)
-    w = torch.randn(N, K, device="cuda", dtype=BF16, generator=g) * K ** -0.5
-    a = torch.randn(r, K, device="cuda", dtype=BF16, generator=g) * K ** -0.5
-    b = torch.randn(N, r, device="cuda", dtype=BF16, generator=g)
-    dy = torch.randn(M, N, device="cuda", dtype=BF16, generator=g)
-    xa, dyb = x.float() @ a.float().T, dy.float() @ b.float()
-    seed = torch.tensor([3], device="cuda")
-    tma = kernels.GemmConfig(128, 256, 64, num_warps=8, num_stages=3, tma=True, epilogue_subtile=True,
-                             xa_in_loop=False)
-    for args, kw in (((x, w, b, None, 0.5), dict(xa=xa)),
-                     ((dy, w, a, None, 0.5), dict(grad_input=True, xa=dyb, dropout=(seed, 0.1)))):
-        got, _ = kernels.lora_gemm(*args, config=tma if not kw.get("dropout") else
-                                   dataclasses.replace(tma, block_n=64), **kw)
-        want, _ = kernels.lora_gemm(*args, **kw)  # the rule's config
-        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    info = kernels.device_info(torch.device("cuda"))
+
+    def tma(dx):
+        return next(c for c in kernels.gemm_candidates(2048, 16, 2, info, grad_input=dx, dropout=dx)
+                    if c.tma and c.epilogue_subtile and not c.xa_in_loop and c.num_stages == 3)
+
+    _assert_gemms_agree(tma, lambda dx: None)
 
 
 @pytest.mark.parametrize("M", [16, 2048])
