@@ -140,7 +140,7 @@ def gemm_job(item, four_bit: bool = False) -> dict:
                 types["BIAS"] = f"*{t}"
             if dora:
                 types["SCALE"] = f"*{_acc(dtype)}"
-            if form == "dx_dropout":
+            if dropout:  # (every form of a dropout item is dX's with the dropout epilogue)
                 types["SEED"] = "*i64"
             # W as stored ([N, K] forward, [K, N] dX) and the small adapter operand (B [N, R]
             # forward, A [R, K] dX) have unit stride along their rows; the runtime makes a stride of
@@ -157,7 +157,7 @@ def gemm_job(item, four_bit: bool = False) -> dict:
                          GROUP_M=cfg.group_m, NUM_SMS=132, EPILOGUE_SUBTILE=cfg.epilogue_subtile and tma and not ws,
                          WARP_SPECIALIZE=ws,
                          USE_TMA=tma, XA_IN_LOOP=in_loop, HAS_BIAS=not grad_input, HAS_SCALE=dora,
-                         DROPOUT_OUT=form == "dx_dropout", EVEN_K=True,
+                         DROPOUT_OUT=dropout, EVEN_K=True,
                          # the heavier form, with the epilogue's mask of the padded rank lanes
                          R_PADDED=True, ACC_DTYPE=eval(acc, {"tl": triton.language}),
                          PRECISION="ieee",
