@@ -20,12 +20,11 @@ import time
 import torch
 import triton
 import triton.testing
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlora.kernels.launch as launch_path
 from fastlora import kernels as K
 from fastlora import torch_route
-from fastlora.bench import build, make_weights, time_cuda
+from fastlora.bench import KernelCalls, build, make_weights, time_cuda
 from sweep_passes import pass_problems  # (benchmarks/, beside this file)
 
 DEV = "cuda"
@@ -100,25 +99,6 @@ def passes(copy_tbs):
         bw = nbytes / (g * 1e-3) / 1e12
         print(f"pass {name:28s} {g:.4f} ms  {bw:.2f} TB/s = {bw / copy_tbs:.2f} of copy "
               f"(graph replay; eager {t:.4f} ms, host included)")
-
-
-# ATen calls that allocate or make views: no kernel launched
-_NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "view", "_unsafe_view", "reshape",
-              "_reshape_alias", "t", "transpose", "permute", "as_strided", "select", "slice",
-              "expand", "unsqueeze", "squeeze", "detach", "alias", "lift_fresh"}
-
-
-class KernelCalls(TorchDispatchMode):
-    """The ATen calls of a region that launch kernels (``_NO_KERNEL`` left out), by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ not in _NO_KERNEL:
-            self.calls.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 def host_time(features: int = 4096, sizes=(16, 2048), n: int = 100):

@@ -39,6 +39,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .linear4bit import LoRALinear4bit
 from .modules import LoRALinear
@@ -290,6 +291,27 @@ def sample_stats(samples_ms: list[float]) -> tuple[float, float, float]:
     """(median, p20, p80) of timing samples."""
     q = statistics.quantiles(samples_ms, n=10) if len(samples_ms) >= 2 else [samples_ms[0]] * 9
     return statistics.median(samples_ms), q[1], q[7]
+
+
+# ATen calls that allocate or make views: no kernel launched
+_NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "view", "_unsafe_view", "reshape",
+              "_reshape_alias", "t", "transpose", "permute", "as_strided", "select", "slice",
+              "expand", "unsqueeze", "squeeze", "detach", "alias", "lift_fresh"}
+
+
+class KernelCalls(TorchDispatchMode):
+    """The ATen calls of a region that launch kernels (cuBLAS, sums, casts, copies: every call
+    below autograd but allocations and views), by name in ``calls``: with a call's Triton launches,
+    what its host time pays for (benchmarks/gpu_diag.py, tests/launch_check.py --count)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in _NO_KERNEL:
+            self.calls.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 def time_cuda(fn: Callable, graph: bool, rep: float = 100) -> tuple[float, float, float]:

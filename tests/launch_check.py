@@ -162,24 +162,15 @@ def step_counts(sizes=((16, 256), (2048, 4096))) -> None:
     """A training step's launches through each Triton route (bf16, r=16, the config functions'
     H100 rules): its Triton launches and its other ATen calls that launch kernels (allocations and
     views left out), at M x features each of ``sizes``."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     global RECORD
     RECORD = False
     kernels.INTERPRETED = True  # the routes take CPU tensors (the kernels themselves are compiled)
     import fastlora
-    no_kernel = {"empty", "empty_strided", "permute", "view", "t", "transpose", "as_strided", "select",
-                 "slice", "detach", "alias", "expand", "reshape", "_unsafe_view"}
+    from fastlora.bench import KernelCalls
     names = []
     for module in (gemm, passes):
         module.launch = lambda kernel, grid, *a, **k: (names.append(kernel.fn.__name__),
                                                        launch.launch(kernel, grid, *a, **k))
-
-    class AtenKernels(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket.__name__ not in no_kernel:
-                names.append(f"aten.{func.overloadpacket.__name__}")
-            return func(*args, **(kwargs or {}))
 
     print(f"triton {triton.__version__}; a training step's launches (H100 rules)")
     for M, features in sizes:
@@ -190,11 +181,10 @@ def step_counts(sizes=((16, 256), (2048, 4096))) -> None:
             dy = torch.randn(M, features, dtype=torch.bfloat16)
             torch.autograd.grad(layer(x), [x, layer.lora_A, layer.lora_B], dy)
             names.clear()
-            with AtenKernels():
+            with KernelCalls() as aten:
                 torch.autograd.grad(layer(x), [x, layer.lora_A, layer.lora_B], dy)
-            aten = [n for n in names if n.startswith("aten.")]
-            print(f"{route:5s} {M:5d} x {features:5d}: {len(names) - len(aten)} Triton launches, "
-                  f"{len(aten)} other kernels: {' '.join(names)}")
+            print(f"{route:5s} {M:5d} x {features:5d}: {len(names)} Triton launches "
+                  f"({' '.join(names)}), {len(aten.calls)} other kernels ({' '.join(aten.calls)})")
 
 
 def step_replays() -> list:
