@@ -365,7 +365,12 @@ def gpu_reduce_config(T: int, P: int, block_r: int, dtype: torch.dtype, info: De
     block_p = 128
     while block_p > 16 and block_p * block_r * acc > 32 * threads:
         block_p //= 2
-    block_t = 16 if dtype == torch.float64 else (64 if info.capability[0] >= 9 else 32)
+    # DoRA's dY pass before Hopper (mma.sync holds both dots' operands in registers) at r >= 64:
+    # sm_80, r=64, ptxas spilled at 16 x 128 (16 bytes, triton 3.9) and 32 x 64 (24), not at 16 x 64
+    tight = dora and rank_out and info.capability[0] < 9 and block_r >= 64
+    if tight:
+        block_p = min(block_p, 64)
+    block_t = 16 if dtype == torch.float64 or tight else (64 if info.capability[0] >= 9 else 32)
     while regs(block_t, block_p) > _PASS_REGISTERS and block_t > 16:
         block_t //= 2
     while regs(block_t, block_p) > _PASS_REGISTERS and block_p > 16:
