@@ -56,13 +56,20 @@ class GemmConfig:
 @dataclass(frozen=True)
 class PassConfig:
     """A memory-bound pass over a large [rows, cols] operand (kernels/passes.py): blocks of
-    ``block_rows`` x ``block_cols``; ``splits`` chunks of the reduction axis, summed afterwards in a
-    fixed order."""
+    ``block_rows`` x ``block_cols``; ``splits`` chunks of the reduction axis, summed in a fixed
+    order by the last program of each output block to finish. ``maxnreg``: the register cap ptxas
+    gets for a split pass (None: its own choice). Without one, ptxas fitted the split forms (their
+    loop over the partials after the main loop) to a higher occupancy than the passes without the
+    sum and spilled 8-44 bytes in four of them (sm_80 and sm_90, triton 3.6 and 3.9: tests/aot.py);
+    with 255 none spills, at more registers (sm_90, r=16: 16-82 more, median 24; 139-178 in the
+    dropout forms, 2-3 programs an SM where the register file allowed 5). Unmeasured on a GPU:
+    benchmarks/sweep_passes.py times both."""
     block_rows: int
     block_cols: int
     splits: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    maxnreg: int | None = 255
 
 
 @dataclass(frozen=True)

@@ -9,16 +9,20 @@
   of dX, which cuBLAS then accumulates onto), one pass over x with one mask draw for both.
 
 fastlora/autograd.py derives these products. Every reduction is split into a fixed number of
-chunks, each reduced in a fixed order by one program, and the chunks are summed in a fixed order
-afterwards by one launch (``sum_parts_kernel``) that rounds the sum once to the output's dtype
-(an adapter's dA or dB, and for the split route xa in x's dtype beside the float32 xa it keeps):
-deterministic, no float atomics, no cast launched.
+chunks, each reduced in a fixed order by one program that writes its partial result; the last
+program of an output block to finish (an integer counter per block says which) sums the block's
+partials in chunk order in the accumulator dtype and rounds the sum once to the output's dtype
+(an adapter's dA or dB, and for the split route xa also in x's dtype): deterministic whichever
+program finishes last, no float atomics, no launch to sum or cast. dY B's partials, one per
+column block of dY each over all of a chunk's rows, are summed by a launch of their own
+(``sum_parts_kernel``): too much for one program.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import driver
 
 from .common import (acc_dtype, alloc, cdiv, check_device, chunk_range, dot_precision, dropout_keep,
                      max_offset, needs_int64, tl_acc_dtype, widened, wrapped_offsets)
@@ -26,19 +30,51 @@ from .configs import PassConfig, rank_block, reduce_config, xa_config
 from .launch import launch
 
 
+@triton.jit
+def last_to_arrive(COUNT, n):
+    """Whether this program is the last of the ``n`` that arrive at the int32 counter ``COUNT``
+    (zero before the first), which the last sets back to zero for the next launch. Every thread's
+    stores before the arrival are visible to the last program's loads after it: a barrier, then
+    one acquire-release atomic at GPU scope (as Inductor's grid barrier), then a barrier."""
+    tl.debug_barrier()
+    last = tl.atomic_add(COUNT, 1, sem="acq_rel", scope="gpu") == n - 1
+    tl.debug_barrier()
+    if last:
+        tl.store(COUNT, 0)
+    return last
+
+
+@triton.jit
+def sum_range(PARTS, OUT, OUT2, start, end, n, stride, BLOCK: tl.constexpr):
+    """OUT[start:end] = PARTS[0] + PARTS[1] + ... + PARTS[n - 1] there (partial i at i * ``stride``),
+    added in that order in their dtype (the accumulator's) and rounded once to OUT's (and OUT2's,
+    when given); BLOCK elements at a time, read from L2 (other programs of this launch wrote them)."""
+    for o0 in range(start, end, BLOCK):
+        o = o0 + tl.arange(0, BLOCK)
+        m = o < end
+        acc = tl.load(PARTS + o, mask=m, other=0.0, cache_modifier=".cg")
+        for i in range(1, n):
+            acc += tl.load(PARTS + i * stride + o, mask=m, other=0.0, cache_modifier=".cg")
+        tl.store(OUT + o, acc.to(OUT.dtype.element_ty), mask=m)
+        if OUT2 is not None:
+            tl.store(OUT2 + o, acc.to(OUT2.dtype.element_ty), mask=m)
+
+
 @triton.jit(do_not_specialize=["M"])
 def xa_kernel(
-    X, A, XA, SQ, SEED,
+    X, A, XA, OUT, OUT2, SQ, SQ_OUT, COUNT, SEED,
     M, K, R, stride_xm,
     scale: "fp64", dropout_p: "fp64",
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, INT64: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, SUM_SQ: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, SUM_SQ: tl.constexpr, SPLIT: tl.constexpr, ACC_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """XA[s] = scale * drop(X)[:, chunk s] A[:, chunk s]^T for X [M, K], A [R, K] (contiguous),
-    XA [SPLITS, M, R]; with SUM_SQ also SQ[s] = sum over chunk s of X^2, per row [SPLITS, M] (no
-    dropout: DoRA's ||W_n||^2 from the same read of W). Program (i_m, s): BLOCK_M rows, the s-th
-    chunk of K."""
+    """OUT = scale * drop(X) A^T [M, R] for X [M, K], A [R, K] (contiguous), in OUT's dtype, and
+    in OUT2's when given; with SUM_SQ also SQ_OUT = sum over K of X^2, per row [M] (no dropout:
+    DoRA's ||W_n||^2 from the same read of W). Program (i_m, s): BLOCK_M rows, the s-th chunk of
+    K. With SPLIT (more than one chunk) each program writes its chunk's partials, XA[s] [SPLITS,
+    M, R] and SQ[s] [SPLITS, M] in the accumulator dtype, and the last of a row block's programs
+    to finish sums them in chunk order (COUNT: a zeroed int32 counter per row block)."""
     i_m = tl.program_id(0)
     i_s = tl.program_id(1)
     k_start, k_end = chunk_range(i_s, tl.num_programs(1), K, BLOCK_K)
@@ -66,38 +102,55 @@ def xa_kernel(
                       other=0.0).to(DOT_DTYPE)                                                  # [BR, BK]
         acc = tl.dot(b_x, tl.trans(b_a), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
     om = widened(o_m, INT64)
-    p_xa = XA + widened(i_s, INT64) * M * R + om[:, None] * R + o_r[None, :]
+    o_xa = om[:, None] * R + o_r[None, :]
+    m_xa = (o_m < M)[:, None] & m_r[None, :]
     acc = acc * tl.full((1, 1), scale, ACC_DTYPE)
-    tl.store(p_xa, acc.to(XA.dtype.element_ty), mask=(o_m < M)[:, None] & m_r[None, :])
-    if SUM_SQ:
-        tl.store(SQ + widened(i_s, INT64) * M + om, acc_sq, mask=o_m < M)
+    if SPLIT:
+        tl.store(XA + widened(i_s, INT64) * M * R + o_xa, acc, mask=m_xa)
+        if SUM_SQ:
+            tl.store(SQ + widened(i_s, INT64) * M + om, acc_sq, mask=o_m < M)
+        if last_to_arrive(COUNT + i_m, tl.num_programs(1)):  # XA [M, R]: the row block's elements
+            m0 = widened(i_m, INT64) * BLOCK_M  # are contiguous, as are SQ's
+            m1 = tl.minimum(m0 + BLOCK_M, M)
+            sum_range(XA, OUT, OUT2, m0 * R, m1 * R, tl.num_programs(1), widened(M, INT64) * R, 1024)
+            if SUM_SQ:
+                sum_range(SQ, SQ_OUT, None, m0, m1, tl.num_programs(1), widened(M, INT64), BLOCK_M)
+    else:
+        tl.store(OUT + o_xa, acc.to(OUT.dtype.element_ty), mask=m_xa)
+        if OUT2 is not None:
+            tl.store(OUT2 + o_xa, acc.to(OUT2.dtype.element_ty), mask=m_xa)
+        if SUM_SQ:
+            tl.store(SQ_OUT + om, acc_sq, mask=o_m < M)
 
 
 @triton.jit(do_not_specialize=["T"])
 def reduce_kernel(
-    L, S, E, E_LO, F, C, Z, OUT, SEED, G, LG, Y, SH, DM,
+    L, S, E, E_LO, F, C, C_OUT, Z, OUT, SEED, G, LG, Y, SH, DM, DM_OUT, COUNT,
     T, P, R, stride_lt,
     c_scale: "fp64", o_scale: "fp64", dropout_p: "fp64",
     BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, INT64: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, REDUCE: tl.constexpr, RANK_OUT: tl.constexpr, SPLIT_E: tl.constexpr,
+    SPLIT: tl.constexpr,
     EXPAND_OUT: tl.constexpr, SCALED_OUT: tl.constexpr,
     COL_DOT: tl.constexpr, HAS_SHIFT: tl.constexpr, TRANS_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Over the rows of L [T, P]; program (i_p, c) owns BLOCK_P columns and the c-th chunk of rows:
 
-        C[c]   = c_scale * drop(L)^T S              [P, R], the chunk's rows reduced (REDUCE)
+        C_OUT  = c_scale * drop(L)^T S              [P, R] (REDUCE)
         Z[i_p] = L[:, cols] (E + E_LO)[cols]         [T, R], one partial per column block (RANK_OUT;
                                                      E_LO, when given, what E's rounding dropped)
-        OUT      = o_scale * D o (S F[:, cols])        [T, P]  (EXPAND_OUT)
-        LG       = G o L                               [T, P], column p scaled by G[p] (SCALED_OUT)
-        DM[c]  = sum over the chunk's rows of L o (Y - SH)   [P]  (COL_DOT)
+        OUT    = o_scale * D o (S F[:, cols])        [T, P]  (EXPAND_OUT)
+        LG     = G o L                               [T, P], column p scaled by G[p] (SCALED_OUT)
+        DM_OUT = sum over rows of L o (Y - SH)       [P]  (COL_DOT)
 
-    S [T, R], E, E_LO [P, R], F [R, P], C [SPLITS, P, R] ([SPLITS, R, P] with TRANS_C), Z
-    [P_BLOCKS, T, R], OUT, LG and Y [T, P], G, SH [P] and DM [SPLITS, P] contiguous (the SPLITS
-    and P_BLOCKS axes absent when 1); C is written in its own dtype; D is the dropout mask of
-    element (t, p) of L, which is x under dropout. (DoRA's dY pass: L = dY, G = g, Y = y,
-    SH = bias.)
+    S [T, R], E, E_LO [P, R], F [R, P], C_OUT [P, R] ([R, P] with TRANS_C) in its own dtype, Z
+    [P_BLOCKS, T, R] (the axis absent when 1), OUT, LG and Y [T, P], G, SH and DM_OUT [P], all
+    contiguous; D is the dropout mask of element (t, p) of L, which is x under dropout. (DoRA's
+    dY pass: L = dY, G = g, Y = y, SH = bias.) With SPLIT (more than one chunk of rows) each
+    program writes its chunk's partials of C_OUT and DM_OUT, C[c] and DM[c] ([SPLITS, ...] in the
+    accumulator dtype), and the last of a column block's programs to finish sums them in chunk
+    order (COUNT: a zeroed int32 counter per column block).
     """
     i_p = tl.program_id(0)
     i_c = tl.program_id(1)
@@ -163,16 +216,37 @@ def reduce_kernel(
             if HAS_DROPOUT:
                 b_o = tl.where(keep, b_o, 0.0)
             tl.store(OUT + ot[:, None] * P + op[None, :], b_o.to(OUT.dtype.element_ty), mask=m_tp)
-    if REDUCE:
-        p_c = C + widened(i_c, INT64) * P * R
+    if REDUCE or COL_DOT:
         if TRANS_C:  # C^T: the x pass's dA [R, K] as the adapter stores it
-            p_c += o_r[None, :] * P + op[:, None]
+            o_c = o_r[None, :] * P + op[:, None]
         else:
-            p_c += op[:, None] * R + o_r[None, :]
+            o_c = op[:, None] * R + o_r[None, :]
+        m_c = m_p[:, None] & m_r[None, :]
         acc = acc * tl.full((1, 1), c_scale, ACC_DTYPE)
-        tl.store(p_c, acc.to(C.dtype.element_ty), mask=m_p[:, None] & m_r[None, :])
-    if COL_DOT:
-        tl.store(DM + widened(i_c, INT64) * P + op, acc_dm, mask=m_p)
+        if SPLIT:
+            if REDUCE:
+                tl.store(C + widened(i_c, INT64) * P * R + o_c, acc, mask=m_c)
+            if COL_DOT:
+                tl.store(DM + widened(i_c, INT64) * P + op, acc_dm, mask=m_p)
+            if last_to_arrive(COUNT + i_p, tl.num_programs(1)):
+                p0 = widened(i_p, INT64) * BLOCK_P
+                p1 = tl.minimum(p0 + BLOCK_P, P)
+                if REDUCE:
+                    if TRANS_C:  # C^T [R, P]: a contiguous run of the column block in each row
+                        for r in range(R):
+                            row = widened(r, INT64) * P
+                            sum_range(C, C_OUT, None, row + p0, row + p1, tl.num_programs(1),
+                                      widened(P, INT64) * R, BLOCK_P)
+                    else:  # C [P, R]: the column block's rows are contiguous
+                        sum_range(C, C_OUT, None, p0 * R, p1 * R, tl.num_programs(1),
+                                  widened(P, INT64) * R, 1024)
+                if COL_DOT:
+                    sum_range(DM, DM_OUT, None, p0, p1, tl.num_programs(1), widened(P, INT64), BLOCK_P)
+        else:
+            if REDUCE:
+                tl.store(C_OUT + o_c, acc.to(C_OUT.dtype.element_ty), mask=m_c)
+            if COL_DOT:
+                tl.store(DM_OUT + op, acc_dm, mask=m_p)
 
 
 def split_in(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -191,39 +265,54 @@ def _parts(n: int, shape: tuple, like: torch.Tensor, dtype: torch.dtype) -> torc
 
 
 @triton.jit
-def sum_parts_kernel(PARTS, OUT, OUT2, numel, n, BLOCK: tl.constexpr, INT64: tl.constexpr):
+def sum_parts_kernel(PARTS, OUT, numel, n, BLOCK: tl.constexpr, INT64: tl.constexpr):
     """OUT = PARTS[0] + PARTS[1] + ... + PARTS[n - 1] elementwise for PARTS [n, numel], summed in
-    that order in PARTS' dtype (the accumulator's) and rounded once to OUT's; OUT2, when given, the
-    same sum in its own dtype."""
-    o = widened(tl.program_id(0), INT64) * BLOCK + tl.arange(0, BLOCK)
-    m = o < numel
-    acc = tl.load(PARTS + o, mask=m, other=0.0)
-    for i in range(1, n):
-        acc += tl.load(PARTS + widened(i, INT64) * numel + o, mask=m, other=0.0)
-    tl.store(OUT + o, acc.to(OUT.dtype.element_ty), mask=m)
-    if OUT2 is not None:
-        tl.store(OUT2 + o, acc.to(OUT2.dtype.element_ty), mask=m)
+    that order in their dtype (the accumulator's)."""
+    start = widened(tl.program_id(0), INT64) * BLOCK
+    sum_range(PARTS, OUT, None, start, tl.minimum(start + BLOCK, numel), n, widened(numel, INT64), BLOCK)
 
 
-_SUM_BLOCK = 1024  # elements a program: the partials are small ([n, M, r] or [n, N, r])
+_SUM_BLOCK = 1024  # elements a program: the partials are small ([n, M, r])
 
 
-def _fixed_order_sum(parts: torch.Tensor, n: int, dtype: torch.dtype | None = None,
-                     also: torch.dtype | None = None):
-    """``_parts``' ``n`` partial results summed in a fixed order, rounded once to ``dtype`` (the
-    accumulator's by default; a single result was written in it) in one launch, which with
-    ``also`` writes the sum rounded once to that dtype too and returns both (an x-dtype copy of xa
-    for cuBLAS: no cast launched)."""
+def _fixed_order_sum(parts: torch.Tensor, n: int) -> torch.Tensor:
+    """``_parts``' ``n`` partial results summed in a fixed order in one launch (dY B's partials,
+    one per column block of dY: each is summed over a column block's rows, too many to sum in the
+    pass's last program)."""
     if n == 1:
-        return parts if also is None else (parts, parts.to(also))
-    shape = parts.shape[1:]
-    out = alloc(shape, parts, dtype or parts.dtype)
-    out2 = alloc(shape, parts, also) if also is not None else None
+        return parts
+    out = alloc(parts.shape[1:], parts, parts.dtype)
     numel = out.numel()
     if numel:
-        launch(sum_parts_kernel, (cdiv(numel, _SUM_BLOCK),), parts, out, out2, numel, n,
+        launch(sum_parts_kernel, (cdiv(numel, _SUM_BLOCK),), parts, out, numel, n,
                BLOCK=_SUM_BLOCK, INT64=needs_int64(parts.numel()))
-    return out if also is None else (out, out2)
+    return out
+
+
+def split_options(cfg: PassConfig, split: bool) -> dict:
+    """The compile options a pass adds to its warps and stages: a split pass's register cap."""
+    return {"maxnreg": cfg.maxnreg} if split and cfg.maxnreg is not None else {}
+
+
+_COUNTERS: dict = {}
+
+
+def arrival_counters(like: torch.Tensor, n: int) -> torch.Tensor:
+    """At least ``n`` zeroed int32 counters on ``like``'s device for the passes' last-to-arrive
+    sums. A launch leaves its counters zero again, so launches in one stream's order share a
+    buffer: one per device and stream, grown when too small; a fresh one while a CUDA graph is
+    captured (the graph keeps it: its replays share no counter with other work)."""
+    device = like.device
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(n, device=device, dtype=torch.int32)
+        key = (device.index, driver.active.get_current_stream(device.index))
+    else:  # (the interpreter: one program at a time)
+        key = (device.type, None)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[key] = torch.zeros(max(2 * n, 1024), device=device, dtype=torch.int32)
+    return buf
 
 
 def xa_pass(x: torch.Tensor, a: torch.Tensor, *, dropout: tuple[torch.Tensor, float] | None = None,
@@ -231,7 +320,7 @@ def xa_pass(x: torch.Tensor, a: torch.Tensor, *, dropout: tuple[torch.Tensor, fl
     """xa = drop(x) a^T [M, R] in the accumulator dtype, for x [M, K] (unit stride along K) and
     a [R, K]; ``dropout=(seed, p)`` applies the dropout mask of x and 1/(1-p). With ``also`` (a
     dtype), (xa, xa rounded once to it): the split route's operand for cuBLAS, written by the
-    launch that sums the split partials."""
+    same launch."""
     return _xa(x, a, dropout, False, config, also)[0]
 
 
@@ -254,18 +343,24 @@ def _xa(x, a, dropout, sum_sq: bool, config, also=None):
         x = x.contiguous()
     a = a.contiguous()
     cfg = config or xa_config(M, K, R, x.dtype, x.device, dropout=dropout is not None)
-    ws = _parts(cfg.splits, (M, R), x, acc)
-    sq = _parts(cfg.splits, (M,), x, acc) if sum_sq else None
+    split = cfg.splits > 1
+    m_blocks = cdiv(M, cfg.block_rows)
+    xa = alloc((M, R), x, acc)
+    xa2 = alloc((M, R), x, also) if also is not None else None
+    sq = alloc((M,), x, acc) if sum_sq else None
+    ws = alloc((cfg.splits, M, R), x, acc) if split else None
+    ws_sq = alloc((cfg.splits, M), x, acc) if split and sum_sq else None
     seed, p = dropout if dropout is not None else (None, 0.0)
-    launch(xa_kernel, (cdiv(M, cfg.block_rows), cfg.splits),
-        x, a, ws, sq, seed, M, K, R, x.stride(0), 1.0 / (1.0 - p), float(p),
+    launch(xa_kernel, (m_blocks, cfg.splits),
+        x, a, ws, xa, xa2, ws_sq, sq, arrival_counters(x, m_blocks) if split else None, seed,
+        M, K, R, x.stride(0), 1.0 / (1.0 - p), float(p),
         BLOCK_M=cfg.block_rows, BLOCK_K=cfg.block_cols, BLOCK_R=rank_block(R),
-        INT64=needs_int64(max_offset(x), ws.numel()),
-        HAS_DROPOUT=seed is not None, SUM_SQ=sq is not None, ACC_DTYPE=tl_acc_dtype(x.dtype),
+        INT64=needs_int64(max_offset(x), cfg.splits * M * R),
+        HAS_DROPOUT=seed is not None, SUM_SQ=sum_sq, SPLIT=split, ACC_DTYPE=tl_acc_dtype(x.dtype),
         PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **split_options(cfg, split),
     )
-    return (_fixed_order_sum(ws, cfg.splits, also=also),
-            _fixed_order_sum(sq, cfg.splits) if sum_sq else None)
+    return (xa if also is None else (xa, xa2)), sq
 
 
 def _reduce(big, s, e, f, scaling, dropout, *, reduce: bool, rank_out: bool, expand_out: bool,
@@ -282,29 +377,29 @@ def _reduce(big, s, e, f, scaling, dropout, *, reduce: bool, rank_out: bool, exp
     cfg = config or reduce_config(T, P, R, big.dtype, big.device, dropout=dropout is not None,
                                   expand=expand_out, rank_out=rank_out, dora=dora)
     p_blocks = cdiv(P, cfg.block_cols)
-    c_dtype = c_dtype or acc
-    c = (_parts(cfg.splits, (R, P) if trans_c else (P, R), big, acc if cfg.splits > 1 else c_dtype)
-         if reduce else None)
+    split = cfg.splits > 1 and (reduce or y is not None)
+    c = alloc((R, P) if trans_c else (P, R), big, c_dtype or acc) if reduce else None
+    c_parts = alloc((cfg.splits, *c.shape), big, acc) if reduce and split else None
     z = _parts(p_blocks, (T, R), big, acc) if rank_out else None
     o = alloc((T, P), big, out_dtype) if expand_out else None
     lg = alloc((T, P), big, big.dtype) if scaled_out else None
-    dm = _parts(cfg.splits, (P,), big, acc) if y is not None else None
+    dm = alloc((P,), big, acc) if y is not None else None
+    dm_parts = alloc((cfg.splits, P), big, acc) if y is not None and split else None
     seed, p = dropout if dropout is not None else (None, 0.0)
     keep_scale = 1.0 / (1.0 - p)
     int64 = needs_int64(max_offset(big), T * P, p_blocks * T * R, cfg.splits * P * R)
     launch(reduce_kernel, (p_blocks, cfg.splits),
-        big, s, e, e_lo, f, c, z, o, seed, scale, lg, y, shift, dm, T, P, R, big.stride(0),
+        big, s, e, e_lo, f, c_parts, c, z, o, seed, scale, lg, y, shift, dm_parts, dm,
+        arrival_counters(big, p_blocks) if split else None, T, P, R, big.stride(0),
         float(scaling) * keep_scale, float(scaling) * keep_scale, float(p),
         BLOCK_T=cfg.block_rows, BLOCK_P=cfg.block_cols, BLOCK_R=rank_block(R), INT64=int64,
-        HAS_DROPOUT=seed is not None, REDUCE=c is not None, RANK_OUT=z is not None,
-        SPLIT_E=e_lo is not None, EXPAND_OUT=o is not None, SCALED_OUT=lg is not None,
+        HAS_DROPOUT=seed is not None, REDUCE=reduce, RANK_OUT=z is not None,
+        SPLIT_E=e_lo is not None, SPLIT=split, EXPAND_OUT=o is not None, SCALED_OUT=lg is not None,
         COL_DOT=dm is not None, HAS_SHIFT=shift is not None, TRANS_C=trans_c,
         ACC_DTYPE=tl_acc_dtype(big.dtype), PRECISION=dot_precision(big.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **split_options(cfg, split),
     )
-    return (_fixed_order_sum(c, cfg.splits, c_dtype) if reduce else None,
-            _fixed_order_sum(z, p_blocks) if rank_out else None, o, lg,
-            _fixed_order_sum(dm, cfg.splits) if y is not None else None)
+    return c, (_fixed_order_sum(z, p_blocks) if rank_out else None), o, lg, dm
 
 
 def dy_pass(dy: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, scaling: float, *,

@@ -25,7 +25,7 @@ from triton.compiler import ASTSource
 from fastlora.kernels import configs
 from fastlora.kernels.dequant import dequant_4bit_kernel
 from fastlora.kernels.gemm import lora_gemm_kernel
-from fastlora.kernels.passes import _SUM_BLOCK, reduce_kernel, sum_parts_kernel, xa_kernel
+from fastlora.kernels.passes import _SUM_BLOCK, reduce_kernel, split_options, sum_parts_kernel, xa_kernel
 
 _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 # float32 dots compile with torch's default matmul precision ("highest": IEEE products); the
@@ -194,47 +194,67 @@ REDUCE_FORMS = {(False, False, True, False): [("dy_pass", True, True, False, Fal
 def pass_job(item) -> dict:
     """The pass over x (xa; over W with ||W_n||^2 for DoRA's norm) or a reduction over rows (the
     dY pass: dB with dY B, and DoRA's with dY', dm and g o B as hi + lo; the x pass: dA with dx0,
-    with and without dropout) in a config chosen for those flags."""
+    with and without dropout) in a config chosen for those flags; each form also split (its
+    partials summed by the last program to finish: "_split", with the PTX's arrival atomic and
+    L2 loads)."""
     kind, cfg, block_r, dtype, cap, flags = item
     dropout = flags[0]
     t, a = _TL[dtype], _acc(dtype)
     acc = triton.language.float64 if dtype == torch.float64 else triton.language.float32
     prec = "ieee"
     out = {}
-    if kind == "xa":
-        sum_sq = flags[3]
-        types = {"X": f"*{t}", "A": f"*{t}", "XA": f"*{a}", "M": "i32", "K": "i32", "R": "i32",
-                 "stride_xm": "i32", "scale": "fp64", "dropout_p": "fp64"}
-        const = dict(BLOCK_M=cfg.block_rows, BLOCK_K=cfg.block_cols, BLOCK_R=block_r, INT64=False,
-                     HAS_DROPOUT=dropout, SUM_SQ=sum_sq, ACC_DTYPE=acc, PRECISION=prec)
-        for name, on, ty in (("SEED", dropout, "*i64"), ("SQ", sum_sq, f"*{a}")):
-            if on:
-                types[name] = ty
-            else:
-                const[name] = None
-        c = compile_kernel(xa_kernel, types, const, cap, cfg.num_warps, cfg.num_stages)
-        form = "weight_pass" if sum_sq else ("xa_dropout" if dropout else "xa")
-        out[form] = dict(shared=c.shared, registers=c.registers, spills=c.spill_bytes)
-        return out
-    for form, has_c, has_z, has_o, drop, dora, trans_c in REDUCE_FORMS[flags]:
-        split_e = dora and dtype in (torch.float16, torch.bfloat16)
-        types = {"L": f"*{t}", "S": f"*{a}", "T": "i32", "P": "i32", "R": "i32", "stride_lt": "i32",
-                 "c_scale": "fp64", "o_scale": "fp64", "dropout_p": "fp64"}
-        const = dict(BLOCK_T=cfg.block_rows, BLOCK_P=cfg.block_cols, BLOCK_R=block_r, INT64=False,
-                     HAS_DROPOUT=drop, REDUCE=has_c, RANK_OUT=has_z, SPLIT_E=split_e,
-                     EXPAND_OUT=has_o, SCALED_OUT=dora, COL_DOT=dora, HAS_SHIFT=dora,
-                     TRANS_C=trans_c, ACC_DTYPE=acc, PRECISION=prec)
-        for name, on, ty in (("C", has_c, f"*{a}"), ("Z", has_z, f"*{a}"), ("E", has_z, f"*{t}"),
-                             ("OUT", has_o, f"*{t}"), ("F", has_o, f"*{t}"), ("SEED", drop, "*i64"),
-                             ("E_LO", split_e, f"*{t}"), ("G", dora, f"*{a}"), ("LG", dora, f"*{t}"),
-                             ("Y", dora, f"*{t}"), ("SH", dora, f"*{t}"), ("DM", dora, f"*{a}")):
-            if on:
-                types[name] = ty
-            else:
-                const[name] = None
-        c = compile_kernel(reduce_kernel, types, const, cap, cfg.num_warps, cfg.num_stages)
-        out[form] = dict(shared=c.shared, registers=c.registers, spills=c.spill_bytes)
+
+    def record(form, kernel, types, const, split):
+        c = compile_kernel(kernel, types, const, cap, cfg.num_warps, cfg.num_stages,
+                           **split_options(cfg, split))
+        out[form + ("_split" if split else "")] = dict(
+            shared=c.shared, registers=c.registers, spills=c.spill_bytes,
+            **({"arrival": ARRIVAL.search(c.ptx) is not None, "l2_loads": "ld.global.cg" in c.ptx}
+               if split else {}))
+
+    for split in (False, True):
+        if kind == "xa":
+            sum_sq = flags[3]
+            types = {"X": f"*{t}", "A": f"*{t}", "OUT": f"*{a}", "M": "i32", "K": "i32", "R": "i32",
+                     "stride_xm": "i32", "scale": "fp64", "dropout_p": "fp64"}
+            const = dict(BLOCK_M=cfg.block_rows, BLOCK_K=cfg.block_cols, BLOCK_R=block_r, INT64=False,
+                         HAS_DROPOUT=dropout, SUM_SQ=sum_sq, SPLIT=split, ACC_DTYPE=acc, PRECISION=prec)
+            # the split route's xa also comes in x's dtype (not DoRA's pass over W)
+            for name, on, ty in (("SEED", dropout, "*i64"), ("SQ_OUT", sum_sq, f"*{a}"),
+                                 ("OUT2", not sum_sq, f"*{t}"), ("XA", split, f"*{a}"),
+                                 ("SQ", split and sum_sq, f"*{a}"), ("COUNT", split, "*i32")):
+                if on:
+                    types[name] = ty
+                else:
+                    const[name] = None
+            record("weight_pass" if sum_sq else ("xa_dropout" if dropout else "xa"), xa_kernel, types,
+                   const, split)
+            continue
+        for form, has_c, has_z, has_o, drop, dora, trans_c in REDUCE_FORMS[flags]:
+            split_e = dora and dtype in (torch.float16, torch.bfloat16)
+            types = {"L": f"*{t}", "S": f"*{a}", "T": "i32", "P": "i32", "R": "i32", "stride_lt": "i32",
+                     "c_scale": "fp64", "o_scale": "fp64", "dropout_p": "fp64"}
+            const = dict(BLOCK_T=cfg.block_rows, BLOCK_P=cfg.block_cols, BLOCK_R=block_r, INT64=False,
+                         HAS_DROPOUT=drop, REDUCE=has_c, RANK_OUT=has_z, SPLIT_E=split_e, SPLIT=split,
+                         EXPAND_OUT=has_o, SCALED_OUT=dora, COL_DOT=dora, HAS_SHIFT=dora,
+                         TRANS_C=trans_c, ACC_DTYPE=acc, PRECISION=prec)
+            # dB and dA in the adapters' dtype (16-bit adapters: their own), dm in the accumulator's
+            for name, on, ty in (("C_OUT", has_c, f"*{t}"), ("Z", has_z, f"*{a}"), ("E", has_z, f"*{t}"),
+                                 ("OUT", has_o, f"*{t}"), ("F", has_o, f"*{t}"), ("SEED", drop, "*i64"),
+                                 ("E_LO", split_e, f"*{t}"), ("G", dora, f"*{a}"), ("LG", dora, f"*{t}"),
+                                 ("Y", dora, f"*{t}"), ("SH", dora, f"*{t}"), ("DM_OUT", dora, f"*{a}"),
+                                 ("C", split and has_c, f"*{a}"), ("DM", split and dora, f"*{a}"),
+                                 ("COUNT", split, "*i32")):
+                if on:
+                    types[name] = ty
+                else:
+                    const[name] = None
+            record(form, reduce_kernel, types, const, split)
     return out
+
+
+# a split pass's arrival at its counter: one acquire-release atomic add at GPU scope
+ARRIVAL = re.compile(r"atom\.global\.(gpu\.acq_rel|acq_rel\.gpu)\.add")
 
 
 def production_gemm4bit_configs() -> list:
@@ -258,23 +278,15 @@ DEQUANT_FORMS = [(dtype, nested, bs) for dtype in (torch.bfloat16, torch.float16
                  for nested in (False, True) for bs in (64, 128, 256)]
 
 
-# the split partials' sum: (partials' dtype, out dtype, a second out dtype or None)
-SUM_FORMS = [(torch.float32, out, also) for out, also in ((torch.float32, None), (torch.bfloat16, None),
-                                                          (torch.float16, None), (torch.float32, torch.bfloat16),
-                                                          (torch.float32, torch.float16))] + [
-    (torch.float64, torch.float64, None), (torch.float64, torch.float64, torch.float64)]
+# dY B's split partials' sum, in the accumulator dtypes
+SUM_FORMS = [torch.float32, torch.float64]
 
 
 def sum_job(item) -> dict:
-    """The fixed-order sum of a pass's split partials, as its launcher compiles it."""
-    parts, out, also, cap = item
-    types = {"PARTS": f"*{_TL[parts]}", "OUT": f"*{_TL[out]}", "numel": "i32", "n": "i32"}
-    const = dict(BLOCK=_SUM_BLOCK, INT64=False)
-    if also is not None:
-        types["OUT2"] = f"*{_TL[also]}"
-    else:
-        const["OUT2"] = None
-    c = compile_kernel(sum_parts_kernel, types, const, cap, 4, 3)
+    """The fixed-order sum of dY B's partials, as its launcher compiles it."""
+    parts, cap = item
+    types = {"PARTS": f"*{_TL[parts]}", "OUT": f"*{_TL[parts]}", "numel": "i32", "n": "i32"}
+    c = compile_kernel(sum_parts_kernel, types, dict(BLOCK=_SUM_BLOCK, INT64=False), cap, 4, 3)
     return {"sum": dict(shared=c.shared, registers=c.registers, spills=c.spill_bytes)}
 
 
@@ -335,7 +347,7 @@ def tuning_gemm_configs() -> list:
 
 def production_pass_configs() -> list:
     """Unique (kind, config, R-block, dtype, capability, flags) the pass config functions give
-    (splits dropped: they change the grid, not the code); flags (dropout, expand, rank_out, dora)
+    (splits dropped: every form compiles both unsplit and split); flags (dropout, expand, rank_out, dora)
     for reductions, (dropout, -, -, sum_sq) for the xa kernel (sum_sq: DoRA's pass over W)."""
     seen = {}
     for info, dtype, M, N, K, R in _problems():
@@ -368,8 +380,8 @@ def item_id(kind, item) -> str:
         dtype, nested, blocksize, cap = item
         return f"dequant-sm{cap}-{_TL[dtype]}-bs{blocksize}{'-nested' if nested else ''}"
     if kind == "sum":
-        parts, out, also, cap = item
-        return f"sum-sm{cap}-{_TL[parts]}-to-{_TL[out]}" + (f"-and-{_TL[also]}" if also is not None else "")
+        parts, cap = item
+        return f"sum-sm{cap}-{_TL[parts]}"
     if kind in ("gemm", "gemm4bit"):
         cfg, block_r, dtype, cap, dropout = item
         tile = (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}" + ("-tma" if cfg.tma else "")
@@ -393,7 +405,7 @@ def all_items() -> list:
     return ([("gemm", it) for it in gemms]
             + [("pass", it) for it in production_pass_configs()]
             + [("dequant", (*form, cap)) for form in DEQUANT_FORMS for cap in caps]
-            + [("sum", (*form, cap)) for form in SUM_FORMS for cap in caps]
+            + [("sum", (dtype, cap)) for dtype in SUM_FORMS for cap in caps]
             + [("gemm4bit", it) for it in production_gemm4bit_configs()])
 
 
@@ -425,16 +437,20 @@ def main() -> None:
             flag = "  SPILLS" if info["spills"] else ""
             flag += "  SHARED-MEMORY" if info["shared"] > smem[cap] else ""
             # the bar (tests/test_aot.py): bfloat16 up to TUNED_RANK spills nothing, everything fits,
-            # the dequantize kernel spills nothing and fuses no multiply-add, the sum spills nothing
+            # the dequantize kernel spills nothing and fuses no multiply-add, the sum spills nothing,
+            # a split pass arrives with an acquire-release atomic and reads the partials from L2
             block_r = re.search(r"-r(\d+)-", name)
             tuned = "-bf16-" in name and (block_r is None or int(block_r.group(1)) <= configs.TUNED_RANK)
             bad += bool(info["shared"] > smem[cap] or (info["spills"] and tuned)
                         or (form in ("dequant", "sum") and info["spills"])
                         or (form == "dequant" and info["fma"])
-                        or (name.startswith("gemm4bit") and info["fma"]))
+                        or (name.startswith("gemm4bit") and info["fma"])
+                        or (form.endswith("_split") and not (info["arrival"] and info["l2_loads"])))
             print(f"{name:60s} {form:16s} regs {info['registers']:3d} smem {info['shared']:6d}"
                   f"{' wgmma' if info.get('wgmma') else ''}{' tma' if info.get('tma') else ''}"
-                  f"{' FMA' if info.get('fma') else ''}{flag}")
+                  f"{' FMA' if info.get('fma') else ''}"
+                  f"{' NO-ARRIVAL-ATOMIC' if form.endswith('_split') and not info['arrival'] else ''}"
+                  f"{' NO-L2-LOADS' if form.endswith('_split') and not info['l2_loads'] else ''}{flag}")
     print(f"triton {triton.__version__}: {len(results)} configs, {bad} past the bar")
     sys.exit(1 if bad else 0)
 

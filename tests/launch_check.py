@@ -310,11 +310,12 @@ def scenarios(recorded: list) -> list:
         "gemm 4-bit forward": lambda: gemm.lora_gemm(x, w4, b, bias, 0.5, u=a),
         "xa pass, dropout": lambda: kernels.xa_pass(x, a, dropout=(seed, 0.1)),
         "xa pass, K=17, M=1": lambda: kernels.xa_pass(rnd(1, 17), rnd(R, 17)),
-        # K in 3 chunks: the partials' sum, written in float32 and bfloat16
+        # K in 3 chunks: the partials summed by each row block's last program, in float32 and bfloat16
         "xa pass, split, x-dtype copy": lambda: kernels.xa_pass(x, a, also=bf,
                                                                 config=configs.PassConfig(32, 16, splits=3)),
         "dy pass": lambda: kernels.dy_pass(dy, xa, b, 0.5),
-        # rows in 2 chunks, columns in 3 blocks: dB's and dY B's partials summed (dB in bfloat16)
+        # rows in 2 chunks, columns in 3 blocks: dB's partials summed in the pass (in bfloat16), dY B's
+        # by a launch
         "dy pass, split": lambda: kernels.dy_pass(dy, xa, b, 0.5, db_dtype=bf,
                                                   config=configs.PassConfig(32, 32, splits=2)),
         "x pass, dropout": lambda: kernels.x_pass(x, xa, a, 0.5, dropout=(seed, 0.1), need_dx=True),

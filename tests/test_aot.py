@@ -5,7 +5,8 @@ sm_90 its GEMMs use wgmma and the persistent GEMM's TMA configs load through the
 (cp.async.bulk.tensor). float32 and float64 (the Triton routes only when forced; IEEE dots run on
 FMA units) and ranks above TUNED_RANK must compile and fit; tests/aot.py --summary lists their
 spills. The 4-bit forms (the dequantize kernel, the GEMM reading W in 4 bits) hold no fused
-multiply-add.
+multiply-add. A pass split over chunks arrives at its counter with an acquire-release atomic at GPU
+scope and reads its partials past L1.
 
 The compiles run in a subprocess: this test process defined the kernels in interpreter mode."""
 
@@ -47,7 +48,7 @@ def test_production_config_compiles_without_spills(compiled, kind, item):
         info = compiled[aot.item_id(kind, item)]["dequant"]
         assert info["spills"] == 0 and not info["fma"], info
         return
-    if kind == "sum":  # the split partials' sum: any dtype, no spills
+    if kind == "sum":  # dY B's split partials' sum: any dtype, no spills
         info = compiled[aot.item_id(kind, item)]["sum"]
         assert info["spills"] == 0, info
         return
@@ -59,6 +60,10 @@ def test_production_config_compiles_without_spills(compiled, kind, item):
         block_r = item[1] if kind in ("gemm", "gemm4bit") else item[2]
         if dtype in (torch.bfloat16, torch.float16) and block_r <= TUNED_RANK:  # what "auto" runs
             assert info["spills"] == 0, f"{form}: {info['spills']} bytes spilled ({info['registers']} registers)"
+        if form.endswith("_split"):  # partials visible to the last program: its arrival releases
+            # every thread's stores (after a barrier) and acquires the others', its loads skip L1
+            assert info["arrival"], f"{form}: no acquire-release atomic add at GPU scope in the PTX"
+            assert info["l2_loads"], f"{form}: the partials not read with ld.global.cg"
         if kind == "gemm4bit":  # launched without contraction: the nested absmax rounds twice
             assert not info["fma"], f"{form}: a fused multiply-add in the 4-bit GEMM"
         if kind in ("gemm", "gemm4bit") and cap == 90 and dtype in (torch.bfloat16, torch.float16):

@@ -202,18 +202,19 @@ def test_xa_pass_with_and_without_dropout(cfg):
 @pytest.mark.parametrize("also", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 def test_xa_pass_gives_an_x_dtype_copy_rounded_once(cfg, also):
     """The split route's operand for cuBLAS: xa in x's dtype beside the float32 xa it keeps, the
-    same sum rounded once (written by the launch that sums the split partials)."""
+    same sum rounded once, written by the pass (by the last program of each row block when the
+    pass splits K)."""
     M, K, R = 70, 45, 5
     x, a = _rand(M, K, dtype=torch.float32), _rand(R, K, dtype=torch.float32)
     xa, xa_x = xa_pass(x, a, also=also, config=cfg)
     assert xa.dtype == torch.float32 and xa_x.dtype == also and xa_x.shape == (M, R)
     torch.testing.assert_close(xa, xa_pass(x, a, config=cfg), rtol=0, atol=0)
-    _rounded_once(xa_x, xa, also, written=cfg.splits > 1)
+    _rounded_once(xa_x, xa, also)
 
 
 def test_split_partials_sum_in_index_order():
-    """The fixed-order sum of split partials: parts[0] + parts[1] + ... left to right in float32
-    (bit for bit), over more elements than one program takes, rounded once where asked."""
+    """dY B's partials (one per column block of dY) summed in one launch: parts[0] + parts[1] + ...
+    left to right in float32, bit for bit, over more elements than one program takes."""
     from fastlora.kernels.passes import _fixed_order_sum
     parts = _rand(5, 3, 700, dtype=torch.float32) * torch.logspace(-3, 3, 5, device=DEVICE)[:, None, None]
     want = parts[0].clone()
@@ -221,10 +222,46 @@ def test_split_partials_sum_in_index_order():
         want += p
     got = _fixed_order_sum(parts, 5)
     assert got.shape == (3, 700) and torch.equal(got, want)
-    got16, got32 = _fixed_order_sum(parts, 5, torch.float16, also=torch.float32)
-    assert torch.equal(got32, want) and torch.equal(got16, want.to(torch.float16))
     one = parts[0]
     assert _fixed_order_sum(one, 1) is one  # a single result: as the pass wrote it, nothing launched
+
+
+def _in_order(parts):
+    total = parts[0].clone()
+    for p in parts[1:]:
+        total += p
+    return total
+
+
+def test_the_last_program_sums_the_split_partials_in_chunk_order():
+    """A split pass's result is its chunks' partial results added in chunk order in float32, bit
+    for bit, whichever program finished last: each chunk's partial is that pass run alone on the
+    chunk (the same blocks in the same order). Each launch leaves its counters zero."""
+    from fastlora.kernels import passes
+    M, N, K, R = 70, 37, 45, 5
+    cfg, one = PassConfig(16, 16, splits=3), PassConfig(16, 16, splits=1)
+    x, a = _rand(M, K, dtype=torch.float32), _rand(R, K, dtype=torch.float32)
+    dy, xa, b = _rand(M, N, dtype=torch.float32), _rand(M, R, dtype=torch.float32), _rand(N, R, dtype=torch.float32)
+    ks, rows = [slice(0, 16), slice(16, 32), slice(32, 45)], [slice(0, 32), slice(32, 64), slice(64, 70)]
+
+    got, got16 = xa_pass(x, a, also=torch.float16, config=cfg)
+    want = _in_order([xa_pass(x[:, k], a[:, k], config=one) for k in ks])
+    assert torch.equal(got, want) and torch.equal(got16, want.to(torch.float16))
+    wa, sq = weight_pass(x, a, config=cfg)
+    parts = [weight_pass(x[:, k], a[:, k], config=one) for k in ks]
+    assert torch.equal(wa, want) and torch.equal(sq, _in_order([p[1] for p in parts]))
+
+    _, db = dy_pass(dy, xa, b, 0.3, need_dyb=False, config=cfg)
+    want_db = _in_order([dy_pass(dy[r], xa[r], b, 0.3, need_dyb=False, config=one)[1] for r in rows])
+    assert torch.equal(db, want_db)
+    _, da = x_pass(x, xa, a, 0.3, config=cfg)
+    assert torch.equal(da, _in_order([x_pass(x[r], xa[r], a, 0.3, config=one)[1] for r in rows]))
+    g, y, bias = _rand(N, dtype=torch.float32), _rand(M, N, dtype=torch.float32), _rand(N, dtype=torch.float32)
+    only_dm = dict(need_dyb=False, need_db=False, need_scaled=False)
+    dm = dora_dy_pass(dy, xa, b, 0.3, g, y, bias, config=cfg, **only_dm)[3]
+    parts = [dora_dy_pass(dy[r], xa[r], b, 0.3, g, y[r], bias, config=one, **only_dm)[3] for r in rows]
+    assert torch.equal(dm, _in_order(parts))
+    assert passes._COUNTERS and all(not c.any() for c in passes._COUNTERS.values())
 
 
 @pytest.mark.parametrize("cfg", PASSES, ids=["splits1", "splits3"])
@@ -256,12 +293,12 @@ def test_x_pass_gives_dx0_and_da_with_one_mask(cfg, p):
     _close(dx_only, 0.3 * keep * (dyb @ a))
 
 
-def _rounded_once(got, acc, dtype, written: bool):
+def _rounded_once(got, acc, dtype):
     """``got`` is ``acc`` rounded to nearest (even) in ``dtype``: exactly torch's rounding, except
     where the interpreter's kernel wrote it in bfloat16: the interpreter truncates (compiled code
     rounds to nearest even), so there it must be the truncation."""
     want = acc.to(dtype)
-    if not (written and dtype == torch.bfloat16 and INTERPRETED):
+    if not (dtype == torch.bfloat16 and INTERPRETED):
         assert torch.equal(got, want)
         return
     truncated = (acc.view(torch.int32) & ~0xFFFF).view(torch.float32).to(dtype)  # exact: 8 bits left
@@ -272,20 +309,20 @@ def _rounded_once(got, acc, dtype, written: bool):
 @pytest.mark.parametrize("out", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 def test_db_and_da_come_in_the_adapters_dtype_rounded_once(cfg, out):
     """dB and dA as the adapters store them (dA [R, K] contiguous), each the accumulator's sum
-    rounded once: written so by the kernel when it does not split its rows, else by the launch that
-    sums its partials (no cast launched)."""
+    rounded once: written so by the kernel (by the last program of each column block when it
+    splits its rows; no cast launched)."""
     M, N, K, R = 70, 37, 45, 5
     dy, xa, b = _rand(M, N, dtype=torch.float32), _rand(M, R, dtype=torch.float32), _rand(N, R, dtype=torch.float32)
     x, a = _rand(M, K, dtype=torch.float32), _rand(R, K, dtype=torch.float32)
     dyb, db = dy_pass(dy, xa, b, 0.3, db_dtype=out, config=cfg)
     _, db_acc = dy_pass(dy, xa, b, 0.3, config=cfg)
     assert db.dtype == out and db_acc.dtype == torch.float32
-    _rounded_once(db, db_acc, out, written=True)
+    _rounded_once(db, db_acc, out)
     drop = (_seed(7), 0.4)
     _, da = x_pass(x, dyb, a, 0.3, dropout=drop, da_dtype=out, config=cfg)
     _, da_acc = x_pass(x, dyb, a, 0.3, dropout=drop, config=cfg)
     assert da.shape == (R, K) and da.is_contiguous() and da_acc.is_contiguous() and da.dtype == out
-    _rounded_once(da, da_acc, out, written=True)
+    _rounded_once(da, da_acc, out)
     keep = dropout_mask(_seed(7), (M, K), 0.4).double() / 0.6
     _close(da_acc, 0.3 * dyb.double().T @ (keep * x.double()), tol=1e-5)
 

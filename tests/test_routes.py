@@ -269,14 +269,22 @@ def test_the_tuner_dry_runs_on_the_cpu_and_writes_a_table_the_routes_read(tmp_pa
                                             "reduce_kernel"]),
     ("split", None, ["xa_kernel"], ["reduce_kernel", "sum_parts_kernel", "reduce_kernel"]),
 ])
-def test_kernel_launches_of_a_training_step(backend, in_loop, fwd, bwd, monkeypatch):
+@pytest.mark.parametrize("splits", [1, 3])
+def test_kernel_launches_of_a_training_step(backend, in_loop, fwd, bwd, splits, monkeypatch):
     """A step's Triton launches (100 output features: two column blocks for the dY pass): fused
     forward 1 (x A^T in the GEMM's loop); its backward 3: the dX GEMM computing dY B in its K loop
     (the config's xa_in_loop), the dY pass for dB alone, the x pass for dA; reading dY B instead,
     the dY pass (dY B, dB) and the sum of its two column blocks' dY B partials, the dX GEMM, the x
     pass; split forward 1 (the x pass; cuBLAS does the rest) and backward 3 (the dY pass, the sum,
-    the x pass for dA and dx0)."""
+    the x pass for dA and dx0). The same launches when every pass splits its reduction in 3 chunks
+    (the GPU rules' configs above a few hundred rows): their partials are summed in the pass."""
     from fastlora import kernels
+    from fastlora.kernels import passes
+    if splits > 1:
+        for name in ("xa_config", "reduce_config"):
+            rule = getattr(passes, name)
+            monkeypatch.setattr(passes, name, lambda *a, _rule=rule, **k: dataclasses.replace(
+                _rule(*a, **k), block_rows=16, block_cols=16, splits=splits))
     if in_loop is not None:
         rule = kernels.gemm_config
         monkeypatch.setattr(kernels, "gemm_config", lambda *a, grad_input=False, **k: dataclasses.replace(
