@@ -38,6 +38,60 @@ DORA_GPU_CASES = [
 TRITON_ROUTES = ["fused", "split"]
 
 
+def test_split_passes_sum_their_partials_in_the_last_program():
+    """Every pass split in many chunks at a real size (each output block's partials summed by the
+    program that finishes last, found by an atomic counter): against float64 with memory that was
+    NaN before (an output block never summed would show), bit for bit the same over repeats
+    (programs finish in another order each time), and every counter left zero. First in the file:
+    its code has not run on a GPU before."""
+    import dataclasses
+
+    from fastlora import kernels
+    from fastlora.kernels import passes
+    M, N, K, R = 8192, 4096, 4096, 16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(M, K, device="cuda", dtype=BF16, generator=g)
+    dy = torch.randn(M, N, device="cuda", dtype=BF16, generator=g)
+    a = torch.randn(R, K, device="cuda", dtype=BF16, generator=g) * K ** -0.5
+    b = torch.randn(N, R, device="cuda", dtype=BF16, generator=g)
+    xa = torch.randn(M, R, device="cuda", dtype=F32, generator=g)
+    gs, bias = torch.rand(N, device="cuda", generator=g) + 0.5, torch.randn(N, device="cuda", dtype=BF16, generator=g)
+    seed = torch.tensor([11], device="cuda")
+    keep = kernels.dropout_mask(seed, (M, K), 0.1).double() / 0.9
+    # (the passes' dots take xa, or dY B, in x's dtype)
+    xd, dyd, ad, xad = x.double(), dy.double(), a.double(), xa.to(BF16).double()
+
+    def split(cfg, n):
+        return dataclasses.replace(cfg, splits=n)
+
+    xa_cfg = split(kernels.xa_config(M, K, R, BF16, x.device), 8)
+    dy_cfg = split(kernels.reduce_config(M, N, R, BF16, x.device), 16)
+    xp_cfg = split(kernels.reduce_config(M, K, R, BF16, x.device, dropout=True), 16)
+    dora_cfg = split(kernels.reduce_config(M, N, R, BF16, x.device, dora=True), 16)
+    runs = {
+        "xa": (lambda: kernels.xa_pass(x, a, also=BF16, config=xa_cfg), (xd @ ad.T, xd @ ad.T)),
+        "dB": (lambda: kernels.dy_pass(dy, xa, b, 0.5, need_dyb=False, config=dy_cfg)[1:],
+               (0.5 * dyd.T @ xad,)),
+        "dA, dropout": (lambda: kernels.x_pass(x, xa, a, 0.5, dropout=(seed, 0.1), config=xp_cfg)[1:],
+                        (0.5 * xad.T @ (keep * xd),)),
+        "DoRA's dm": (lambda: kernels.dora_dy_pass(dy, xa, b, 0.5, gs, dy, bias, need_dyb=False,
+                                                   need_db=False, need_scaled=False, config=dora_cfg)[3:],
+                      ((dyd * (dyd - bias.double())).sum(0),)),
+    }
+    for name, (run, wants) in runs.items():
+        torch.full((1 << 28,), float("nan"), device="cuda")  # (freed: the allocator's next blocks)
+        first = [t.clone() for t in run()]
+        for got, want in zip(first, wants):
+            assert torch.isfinite(got).all(), f"{name}: an output block never written"
+            tol = 2e-2 if got.dtype == BF16 else 1e-4
+            torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item(),
+                                       msg=lambda m, name=name: f"{name}: {m}")
+        for _ in range(10):
+            assert all(torch.equal(f, t) for f, t in zip(first, run())), f"{name}: not the same bits"
+    torch.cuda.synchronize()
+    assert all(not c.any() for c in passes._COUNTERS.values()), "a counter left non-zero"
+
+
 @pytest.mark.parametrize("route", TRITON_ROUTES)
 @pytest.mark.parametrize("case", GPU_CASES + DORA_GPU_CASES, ids=lambda c: c.id)
 def test_three_way_bound_on_gpu(case, route):
@@ -189,59 +243,6 @@ def test_dx_with_dyb_in_the_loop_matches_dyb_read(M):
                                     config=cfg)
         torch.testing.assert_close(got_dyb, dyb, rtol=1e-4, atol=1e-3 * dyb.abs().max().item())
         torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
-
-
-def test_split_passes_sum_their_partials_in_the_last_program():
-    """Every pass split in many chunks at a real size (each output block's partials summed by the
-    program that finishes last, found by an atomic counter): against float64 with memory that was
-    NaN before (an output block never summed would show), bit for bit the same over repeats
-    (programs finish in another order each time), and every counter left zero."""
-    import dataclasses
-
-    from fastlora import kernels
-    from fastlora.kernels import passes
-    M, N, K, R = 8192, 4096, 4096, 16
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(M, K, device="cuda", dtype=BF16, generator=g)
-    dy = torch.randn(M, N, device="cuda", dtype=BF16, generator=g)
-    a = torch.randn(R, K, device="cuda", dtype=BF16, generator=g) * K ** -0.5
-    b = torch.randn(N, R, device="cuda", dtype=BF16, generator=g)
-    xa = torch.randn(M, R, device="cuda", dtype=F32, generator=g)
-    gs, bias = torch.rand(N, device="cuda", generator=g) + 0.5, torch.randn(N, device="cuda", dtype=BF16, generator=g)
-    seed = torch.tensor([11], device="cuda")
-    keep = kernels.dropout_mask(seed, (M, K), 0.1).double() / 0.9
-    # (the passes' dots take xa, or dY B, in x's dtype)
-    xd, dyd, ad, xad = x.double(), dy.double(), a.double(), xa.to(BF16).double()
-
-    def split(cfg, n):
-        return dataclasses.replace(cfg, splits=n)
-
-    xa_cfg = split(kernels.xa_config(M, K, R, BF16, x.device), 8)
-    dy_cfg = split(kernels.reduce_config(M, N, R, BF16, x.device), 16)
-    xp_cfg = split(kernels.reduce_config(M, K, R, BF16, x.device, dropout=True), 16)
-    dora_cfg = split(kernels.reduce_config(M, N, R, BF16, x.device, dora=True), 16)
-    runs = {
-        "xa": (lambda: kernels.xa_pass(x, a, also=BF16, config=xa_cfg), (xd @ ad.T, xd @ ad.T)),
-        "dB": (lambda: kernels.dy_pass(dy, xa, b, 0.5, need_dyb=False, config=dy_cfg)[1:],
-               (0.5 * dyd.T @ xad,)),
-        "dA, dropout": (lambda: kernels.x_pass(x, xa, a, 0.5, dropout=(seed, 0.1), config=xp_cfg)[1:],
-                        (0.5 * xad.T @ (keep * xd),)),
-        "DoRA's dm": (lambda: kernels.dora_dy_pass(dy, xa, b, 0.5, gs, dy, bias, need_dyb=False,
-                                                   need_db=False, need_scaled=False, config=dora_cfg)[3:],
-                      ((dyd * (dyd - bias.double())).sum(0),)),
-    }
-    for name, (run, wants) in runs.items():
-        torch.full((1 << 28,), float("nan"), device="cuda")  # (freed: the allocator's next blocks)
-        first = [t.clone() for t in run()]
-        for got, want in zip(first, wants):
-            assert torch.isfinite(got).all(), f"{name}: an output block never written"
-            tol = 2e-2 if got.dtype == BF16 else 1e-4
-            torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item(),
-                                       msg=lambda m, name=name: f"{name}: {m}")
-        for _ in range(10):
-            assert all(torch.equal(f, t) for f, t in zip(first, run())), f"{name}: not the same bits"
-    torch.cuda.synchronize()
-    assert all(not c.any() for c in passes._COUNTERS.values()), "a counter left non-zero"
 
 
 def _graphed_step(layer, x, dy):
