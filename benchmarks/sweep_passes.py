@@ -74,7 +74,8 @@ def pass_problems() -> list:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="five configs a pass (six if it splits) instead of eleven (twelve)")
+    ap.add_argument("--quick", action="store_true",
+                    help="five configs a pass (six if it splits) instead of eleven (twelve)")
     args = ap.parse_args()
     src, dst = torch.empty(1 << 29, dtype=BF16, device=DEV), torch.empty(1 << 29, dtype=BF16, device=DEV)
     copy = 2 * src.numel() * 2 / (triton.testing.do_bench(lambda: dst.copy_(src)) * 1e-3) / 1e12
