@@ -161,7 +161,9 @@ def gemm_candidates(M: int, block_r: int, elt: int, info: DeviceInfo, *, grad_in
         out += [GemmConfig(128, 128, 64, num_warps=8, num_stages=4, tma=True, xa_in_loop=False)]
         if grad_input or not dropout:
             # x A^T (forward) or dY B (dX) in the K loop: the forward without its pass over x,
-            # the backward's dY pass without dY B and the sum of its partials (a launch)
+            # the backward's dY pass without dY B and the sum of its partials (a launch); the
+            # rule's pointer config so too (the H200's table timed it fastest reading them)
+            out.insert(1, GemmConfig(128, 256, 64, num_warps=8, num_stages=4))
             out.append(GemmConfig(128, 256, 64, num_warps=8, num_stages=3, tma=True,
                                   epilogue_subtile=True))
         if warp_specialized and WARP_SPECIALIZE and info.capability[0] >= 9:

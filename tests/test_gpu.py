@@ -218,8 +218,8 @@ def test_persistent_tma_gemm_matches_the_rule_config():
 def test_dx_with_dyb_in_the_loop_matches_dyb_read(M):
     """dX's dY B computed in the GEMM's K loop against the same config reading dY B from float32:
     dx to bf16 rounding, dY B to float32 summation order, with and without the dropout epilogue;
-    at M=16 the rule's config (which computes it in the loop), at M=2048 the tuner's in-loop
-    candidate (a few compiles: gpu_check.sh's time)."""
+    at M=16 the rule's config (which computes it in the loop), at M=2048 each of the tuner's
+    in-loop candidates (pointers and TMA; a few compiles: gpu_check.sh's time)."""
     from fastlora import kernels
     K, N, r = 1024, 1536, 16
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -232,17 +232,19 @@ def test_dx_with_dyb_in_the_loop_matches_dyb_read(M):
     info = kernels.device_info(dy.device)
     for dropout in (None, (seed, 0.1)):
         if M <= 64:
-            cfg = kernels.gemm_config(M, K, N, r, BF16, dy.device, grad_input=True, dropout=dropout is not None)
+            cfgs = [kernels.gemm_config(M, K, N, r, BF16, dy.device, grad_input=True,
+                                        dropout=dropout is not None)]
         else:
-            cfg = [c for c in kernels.gemm_candidates(M, 16, 2, info, grad_input=True,
-                                                      dropout=dropout is not None) if c.xa_in_loop][0]
-        assert cfg.xa_in_loop, cfg
-        got, got_dyb = kernels.lora_gemm(dy, w, a, None, 0.5, grad_input=True, u=b, dropout=dropout,
-                                         config=cfg)
-        want, _ = kernels.lora_gemm(dy, w, a, None, 0.5, grad_input=True, xa=dyb, dropout=dropout,
-                                    config=cfg)
-        torch.testing.assert_close(got_dyb, dyb, rtol=1e-4, atol=1e-3 * dyb.abs().max().item())
-        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+            cfgs = [c for c in kernels.gemm_candidates(M, 16, 2, info, grad_input=True,
+                                                       dropout=dropout is not None) if c.xa_in_loop]
+        for cfg in cfgs:
+            assert cfg.xa_in_loop, cfg
+            got, got_dyb = kernels.lora_gemm(dy, w, a, None, 0.5, grad_input=True, u=b, dropout=dropout,
+                                             config=cfg)
+            want, _ = kernels.lora_gemm(dy, w, a, None, 0.5, grad_input=True, xa=dyb, dropout=dropout,
+                                        config=cfg)
+            torch.testing.assert_close(got_dyb, dyb, rtol=1e-4, atol=1e-3 * dyb.abs().max().item())
+            torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
 
 
 def _graphed_step(layer, x, dy):
