@@ -191,6 +191,16 @@ REDUCE_FORMS = {(False, False, True, False): [("dy_pass", True, True, False, Fal
                 (False, False, True, True): [("dy_pass_dora", True, True, False, False, True, False)]}
 
 
+def _optional(types: dict, const: dict, pointers) -> None:
+    """Each optional pointer argument (name, passed, type): typed where the launcher passes it, a
+    None constexpr where it does not."""
+    for name, on, ty in pointers:
+        if on:
+            types[name] = ty
+        else:
+            const[name] = None
+
+
 def pass_job(item) -> dict:
     """The pass over x (xa; over W with ||W_n||^2 for DoRA's norm) or a reduction over rows (the
     dY pass: dB with dY B, and DoRA's with dY', dm and g o B as hi + lo; the x pass: dA with dx0,
@@ -220,13 +230,9 @@ def pass_job(item) -> dict:
             const = dict(BLOCK_M=cfg.block_rows, BLOCK_K=cfg.block_cols, BLOCK_R=block_r, INT64=False,
                          HAS_DROPOUT=dropout, SUM_SQ=sum_sq, SPLIT=split, ACC_DTYPE=acc, PRECISION=prec)
             # the split route's xa also comes in x's dtype (not DoRA's pass over W)
-            for name, on, ty in (("SEED", dropout, "*i64"), ("SQ_OUT", sum_sq, f"*{a}"),
-                                 ("OUT2", not sum_sq, f"*{t}"), ("XA", split, f"*{a}"),
-                                 ("SQ", split and sum_sq, f"*{a}"), ("COUNT", split, "*i32")):
-                if on:
-                    types[name] = ty
-                else:
-                    const[name] = None
+            _optional(types, const, (("SEED", dropout, "*i64"), ("SQ_OUT", sum_sq, f"*{a}"),
+                                     ("OUT2", not sum_sq, f"*{t}"), ("XA", split, f"*{a}"),
+                                     ("SQ", split and sum_sq, f"*{a}"), ("COUNT", split, "*i32")))
             record("weight_pass" if sum_sq else ("xa_dropout" if dropout else "xa"), xa_kernel, types,
                    const, split)
             continue
@@ -239,16 +245,12 @@ def pass_job(item) -> dict:
                          EXPAND_OUT=has_o, SCALED_OUT=dora, COL_DOT=dora, HAS_SHIFT=dora,
                          TRANS_C=trans_c, ACC_DTYPE=acc, PRECISION=prec)
             # dB and dA in the adapters' dtype (16-bit adapters: their own), dm in the accumulator's
-            for name, on, ty in (("C_OUT", has_c, f"*{t}"), ("Z", has_z, f"*{a}"), ("E", has_z, f"*{t}"),
-                                 ("OUT", has_o, f"*{t}"), ("F", has_o, f"*{t}"), ("SEED", drop, "*i64"),
-                                 ("E_LO", split_e, f"*{t}"), ("G", dora, f"*{a}"), ("LG", dora, f"*{t}"),
-                                 ("Y", dora, f"*{t}"), ("SH", dora, f"*{t}"), ("DM_OUT", dora, f"*{a}"),
-                                 ("C", split and has_c, f"*{a}"), ("DM", split and dora, f"*{a}"),
-                                 ("COUNT", split, "*i32")):
-                if on:
-                    types[name] = ty
-                else:
-                    const[name] = None
+            _optional(types, const, (("C_OUT", has_c, f"*{t}"), ("Z", has_z, f"*{a}"), ("E", has_z, f"*{t}"),
+                                     ("OUT", has_o, f"*{t}"), ("F", has_o, f"*{t}"), ("SEED", drop, "*i64"),
+                                     ("E_LO", split_e, f"*{t}"), ("G", dora, f"*{a}"), ("LG", dora, f"*{t}"),
+                                     ("Y", dora, f"*{t}"), ("SH", dora, f"*{t}"), ("DM_OUT", dora, f"*{a}"),
+                                     ("C", split and has_c, f"*{a}"), ("DM", split and dora, f"*{a}"),
+                                     ("COUNT", split, "*i32")))
             record(form, reduce_kernel, types, const, split)
     return out
 

@@ -69,7 +69,7 @@ def test_split_passes_sum_their_partials_in_the_last_program():
     xp_cfg = split(kernels.reduce_config(M, K, R, BF16, x.device, dropout=True), 16)
     dora_cfg = split(kernels.reduce_config(M, N, R, BF16, x.device, dora=True), 16)
     runs = {
-        "xa": (lambda: kernels.xa_pass(x, a, also=BF16, config=xa_cfg), (xd @ ad.T, xd @ ad.T)),
+        "xa": (lambda: kernels.xa_pass(x, a, also=BF16, config=xa_cfg), (xd @ ad.T,) * 2),
         "dB": (lambda: kernels.dy_pass(dy, xa, b, 0.5, need_dyb=False, config=dy_cfg)[1:],
                (0.5 * dyd.T @ xad,)),
         "dA, dropout": (lambda: kernels.x_pass(x, xa, a, 0.5, dropout=(seed, 0.1), config=xp_cfg)[1:],
